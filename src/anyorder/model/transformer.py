@@ -1,0 +1,196 @@
+"""The one backbone every order trains: a pre-norm transformer with RoPE and SDPA.
+
+The order never lives in here. The network takes token ids (plus optional task-supplied
+embedding ids, e.g. Sudoku row/column/box), explicit RoPE positions and a boolean
+attention mask built by the order (``True`` = query may attend to key). The same weights
+therefore serve bidirectional MDM decoding, causal AR decoding and the two-stream
+``[x_t ⊕ x_0]`` training pass of block diffusion, where both halves reuse positions 0..L-1.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 16          # including the mask token
+    mask_id: int = 15
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp: str = "swiglu"           # "swiglu" | "gelu"
+    mlp_ratio: float = 4.0
+    max_len: int = 1024
+    rope_base: float = 10000.0
+    time_conditioning: bool = False
+    # name -> table size of extra embeddings added to the token embedding (task supplied)
+    extra_embeddings: Dict[str, int] = field(default_factory=dict)
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.mlp not in ("swiglu", "gelu"):
+            raise ValueError(f"model.mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
+        if (self.d_model // self.n_heads) % 2 != 0:
+            raise ValueError("model.d_model / model.n_heads must be even for RoPE")
+        if not 0 <= self.mask_id < self.vocab_size:
+            raise ValueError(f"model.mask_id {self.mask_id} outside vocabulary of size {self.vocab_size}")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, base: float):
+    """cos/sin tables for integer positions of shape [B, L] (or [L])."""
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    ang = positions.float().unsqueeze(-1) * inv  # [..., L, hd/2]
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, L, hd]; cos/sin: [B, 1, L, hd/2]; rotate pairs (even, odd) halves
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.d_model)
+        self.kind = cfg.mlp
+        if cfg.mlp == "swiglu":
+            hidden = int(2 * hidden / 3)  # keep the parameter count of a 4x GELU MLP
+            self.gate = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.up = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        if self.kind == "swiglu":
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
+        self.attn, self.mlp = Attention(cfg), MLP(cfg)
+
+    def forward(self, x, cos, sin, attn_mask):
+        x = x + self.attn(self.norm1(x), cos, sin, attn_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal features of t -> a vector added to every position (off by default)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.d = d
+        self.mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+
+    def forward(self, t):  # t: [B]
+        half = self.d // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        ang = t.float().unsqueeze(-1) * 1000.0 * freqs
+        return self.mlp(torch.cat([ang.cos(), ang.sin()], dim=-1))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.extra = nn.ModuleDict({k: nn.Embedding(n, cfg.d_model) for k, n in cfg.extra_embeddings.items()})
+        self.time = TimeEmbedding(cfg.d_model) if cfg.time_conditioning else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok.weight
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2 style scaled init of residual projections
+            if name.endswith("proj.weight") or name.endswith("down.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def hidden(self, tokens, attn_mask=None, positions=None, extra=None, t=None):
+        """Final hidden states [B, L, D] (before the output head)."""
+        B, L = tokens.shape
+        if positions is None:
+            positions = torch.arange(L, device=tokens.device)
+        if positions.dim() == 1:
+            positions = positions.unsqueeze(0).expand(B, L)
+        if int(positions.max()) >= self.cfg.max_len:
+            raise ValueError(f"position {int(positions.max())} exceeds model.max_len={self.cfg.max_len}")
+        h = self.tok(tokens)
+        for name, ids in (extra or {}).items():
+            if name not in self.extra:
+                raise ValueError(f"extra embedding {name!r} not in model.extra_embeddings {list(self.extra)}")
+            ids = ids if ids.dim() == 2 else ids.unsqueeze(0).expand(B, L)
+            h = h + self.extra[name](ids)
+        if self.time is not None:
+            if t is None:
+                raise ValueError("model.time_conditioning is on: pass t")
+            h = h + self.time(t).unsqueeze(1)
+        cos, sin = rope_tables(positions, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_base)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)  # [B, 1, Lq, Lk] broadcasts over heads
+        for blk in self.blocks:
+            h = blk(h, cos, sin, attn_mask)
+        return self.norm(h)
+
+    def forward(self, tokens, attn_mask=None, positions=None, extra=None, t=None):
+        """Logits [B, L, V]; the mask token can never be predicted (MDLM's zero-masking)."""
+        logits = self.head(self.hidden(tokens, attn_mask, positions, extra, t)).float()
+        logits[..., self.cfg.mask_id] = float("-inf")
+        return logits
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok.weight.numel()
+        return n

@@ -1,0 +1,119 @@
+"""What an order is: a corruption for training, an attention rule, and a decoding policy.
+
+SPEC §3's mental model, in code. The answer (the non-prompt positions of a row) is read as a
+matrix of blocks (rows of the matrix) × offsets (columns), via :class:`Layout`:
+
+    aidx  = index of a position among the answer positions of its row (-1 for prompt)
+    block = aidx // S,   offset = aidx % S
+
+Every order states, with these three numbers, (a) which positions it masks during training
+and how the masked cross-entropy is weighted, (b) which keys each query may attend to, and
+(c) which masked positions a decoder may commit next. Prompt positions are always visible and
+never scored, whatever the order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+
+@dataclass
+class Layout:
+    answer: torch.Tensor   # [B, L] bool: positions the model generates/scored
+    aidx: torch.Tensor     # [B, L] long: index among answer positions, -1 on prompt
+    block: torch.Tensor    # [B, L] long: aidx // S, -1 on prompt
+    offset: torch.Tensor   # [B, L] long: aidx % S, -1 on prompt
+    block_size: int
+
+    @classmethod
+    def from_answer(cls, answer: torch.Tensor, block_size: int = 1) -> "Layout":
+        answer = answer.bool()
+        aidx = torch.where(answer, answer.long().cumsum(-1) - 1, torch.full_like(answer, -1, dtype=torch.long))
+        S = max(int(block_size), 1)
+        block = torch.where(answer, aidx // S, -1)
+        offset = torch.where(answer, aidx % S, -1)
+        return cls(answer, aidx, block, offset, S)
+
+    @property
+    def prompt(self) -> torch.Tensor:
+        return ~self.answer
+
+    @property
+    def n_answer(self) -> torch.Tensor:
+        return self.answer.sum(-1)
+
+    @property
+    def n_blocks(self) -> torch.Tensor:
+        return (self.n_answer + self.block_size - 1) // self.block_size
+
+
+@dataclass
+class TrainPlan:
+    """One training forward pass, as an order lays it out.
+
+    ``tokens``/``attn`` may be longer than the sequence (two-stream passes): ``index`` maps every
+    input slot back to its sequence position (for RoPE positions and task embeddings); the
+    first L query rows carry the logits that are scored.
+    """
+
+    tokens: torch.Tensor                 # [B, L'] input ids
+    attn: Optional[torch.Tensor]         # [B, L', L'] bool (True = may attend) or None = full
+    targets: torch.Tensor                # [B, L] clean tokens
+    scored: torch.Tensor                 # [B, L] bool: positions whose CE enters the loss
+    elbo_weight: torch.Tensor            # [B, L] float: A_i(t) (the ELBO weight) on scored positions
+    t: torch.Tensor                      # [B, L] float: per-position noise level (for 1/t weightings)
+    index: Optional[torch.Tensor] = None  # [L'] long: sequence position of each input slot
+    time: Optional[torch.Tensor] = None   # [B] float: t fed to a time-conditioned model
+    answer: Optional[torch.Tensor] = None  # [B, L] bool: answer positions (the loss normaliser)
+
+
+class Order:
+    """Base class. Subclasses set ``name``, ``attention`` (a word for the table) and implement
+    :meth:`train_plan`, :meth:`decode_attention` and :meth:`allowed`."""
+
+    name = "base"
+    attention = "?"
+    default_weighting = "elbo"
+    default_decoder = "top_prob"
+
+    def __init__(self, block_size: int = 1, **kwargs):
+        if kwargs:
+            raise TypeError(f"order {self.name!r} got unknown options {sorted(kwargs)}")
+        if int(block_size) < 1:
+            raise ValueError(f"order.block_size must be >= 1, got {block_size}")
+        self.block_size = int(block_size)
+
+    def layout(self, answer: torch.Tensor) -> Layout:
+        return Layout.from_answer(answer, self.block_size)
+
+    # -- training -------------------------------------------------------------------------
+    def train_plan(self, x0: torch.Tensor, layout: Layout, mask_id: int, gen: torch.Generator) -> TrainPlan:
+        raise NotImplementedError
+
+    # -- decoding -------------------------------------------------------------------------
+    def decode_attention(self, masked: torch.Tensor, layout: Layout) -> Optional[torch.Tensor]:
+        """[B, L, L] bool attention for the current decoding state (None = bidirectional)."""
+        raise NotImplementedError
+
+    def allowed(self, masked: torch.Tensor, layout: Layout, logp: torch.Tensor) -> torch.Tensor:
+        """[B, L] bool: masked positions this order lets a decoder commit now."""
+        return masked
+
+    def describe(self) -> Dict[str, str]:
+        return {"name": self.name, "attention": self.attention, "block_size": str(self.block_size)}
+
+
+def low_discrepancy_t(batch: int, gen: torch.Generator, eps: float = 1e-3) -> torch.Tensor:
+    """MDLM's antithetic time: one jittered draw per stratum [i/B, (i+1)/B), in (eps, 1]."""
+    u = (torch.rand(batch, generator=gen, dtype=torch.float64) + torch.arange(batch, dtype=torch.float64)) / batch
+    return ((1 - eps) * u + eps).float()
+
+
+def first_open_block(masked: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """[B] index of the first block that still holds a masked answer position (n_blocks if none)."""
+    big = torch.iinfo(torch.long).max
+    blk = torch.where(masked & layout.answer, layout.block, torch.full_like(layout.block, big))
+    first = blk.min(-1).values
+    return torch.where(first == big, layout.n_blocks, first)

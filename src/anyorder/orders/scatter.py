@@ -1,0 +1,35 @@
+"""``scatter`` (seed 000's "BOP-AR"): groups are columns (offset inside a block of S).
+
+Key j is visible to query i iff j is prompt or offset(j) <= offset(i). Training is random
+masking under that mask with seed 000's clamp(1/t, 0.1, 10) weighting by default; decoding
+goes column by column (offset 0 of every block first), in any order inside a column.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..model import masks
+from .random import ScheduledMasking
+from .registry import ORDERS
+
+
+@ORDERS.register("scatter")
+class ScatterOrder(ScheduledMasking):
+    attention = "offset(key) <= offset(query)"
+    default_weighting = "clamp"
+    default_decoder = "top_prob"
+
+    def __init__(self, block_size: int = 4, schedule="linear", **kw):
+        super().__init__(schedule=schedule, block_size=block_size, **kw)
+
+    def train_attention(self, layout):
+        return masks.scatter(layout)
+
+    def decode_attention(self, masked, layout):
+        return masks.scatter(layout)
+
+    def allowed(self, masked, layout, logp):
+        m = masked & layout.answer
+        big = torch.iinfo(torch.long).max
+        first = torch.where(m, layout.offset, torch.full_like(layout.offset, big)).min(-1, keepdim=True).values
+        return m & (layout.offset == first)

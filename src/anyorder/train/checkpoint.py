@@ -1,0 +1,529 @@
+"""Checkpoints: a directory of safetensors + JSON files, replaced atomically.
+
+Layout of ``<run_dir>/checkpoint/``::
+
+    model.safetensors      model state_dict
+    ema.safetensors        EMA weights (only when EMA is on)
+    optimizer.safetensors  AdamW state tensors, keys ``state.{param_index}.{exp_avg|exp_avg_sq|step}``
+    optimizer.json         param_groups hyper-parameters (+ any non-tensor state, parameter names)
+    rng.safetensors        RNG states of every rank (torch CPU/CUDA, python, numpy)
+    state.json             step, tokens_seen, flops, best metrics, config + hash, versions, RNG scalars
+
+safetensors rather than ``torch.save``: no pickle (loading cannot run code), and the files are
+readable from any framework. The cost is that non-tensor state has to be split out into JSON.
+
+Atomicity: everything is written into a fresh ``ckpt.tmp-XXXX`` directory next to the target and
+fsynced; only then is it renamed onto ``checkpoint/``. POSIX cannot rename a directory onto a
+non-empty one, so the previous checkpoint is first renamed aside to ``ckpt.old-XXXX`` and deleted
+after the swap. A crash at any point leaves either the old or the new checkpoint complete:
+``find_checkpoint`` recovers the one crash window in which only ``ckpt.old-XXXX`` exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+PathLike = Union[str, os.PathLike]
+
+CHECKPOINT_DIR = "checkpoint"
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+OPTIMIZER_JSON = "optimizer.json"
+RNG_FILE = "rng.safetensors"
+STATE_FILE = "state.json"
+TMP_PREFIX = "ckpt.tmp-"
+OLD_PREFIX = "ckpt.old-"
+
+
+class CheckpointMismatchError(ValueError):
+    """The tensors in a checkpoint do not fit the model/optimizer they are being loaded into."""
+
+
+# ----------------------------------------------------------------------------- small utilities
+def unwrap(model: nn.Module) -> nn.Module:
+    """The raw module under DistributedDataParallel / DataParallel (whose keys carry 'module.')."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def versions() -> Dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # directory fsync makes the renames themselves durable; not supported everywhere (Windows)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _shape(t: torch.Tensor) -> Tuple[int, ...]:
+    return tuple(t.shape)
+
+
+# ----------------------------------------------------------------------------- tensor files
+def _prepare_tensors(state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """CPU, contiguous tensors safetensors will accept, plus an alias map for tied weights.
+
+    safetensors refuses tensors that share memory. Tied weights (e.g. an embedding reused as the
+    output projection) appear in a state_dict under two names with the same storage: we store the
+    first name only and record ``alias -> stored name`` in the file metadata.
+    """
+    tensors: Dict[str, torch.Tensor] = {}
+    aliases: Dict[str, str] = {}
+    seen_views: Dict[tuple, str] = {}
+    seen_storage: set = set()
+    for name, t in state.items():
+        if not torch.is_tensor(t):
+            raise TypeError(f"state entry {name!r} is a {type(t).__name__}, not a tensor")
+        t = t.detach()
+        if t.numel() > 0:
+            ptr = t.untyped_storage().data_ptr()
+            view = (t.device, ptr, t.storage_offset(), _shape(t), t.stride(), t.dtype)
+            if view in seen_views:
+                aliases[name] = seen_views[view]
+                continue
+            if (t.device, ptr) in seen_storage:
+                t = t.clone()  # overlapping but different view: store its own copy
+            seen_views[view] = name
+            seen_storage.add((t.device, ptr))
+        tensors[name] = t.to("cpu").contiguous()
+    return tensors, aliases
+
+
+def _save_tensors(path: Path, state: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
+    tensors, aliases = _prepare_tensors(state)
+    meta = {"format": "pt"}
+    if aliases:
+        meta["aliases"] = json.dumps(aliases, sort_keys=True)
+    if metadata:
+        meta.update(metadata)
+    save_file(tensors, str(path), metadata=meta)
+    _fsync_file(path)
+
+
+def _load_tensors(path: Path) -> Dict[str, torch.Tensor]:
+    tensors = load_file(str(path), device="cpu")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    for alias, target in json.loads(meta.get("aliases", "{}")).items():
+        tensors[alias] = tensors[target]
+    return tensors
+
+
+def _check_compatible(
+    loaded: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], what: str, path: Path
+) -> None:
+    """Raise a CheckpointMismatchError listing missing/unexpected keys and shape mismatches."""
+    missing = [k for k in expected if k not in loaded]
+    unexpected = [k for k in loaded if k not in expected]
+    shapes = [
+        (k, _shape(loaded[k]), _shape(expected[k]))
+        for k in expected
+        if k in loaded and _shape(loaded[k]) != _shape(expected[k])
+    ]
+    if not (missing or unexpected or shapes):
+        return
+
+    def listing(items: List[str], limit: int = 10) -> str:
+        more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
+        return ", ".join(items[:limit]) + more
+
+    parts = []
+    if shapes:
+        parts.append(
+            "shape mismatch: "
+            + listing([f"{k}: checkpoint {list(a)} vs {what} {list(b)}" for k, a, b in shapes])
+        )
+    if missing:
+        parts.append(f"missing from the checkpoint: {listing(missing)}")
+    if unexpected:
+        parts.append(f"unexpected in the checkpoint (not in the {what}): {listing(unexpected)}")
+    raise CheckpointMismatchError(
+        f"{path} does not match the {what}: " + "; ".join(parts) + ". The checkpoint was saved from an "
+        f"incompatible config (different architecture or sizes); build the {what} with the config it "
+        "was trained with."
+    )
+
+
+# ----------------------------------------------------------------------------- plain weights
+def save_weights(model: nn.Module, path: PathLike) -> Path:
+    """Write ``model.state_dict()`` to a single safetensors file (atomically, via a temp file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        _save_tensors(Path(tmp), unwrap(model).state_dict())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
+    """Load a safetensors state_dict into ``model``; key/shape mismatches raise CheckpointMismatchError.
+
+    ``path`` may also be a checkpoint directory (its ``model.safetensors`` is used).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no weights file at {path}")
+    model = unwrap(model)
+    tensors = _load_tensors(path)
+    _check_compatible(tensors, model.state_dict(), "model", path)
+    model.load_state_dict(tensors)
+    return model
+
+
+# ----------------------------------------------------------------------------- RNG state
+def capture_rng_state() -> Dict[str, Any]:
+    """Every global RNG a training step might draw from (dropout, random masks, numpy, python)."""
+    state: Dict[str, Any] = {
+        "torch_cpu": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    # only if CUDA was actually used: get_rng_state_all would otherwise initialise every device
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            warnings.warn(
+                f"checkpoint has CUDA RNG states for {len(cuda)} devices but {torch.cuda.device_count()} "
+                "are visible; CUDA RNG not restored, so the resumed run is not bit-exact"
+            )
+
+
+def _rng_to_files(states: List[Dict[str, Any]]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    tensors: Dict[str, torch.Tensor] = {}
+    scalars: Dict[str, Any] = {}
+    for rank, st in enumerate(states):
+        p = f"rank{rank}"
+        tensors[f"{p}.torch_cpu"] = st["torch_cpu"]
+        py_version, py_internal, py_gauss = st["python"]
+        tensors[f"{p}.python"] = torch.tensor(py_internal, dtype=torch.int64)
+        np_name, np_keys, np_pos, np_has_gauss, np_cached = st["numpy"]
+        tensors[f"{p}.numpy"] = torch.from_numpy(np.asarray(np_keys).astype(np.int64))
+        for i, c in enumerate(st.get("cuda") or []):
+            tensors[f"{p}.cuda.{i}"] = c
+        scalars[p] = {
+            "python_version": py_version,
+            "python_gauss": py_gauss,
+            "numpy_name": np_name,
+            "numpy_pos": int(np_pos),
+            "numpy_has_gauss": int(np_has_gauss),
+            "numpy_cached_gaussian": float(np_cached),
+            "cuda_devices": len(st.get("cuda") or []),
+        }
+    return tensors, scalars
+
+
+def _rng_from_files(tensors: Mapping[str, torch.Tensor], scalars: Mapping[str, Any], rank: int) -> Optional[Dict[str, Any]]:
+    p = f"rank{rank}"
+    if p not in scalars:
+        return None
+    s = scalars[p]
+    internal = tuple(int(x) for x in tensors[f"{p}.python"].tolist())
+    keys = tensors[f"{p}.numpy"].numpy().astype(np.uint32)
+    state: Dict[str, Any] = {
+        "torch_cpu": tensors[f"{p}.torch_cpu"],
+        "python": (s["python_version"], internal, s["python_gauss"]),
+        "numpy": (s["numpy_name"], keys, s["numpy_pos"], s["numpy_has_gauss"], s["numpy_cached_gaussian"]),
+    }
+    if s.get("cuda_devices"):
+        state["cuda"] = [tensors[f"{p}.cuda.{i}"] for i in range(s["cuda_devices"])]
+    return state
+
+
+# ----------------------------------------------------------------------------- optimizer state
+def _optimizer_to_files(
+    optimizer: torch.optim.Optimizer, param_names: Optional[List[str]]
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors: Dict[str, torch.Tensor] = {}
+    other: Dict[str, Any] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{idx}.{k}"] = v
+            else:
+                other[f"{idx}.{k}"] = v
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    meta = {"class": type(optimizer).__name__, "param_groups": groups, "non_tensor_state": other}
+    if param_names is not None:
+        meta["param_names"] = param_names
+    return tensors, meta
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, ckpt_dir: Path) -> None:
+    meta = json.loads((ckpt_dir / OPTIMIZER_JSON).read_text())
+    tensors = _load_tensors(ckpt_dir / OPTIMIZER_FILE)
+    if meta.get("class") and meta["class"] != type(optimizer).__name__:
+        raise CheckpointMismatchError(
+            f"{ckpt_dir / OPTIMIZER_JSON} holds {meta['class']} state but the optimizer is "
+            f"{type(optimizer).__name__}"
+        )
+    groups = meta["param_groups"]
+    current = optimizer.param_groups
+    sizes_ckpt = [len(g["params"]) for g in groups]
+    sizes_now = [len(g["params"]) for g in current]
+    if sizes_ckpt != sizes_now:
+        raise CheckpointMismatchError(
+            f"{ckpt_dir / OPTIMIZER_JSON}: parameter groups of sizes {sizes_ckpt} in the checkpoint vs "
+            f"{sizes_now} in the optimizer; the checkpoint was saved from an incompatible config"
+        )
+    for g in groups:
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+
+    state: Dict[int, Dict[str, Any]] = {}
+    for key, t in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = t
+    for key, v in meta.get("non_tensor_state", {}).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+
+    # torch.optim does not check state shapes; a mismatch would only surface (or not!) at the
+    # next step, so check moment buffers against the parameters they belong to now.
+    params = [p for g in current for p in g["params"]]
+    names = meta.get("param_names") or [str(i) for i in range(len(params))]
+    bad = []
+    for idx, st in state.items():
+        for name, v in st.items():
+            if torch.is_tensor(v) and v.dim() > 0 and _shape(v) != _shape(params[idx]):
+                label = names[idx] if idx < len(names) else str(idx)
+                bad.append(f"state.{idx}.{name} ({label}): checkpoint {list(v.shape)} vs parameter {list(params[idx].shape)}")
+    if bad:
+        raise CheckpointMismatchError(
+            f"{ckpt_dir / OPTIMIZER_FILE} does not match the optimizer: shape mismatch: {', '.join(bad[:10])}. "
+            "The checkpoint was saved from an incompatible config."
+        )
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ----------------------------------------------------------------------------- directories
+def _cleanup_stale(parent: Path) -> None:
+    """Delete half-written temp dirs left by a crash (never the live checkpoint)."""
+    for p in parent.glob(TMP_PREFIX + "*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def find_checkpoint(run_dir: PathLike) -> Optional[Path]:
+    """``run_dir/checkpoint`` if there is a complete one, else None.
+
+    Also recovers from a crash in the instant between moving the old checkpoint aside and moving
+    the new one in: then only ``ckpt.old-XXXX`` exists, and it is complete, so it is moved back.
+    """
+    run_dir = Path(run_dir)
+    ckpt = run_dir / CHECKPOINT_DIR
+    if (ckpt / STATE_FILE).exists():
+        return ckpt
+    if ckpt.exists():
+        raise RuntimeError(f"{ckpt} exists but has no {STATE_FILE}; it was not written by save_checkpoint")
+    olds = sorted(
+        (p for p in run_dir.glob(OLD_PREFIX + "*") if (p / STATE_FILE).exists()),
+        key=lambda p: json.loads((p / STATE_FILE).read_text()).get("step", -1),
+    )
+    if olds:
+        os.replace(olds[-1], ckpt)
+        return ckpt
+    return None
+
+
+def save_checkpoint(
+    ckpt_dir: PathLike,
+    model: nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    ema: Any = None,
+    *,
+    step: int,
+    tokens_seen: int = 0,
+    flops: Optional[float] = None,
+    best: Optional[Dict[str, Any]] = None,
+    config: Any = None,
+    rng_states: Optional[List[Dict[str, Any]]] = None,
+    extra: Optional[Dict[str, Any]] = None,
+) -> Path:
+    """Atomically write a checkpoint directory at ``ckpt_dir`` (usually ``run_dir/checkpoint``).
+
+    ``ema`` is anything with ``state_dict()`` (an ``EMA`` or a module). ``rng_states`` is one
+    ``capture_rng_state()`` per rank (index = rank); by default this process's state as rank 0.
+    ``config`` may be a TrainConfig (its hash is stored for resume checks) or a plain dict.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    parent = ckpt_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _cleanup_stale(parent)
+    model = unwrap(model)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent))
+    try:
+        _save_tensors(tmp / MODEL_FILE, model.state_dict())
+        if ema is not None:
+            _save_tensors(tmp / EMA_FILE, ema.state_dict())
+        if optimizer is not None:
+            names = _param_names(model, optimizer)
+            tensors, meta = _optimizer_to_files(optimizer, names)
+            _save_tensors(tmp / OPTIMIZER_FILE, tensors)
+            _write_json(tmp / OPTIMIZER_JSON, meta)
+        rng_tensors, rng_scalars = _rng_to_files(rng_states if rng_states is not None else [capture_rng_state()])
+        _save_tensors(tmp / RNG_FILE, rng_tensors)
+
+        if config is not None and hasattr(config, "to_dict"):
+            config_dict, config_hash = config.to_dict(), config.hash()
+        else:
+            config_dict, config_hash = config, None
+        state = {
+            "step": int(step),
+            "tokens_seen": int(tokens_seen),
+            "flops": flops,
+            "best": best or {},
+            "config": config_dict,
+            "config_hash": config_hash,
+            "versions": versions(),
+            "saved_at": time.time(),
+            "world_size": len(rng_scalars),
+            "has_ema": ema is not None,
+            "has_optimizer": optimizer is not None,
+            "rng": rng_scalars,
+            "extra": extra or {},
+        }
+        _write_json(tmp / STATE_FILE, state)
+        _fsync_dir(tmp)
+
+        if ckpt_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=OLD_PREFIX, dir=parent))
+            os.replace(ckpt_dir, old)  # rename onto an empty dir is allowed
+            os.replace(tmp, ckpt_dir)
+            _fsync_dir(parent)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, ckpt_dir)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ckpt_dir
+
+
+def load_checkpoint(
+    ckpt_dir: PathLike,
+    model: nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    ema: Any = None,
+    *,
+    rank: int = 0,
+    restore_rng: bool = True,
+) -> Dict[str, Any]:
+    """Restore model, optimizer, EMA and (this rank's) RNG state; returns the parsed state.json.
+
+    Raises CheckpointMismatchError (a ValueError) naming keys and shapes when the checkpoint does
+    not fit the model. If ``ema`` is given but the checkpoint has none, the EMA starts from the
+    loaded model weights (with a warning).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / STATE_FILE).exists():
+        raise FileNotFoundError(f"no checkpoint at {ckpt_dir} (missing {STATE_FILE})")
+    state = json.loads((ckpt_dir / STATE_FILE).read_text())
+    model = unwrap(model)
+
+    tensors = _load_tensors(ckpt_dir / MODEL_FILE)
+    _check_compatible(tensors, model.state_dict(), "model", ckpt_dir / MODEL_FILE)
+    model.load_state_dict(tensors)
+
+    if ema is not None:
+        if (ckpt_dir / EMA_FILE).exists():
+            ema_tensors = _load_tensors(ckpt_dir / EMA_FILE)
+            _check_compatible(ema_tensors, ema.state_dict(), "EMA model", ckpt_dir / EMA_FILE)
+            ema.load_state_dict(ema_tensors)
+        else:
+            warnings.warn(f"{ckpt_dir} has no EMA weights; the EMA starts from the loaded model weights")
+            ema.load_state_dict(model.state_dict())
+
+    if optimizer is not None:
+        if (ckpt_dir / OPTIMIZER_JSON).exists():
+            _load_optimizer(optimizer, ckpt_dir)
+        else:
+            warnings.warn(f"{ckpt_dir} has no optimizer state; the optimizer starts fresh")
+
+    if restore_rng and (ckpt_dir / RNG_FILE).exists():
+        rng = _rng_from_files(_load_tensors(ckpt_dir / RNG_FILE), state.get("rng", {}), rank)
+        if rng is None:
+            warnings.warn(
+                f"{ckpt_dir} has no RNG state for rank {rank} (saved with world size "
+                f"{state.get('world_size')}); RNG not restored, so the resumed run is not bit-exact"
+            )
+        else:
+            restore_rng_state(rng)
+    return state
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> Optional[List[str]]:
+    """Names of the optimizer's parameters in state_dict index order (for readable errors)."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    names = [by_id.get(id(p)) for g in optimizer.param_groups for p in g["params"]]
+    return None if any(n is None for n in names) else names  # type: ignore[return-value]
+
+
+__all__ = [
+    "CheckpointMismatchError",
+    "capture_rng_state",
+    "find_checkpoint",
+    "load_checkpoint",
+    "load_weights",
+    "restore_rng_state",
+    "save_checkpoint",
+    "save_weights",
+    "unwrap",
+    "versions",
+]
