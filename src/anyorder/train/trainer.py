@@ -1,0 +1,521 @@
+"""The training loop.
+
+Contract with the caller -- the reason exact resumption needs no data-loader state:
+
+``loss_fn(model, step, micro, rank, world_size) -> (loss, metrics)``
+    builds its own batch deterministically from (seed, step, micro, rank), runs ONE forward pass
+    through ``model`` (call ``model(...)``, not a sub-module: under DDP the forward is what arms the
+    gradient all-reduce) and returns a scalar loss plus a dict of extra metrics. ``metrics["tokens"]``
+    (int, tokens in this micro-batch) feeds tokens/s and ``tokens_seen``; other numeric entries are
+    averaged and logged (the main process's values). Global RNG draws (dropout, random masking) are
+    fine: the RNG state of every rank is checkpointed.
+
+``eval_fn(model) -> {name: float}``
+    called on the main process only, under ``torch.no_grad()``, on the EMA weights when EMA is on,
+    with the global RNG forked so evaluation never perturbs training. Other ranks wait at a barrier.
+
+A step is ``grad_accum`` micro-steps, then clip, AdamW, EMA. Step ``s`` (0-based) uses
+``lr * lr_multiplier(s, ...)``; ``self.step`` counts completed steps, so a checkpoint at
+``self.step == k`` holds the state right after update k-1 and resumes with update k.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import socket
+import sys
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    CHECKPOINT_DIR,
+    capture_rng_state,
+    find_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    unwrap,
+    versions,
+)
+from .config import TrainConfig
+from .distributed import all_reduce_mean, all_reduce_sum, barrier, init_distributed
+from .ema import EMA
+from .loggers import Loggers, build_loggers, require_backends
+from .schedule import lr_multiplier
+
+LossFn = Callable[[nn.Module, int, int, int, int], Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, Any]]]]
+EvalFn = Callable[[nn.Module], Mapping[str, float]]
+
+RUN_FILE = "run.json"
+
+# Eval metrics whose name contains one of these are "higher is better"; everything else (loss,
+# perplexity, NLL, error rates, ...) is "lower is better" when tracking the best value.
+_HIGHER_IS_BETTER = ("acc", "f1", "score", "match", "reward", "bleu", "rouge", "precision", "recall")
+
+
+def _higher_is_better(name: str) -> bool:
+    n = name.lower()
+    return any(h in n for h in _HIGHER_IS_BETTER)
+
+
+@contextlib.contextmanager
+def _forked_rng():
+    """Run a block without consuming the global RNG streams (so eval cannot shift training)."""
+    state = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        cfg: TrainConfig,
+        run_dir: Union[str, Path],
+        eval_fn: Optional[EvalFn] = None,
+        run_info: Optional[Dict[str, Any]] = None,
+        flops_per_step: Optional[float] = None,
+    ):
+        if not isinstance(cfg, TrainConfig):
+            raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.loss_fn = loss_fn
+        self.eval_fn = eval_fn
+        self.run_dir = Path(run_dir)
+        self.run_info = dict(run_info or {})
+        self.flops_per_step = flops_per_step
+
+        self.dist = init_distributed()
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        self.is_main = self.dist.is_main
+        self.device = self.dist.device
+        if self.is_main:
+            require_backends(tensorboard=cfg.tensorboard, wandb=cfg.wandb)  # fail before any compute
+
+        self.model = unwrap(model).to(self.device)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no parameters with requires_grad=True; nothing to train")
+        # Decay only matrices/embeddings; biases, norm gains and scalars are not decayed (standard
+        # practice: decaying them hurts and does not regularise anything useful).
+        decay = [p for n, p in named if p.dim() >= 2]
+        no_decay = [p for n, p in named if p.dim() < 2]
+        groups = []
+        self._decay_group = None
+        if decay:
+            self._decay_group = len(groups)
+            groups.append({"params": decay, "weight_decay": cfg.weight_decay})
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        # fused AdamW is one kernel per step on CUDA; on CPU the default (foreach) is used
+        self.optimizer = torch.optim.AdamW(
+            groups, lr=cfg.lr, betas=cfg.betas, fused=True if self.device.type == "cuda" else None
+        )
+        self._params = [p for _, p in named]
+
+        # The EMA copy is made before DDP wrapping so it is a plain module.
+        self.ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
+        if self.world_size > 1:
+            self.train_model: nn.Module = DDP(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        else:
+            self.train_model = self.model
+
+        self.step = 0
+        self.tokens_seen = 0
+        self.best: Dict[str, Dict[str, float]] = {}
+        self.last_metrics: Dict[str, Any] = {}
+        self.last_eval: Dict[str, float] = {}
+        self.loggers = Loggers([])
+        self._pending_tokens = 0  # this rank's tokens not yet summed over ranks into tokens_seen
+        self._in_update = False  # True while parameters are being modified (unsafe to checkpoint)
+        self._saving = False
+        self._rng_after_step: Optional[Dict[str, Any]] = None
+
+    # ------------------------------------------------------------------ public
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / CHECKPOINT_DIR
+
+    def fit(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+        resumed_from = self._resume_or_seed()
+        self._rng_after_step = capture_rng_state()
+        if self.is_main:
+            self._write_run_json(resumed_from)
+        # Always truncate metrics.jsonl to the current step: lines past it came from a crashed run
+        # whose work is being redone.
+        self.loggers = build_loggers(
+            self.run_dir,
+            tensorboard=cfg.tensorboard,
+            wandb=cfg.wandb,
+            wandb_project=cfg.wandb_project,
+            config={"train": cfg.to_dict(), **self.run_info},
+            resume_step=self.step,
+            enabled=self.is_main,
+        )
+        pbar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            desc="train",
+            disable=not (cfg.progress and self.is_main),
+            dynamic_ncols=True,
+        )
+        t_start = time.perf_counter()
+        tokens_at_start = self.tokens_seen
+        self._reset_window()
+        self.train_model.train()
+        try:
+            while self.step < cfg.steps:
+                self._train_step()
+                pbar.update(1)
+                s, last = self.step, self.step == cfg.steps
+                if last or (cfg.log_every and s % cfg.log_every == 0):
+                    self._log(pbar)
+                if self.eval_fn is not None and (last or (cfg.eval_every and s % cfg.eval_every == 0)):
+                    self.evaluate()
+                if last or (cfg.checkpoint_every and s % cfg.checkpoint_every == 0):
+                    self.save()
+        except KeyboardInterrupt:
+            self._save_on_interrupt()
+            raise
+        finally:
+            pbar.close()
+            self.loggers.close()
+        wall = time.perf_counter() - t_start
+        new_tokens = self.tokens_seen - tokens_at_start
+        return {
+            "step": self.step,
+            "resumed_from": resumed_from,
+            "metrics": dict(self.last_metrics),
+            "eval": dict(self.last_eval),
+            "best": {k: dict(v) for k, v in self.best.items()},
+            "wall_time": wall,
+            "tokens_seen": self.tokens_seen,
+            "tokens_per_s": new_tokens / wall if wall > 0 and new_tokens else None,
+            "run_dir": str(self.run_dir),
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Run eval_fn (main process) on the EMA weights if any; logs and tracks best values."""
+        if self.eval_fn is None:
+            return {}
+        t0 = time.perf_counter()
+        results: Dict[str, float] = {}
+        if self.is_main:
+            target = self.ema.module if self.ema is not None else self.model
+            was_training = target.training
+            target.eval()
+            try:
+                with _forked_rng(), self._autocast():
+                    raw = self.eval_fn(target)
+            finally:
+                target.train(was_training)
+            results = {k: float(v) for k, v in dict(raw or {}).items()}
+            for k, v in results.items():
+                prev = self.best.get(k)
+                better = prev is None or (v > prev["value"] if _higher_is_better(k) else v < prev["value"])
+                if better and math.isfinite(v):
+                    self.best[k] = {"value": v, "step": self.step}
+            self.loggers.log(self.step, results, event="eval")
+            self.last_eval = results
+            if not self.cfg.progress:
+                print(f"eval step {self.step}: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()), flush=True)
+        barrier()
+        self._window_excluded += time.perf_counter() - t0
+        return results
+
+    def save(self) -> Path:
+        """Checkpoint the current step (collective: every rank must call it)."""
+        t0 = time.perf_counter()
+        self._sync_tokens()
+        rng_states = self._gather_rng_states()
+        if self.is_main:
+            self._saving = True
+            try:
+                self._write_checkpoint(rng_states, self.tokens_seen)
+            finally:
+                self._saving = False
+        barrier()  # nobody moves on (or reads the checkpoint) before it is complete
+        self._window_excluded += time.perf_counter() - t0
+        return self.checkpoint_dir
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        return torch.autocast(
+            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"
+        )
+
+    def _train_step(self) -> None:
+        cfg = self.cfg
+        step = self.step
+        lr = cfg.lr * lr_multiplier(step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        ddp = isinstance(self.train_model, DDP)
+        for micro in range(cfg.grad_accum):
+            # Gradients are all-reduced only on the last micro-step; earlier ones just accumulate.
+            sync = micro == cfg.grad_accum - 1
+            with self.train_model.no_sync() if (ddp and not sync) else contextlib.nullcontext():
+                with self._autocast():
+                    out = self.loss_fn(self.train_model, step, micro, self.rank, self.world_size)
+                loss, metrics = self._unpack(out)
+                # mean over micro-steps, so the gradient does not scale with grad_accum
+                (loss / cfg.grad_accum).backward()
+            self._win_loss = self._win_loss + loss.detach().float()
+            self._win_micro += 1
+            self._accumulate(metrics)
+
+        self._in_update = True
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip)
+        else:
+            grads = [p.grad for p in self._params if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step = step + 1
+        self._in_update = False
+        # The RNG state at a step boundary, for a checkpoint taken on Ctrl-C mid-step.
+        self._rng_after_step = capture_rng_state()
+
+        self._win_steps += 1
+        self._win_grad = self._win_grad + grad_norm.detach().float()
+        self._win_lr = lr
+
+    def _unpack(self, out: Any) -> Tuple[torch.Tensor, Mapping[str, Any]]:
+        if isinstance(out, tuple) and len(out) == 2:
+            loss, metrics = out
+        else:
+            loss, metrics = out, {}
+        if not torch.is_tensor(loss) or loss.numel() != 1:
+            raise TypeError(
+                "loss_fn must return (loss, metrics) with loss a scalar tensor; got "
+                f"{type(loss).__name__}{'' if not torch.is_tensor(loss) else ' of shape ' + str(list(loss.shape))}"
+            )
+        return loss.reshape(()), metrics or {}
+
+    def _accumulate(self, metrics: Mapping[str, Any]) -> None:
+        for k, v in metrics.items():
+            if k == "tokens":
+                self._pending_tokens += int(v)
+                continue
+            if torch.is_tensor(v):
+                if v.numel() != 1:
+                    continue
+                v = v.detach().float().reshape(())
+            elif not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            self._win_sums[k] = self._win_sums.get(k, 0.0) + v
+            self._win_counts[k] = self._win_counts.get(k, 0) + 1
+
+    # ------------------------------------------------------------------ logging
+    def _reset_window(self) -> None:
+        # Sums stay on the device between log steps: no host sync (no .item()) inside the loop.
+        self._win_loss: Any = torch.zeros((), device=self.device)
+        self._win_grad: Any = torch.zeros((), device=self.device)
+        self._win_micro = 0
+        self._win_steps = 0
+        self._win_lr = 0.0
+        self._win_sums: Dict[str, Any] = {}
+        self._win_counts: Dict[str, int] = {}
+        self._win_tokens0 = self.tokens_seen  # pending is 0 here: every reset follows a sync
+        self._win_t0 = time.perf_counter()
+        self._window_excluded = 0.0  # eval/checkpoint time inside the window, not training time
+
+    def _sync_tokens(self) -> None:
+        """Sum every rank's pending token count into tokens_seen (collective)."""
+        pending = torch.tensor(self._pending_tokens, dtype=torch.float64, device=self.device)
+        self.tokens_seen += int(all_reduce_sum(pending).item())
+        self._pending_tokens = 0
+
+    def _log(self, pbar) -> None:
+        if self._win_steps == 0:
+            return
+        self._sync_tokens()
+        loss = all_reduce_mean(self._win_loss / self._win_micro).item()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = max(time.perf_counter() - self._win_t0 - self._window_excluded, 1e-9)
+        tokens = self.tokens_seen - self._win_tokens0
+        metrics: Dict[str, Any] = {
+            k: (v.item() if torch.is_tensor(v) else v) / self._win_counts[k] for k, v in self._win_sums.items()
+        }
+        metrics.update(
+            loss=loss,
+            lr=self._win_lr,
+            grad_norm=(self._win_grad / self._win_steps).item(),
+            step_time=dt / self._win_steps,
+            tokens_seen=self.tokens_seen,
+        )
+        if tokens > 0:
+            metrics["tokens_per_s"] = tokens / dt
+        if self.flops_per_step is not None:
+            metrics["flops"] = self.flops_per_step * self.step
+        self.last_metrics = metrics
+        if self.is_main:
+            self.loggers.log(self.step, metrics, event="train")
+            post = {"loss": f"{loss:.4g}"}
+            if tokens > 0:
+                post["tok/s"] = f"{metrics['tokens_per_s']:.3g}"
+            pbar.set_postfix(post, refresh=False)
+            if not self.cfg.progress:
+                extra = f" tok/s {metrics['tokens_per_s']:.3g}" if tokens > 0 else ""
+                print(
+                    f"step {self.step}/{self.cfg.steps} loss {loss:.4g} lr {self._win_lr:.3g} "
+                    f"grad_norm {metrics['grad_norm']:.3g} step_time {metrics['step_time'] * 1e3:.1f}ms{extra}",
+                    flush=True,
+                )
+        self._reset_window()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _write_checkpoint(self, rng_states, tokens_seen: int) -> None:
+        save_checkpoint(
+            self.checkpoint_dir,
+            self.model,
+            self.optimizer,
+            self.ema,
+            step=self.step,
+            tokens_seen=tokens_seen,
+            flops=None if self.flops_per_step is None else self.flops_per_step * self.step,
+            best=self.best,
+            config=self.cfg,
+            rng_states=rng_states,
+            extra={"run_info": self.run_info},
+        )
+
+    def _gather_rng_states(self):
+        # Each rank has its own dropout/masking stream; all of them are needed for an exact resume.
+        state = capture_rng_state()
+        if self.world_size == 1:
+            return [state]
+        gathered = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, state)
+        return gathered
+
+    def _save_on_interrupt(self) -> None:
+        """Ctrl-C: keep the work done so far. No collectives here -- other ranks may be gone."""
+        if not self.is_main:
+            return
+        if self._in_update or self._saving:
+            warnings.warn(
+                "interrupted while updating parameters or writing a checkpoint; not saving "
+                f"(the previous checkpoint in {self.checkpoint_dir}, if any, is intact)"
+            )
+            return
+        if self.step == 0:
+            return
+        # Only this rank's pending tokens are known; assume the other ranks processed as many.
+        tokens = self.tokens_seen + self._pending_tokens * self.world_size
+        print(f"\ninterrupted: saving a checkpoint at step {self.step} to {self.checkpoint_dir}", file=sys.stderr)
+        self._write_checkpoint([self._rng_after_step or capture_rng_state()], tokens)
+
+    def _resume_or_seed(self) -> Optional[int]:
+        """Load run_dir/checkpoint if there is one (returns its step); else seed the global RNGs."""
+        if self.is_main:
+            find_checkpoint(self.run_dir)  # may repair an interrupted checkpoint swap
+        barrier()
+        ckpt = self.checkpoint_dir
+        if not (ckpt / "state.json").exists():
+            # Seed here, not at import: the global RNG drives dropout/masking. The rank offset gives
+            # each process its own stream.
+            seed = self.cfg.seed + self.rank
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            self.step = 0
+            return None
+
+        state = load_checkpoint(ckpt, self.model, self.optimizer, self.ema, rank=self.rank)
+        self.step = int(state["step"])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.best = dict(state.get("best") or {})
+        saved_cfg = state.get("config") or {}
+        if state.get("config_hash") not in (None, self.cfg.hash()):
+            now = self.cfg.dynamics_dict()
+            changed = sorted(k for k in now if saved_cfg.get(k) != now[k])
+            warnings.warn(
+                f"resuming from {ckpt} with a different config ({', '.join(changed)}); training continues "
+                "but will not match an uninterrupted run with either config"
+            )
+        if state.get("world_size") not in (None, self.world_size):
+            warnings.warn(
+                f"checkpoint was saved with world size {state['world_size']}, resuming with {self.world_size}: "
+                "batches differ from the original run, so the result is not bit-exact"
+            )
+        # The config wins over hyper-parameters stored with the optimizer state (lr is set per step).
+        for i, g in enumerate(self.optimizer.param_groups):
+            g["weight_decay"] = self.cfg.weight_decay if i == self._decay_group else 0.0
+            g["betas"] = self.cfg.betas
+        if self.step > self.cfg.steps:
+            warnings.warn(f"checkpoint is at step {self.step}, past cfg.steps={self.cfg.steps}; nothing to do")
+        return self.step
+
+    def _write_run_json(self, resumed_from: Optional[int]) -> None:
+        path = self.run_dir / RUN_FILE
+        now = time.time()
+        if path.exists():
+            # Written once at the first start; a resume only appends a note.
+            info = json.loads(path.read_text())
+            info.setdefault("resumes", []).append(
+                {
+                    "time": now,
+                    "time_iso": datetime.fromtimestamp(now, timezone.utc).isoformat(),
+                    "step": resumed_from,
+                    "hostname": socket.gethostname(),
+                    "world_size": self.world_size,
+                    "config": self.cfg.to_dict(),
+                }
+            )
+        else:
+            info = {
+                "run_info": self.run_info,
+                "config": self.cfg.to_dict(),
+                "config_hash": self.cfg.hash(),
+                "seed": self.cfg.seed,
+                "versions": versions(),
+                "hostname": socket.gethostname(),
+                "cpu_count": os.cpu_count(),
+                "cuda_device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+                "device": str(self.device),
+                "world_size": self.world_size,
+                "backend": self.dist.backend,
+                "num_params": sum(p.numel() for p in self.model.parameters()),
+                "flops_per_step": self.flops_per_step,
+                "start_time": now,
+                "start_time_iso": datetime.fromtimestamp(now, timezone.utc).isoformat(),
+                "argv": sys.argv,
+                "resumed_from": resumed_from,
+            }
+        _write_json_atomic(path, info)
+
+
+__all__ = ["Trainer", "LossFn", "EvalFn"]
