@@ -399,15 +399,16 @@ def generate_dataset(size: int, count: int, n_clues: int, seed: int,
     out_p = np.zeros((0, n * n), dtype=np.int8)
     out_s = np.zeros((0, n * n), dtype=np.int8)
     # Give up after this many rounds in a row that found nothing new: then the space of
-    # distinct puzzles is exhausted (this only happens for 4x4). Each stale round doubles
-    # the number of variants drawn and, from the second on, brings new bases, so the
-    # last round draws >= 256 * 2**9 variants - enough to find the last few missing
-    # puzzles of a space of a few tens of thousands.
+    # distinct puzzles is exhausted (in practice only for 4x4). A stale round draws up to
+    # 16x as many variants as distinct puzzles found so far and, from the second one on,
+    # also brings new bases, so the last few missing puzzles of a nearly exhausted space
+    # are still found.
     stale, max_stale = 0, 10
     while len(out_p) < count:
         need = count - len(out_p)
-        # A small margin covers the rare duplicates; it grows while rounds come up empty.
-        draw = (need + max(need // 50, 256)) << stale
+        draw = need + max(need // 50, 256)  # small margin covers the rare duplicates
+        if stale:
+            draw = max(draw, min(len(out_p) << min(stale, 4), 1 << 19))
         p, s = random_symmetries(base_p, base_s, draw, rng)
         all_p = np.concatenate([out_p, p])
         keep = _first_unique_rows(all_p)

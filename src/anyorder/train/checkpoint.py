@@ -29,7 +29,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -87,7 +87,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_json(path: Path, obj: Any) -> None:
     with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)  # str(): Paths etc. in run_info
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
@@ -353,10 +353,14 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, ckpt_dir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- directories
-def _cleanup_stale(parent: Path) -> None:
-    """Delete half-written temp dirs left by a crash (never the live checkpoint)."""
+def _cleanup_stale(parent: Path, live: Path) -> None:
+    """Delete leftovers of a crashed save: half-written temp dirs, and superseded old checkpoints
+    (only while a complete live one exists -- otherwise find_checkpoint may still need them)."""
     for p in parent.glob(TMP_PREFIX + "*"):
         shutil.rmtree(p, ignore_errors=True)
+    if (live / STATE_FILE).exists():
+        for p in parent.glob(OLD_PREFIX + "*"):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def find_checkpoint(run_dir: PathLike) -> Optional[Path]:
@@ -404,7 +408,7 @@ def save_checkpoint(
     ckpt_dir = Path(ckpt_dir)
     parent = ckpt_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
-    _cleanup_stale(parent)
+    _cleanup_stale(parent, ckpt_dir)
     model = unwrap(model)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent))
     try:

@@ -153,6 +153,7 @@ class Trainer:
         self._in_update = False  # True while parameters are being modified (unsafe to checkpoint)
         self._saving = False
         self._rng_after_step: Optional[Dict[str, Any]] = None
+        self._reset_window()
 
     # ------------------------------------------------------------------ public
     @property
@@ -207,6 +208,7 @@ class Trainer:
         finally:
             pbar.close()
             self.loggers.close()
+            self.loggers = Loggers([])  # a later evaluate() outside fit() must not write to closed files
         wall = time.perf_counter() - t_start
         new_tokens = self.tokens_seen - tokens_at_start
         return {
@@ -280,6 +282,7 @@ class Trainer:
             g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         ddp = isinstance(self.train_model, DDP)
+        step_tokens = 0
         for micro in range(cfg.grad_accum):
             # Gradients are all-reduced only on the last micro-step; earlier ones just accumulate.
             sync = micro == cfg.grad_accum - 1
@@ -291,18 +294,20 @@ class Trainer:
                 (loss / cfg.grad_accum).backward()
             self._win_loss = self._win_loss + loss.detach().float()
             self._win_micro += 1
-            self._accumulate(metrics)
+            step_tokens += self._accumulate(metrics)
 
         self._in_update = True
         if cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip)
         else:
             grads = [p.grad for p in self._params if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
         self.step = step + 1
+        # counted only once the step is complete, so an interrupt mid-step does not over-count
+        self._pending_tokens += step_tokens
         self._in_update = False
         # The RNG state at a step boundary, for a checkpoint taken on Ctrl-C mid-step.
         self._rng_after_step = capture_rng_state()
@@ -323,10 +328,12 @@ class Trainer:
             )
         return loss.reshape(()), metrics or {}
 
-    def _accumulate(self, metrics: Mapping[str, Any]) -> None:
+    def _accumulate(self, metrics: Mapping[str, Any]) -> int:
+        """Add numeric metrics to the log window; returns the micro-batch's token count."""
+        tokens = 0
         for k, v in metrics.items():
             if k == "tokens":
-                self._pending_tokens += int(v)
+                tokens = int(v)
                 continue
             if torch.is_tensor(v):
                 if v.numel() != 1:
@@ -336,6 +343,7 @@ class Trainer:
                 continue
             self._win_sums[k] = self._win_sums.get(k, 0.0) + v
             self._win_counts[k] = self._win_counts.get(k, 0) + 1
+        return tokens
 
     # ------------------------------------------------------------------ logging
     def _reset_window(self) -> None:
@@ -482,8 +490,9 @@ class Trainer:
     def _write_run_json(self, resumed_from: Optional[int]) -> None:
         path = self.run_dir / RUN_FILE
         now = time.time()
-        if path.exists():
-            # Written once at the first start; a resume only appends a note.
+        if path.exists() and resumed_from is not None:
+            # Written once at the first start; a resume only appends a note. (Without a checkpoint
+            # the run starts over, and so does run.json.)
             info = json.loads(path.read_text())
             info.setdefault("resumes", []).append(
                 {

@@ -1,0 +1,52 @@
+"""Order heatmaps: for a few examples, the step at which each answer position was finalised."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import torch
+
+
+def finalization_grid(panels: Dict[str, torch.Tensor], path, n_examples: int = 4,
+                      grid_shape: Optional[Sequence[int]] = None, title: str = "") -> Path:
+    """One row of panels per (order, decoder), one column per example.
+
+    ``panels`` maps a label to a [B, n] tensor of finalisation steps over the answer positions
+    (left to right). With ``grid_shape`` (e.g. (4, 4) for a Sudoku) each example is drawn as
+    that grid, else as a strip. Colour = step normalised to [0, 1] within the example;
+    the number in each cell is the step itself.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(panels)
+    rows, cols = len(labels), n_examples
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols + 1.6, 1.9 * rows + 0.4), squeeze=False)
+    for r, label in enumerate(labels):
+        steps = panels[label]
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(steps):
+                ax.axis("off")
+                continue
+            s = steps[c].double()
+            norm = (s - s.min()) / max(float(s.max() - s.min()), 1.0)
+            shape = tuple(grid_shape) if grid_shape else (1, len(s))
+            img = norm.view(shape).numpy()
+            ax.imshow(img, cmap="viridis", vmin=0, vmax=1)
+            for idx, v in enumerate(s.view(shape).long().flatten().tolist()):
+                ax.text(idx % shape[1], idx // shape[1], str(v), ha="center", va="center", fontsize=7,
+                        color="white" if img.flatten()[idx] < 0.6 else "black")
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
+    fig.suptitle(title or "step at which each answer cell was finalised (dark = early)", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,182 @@
+"""``anyorder`` command line: a thin layer over the Python API.
+
+    anyorder train CONFIG.yaml [key=value ...]     train (resumes if the run dir has a checkpoint)
+    anyorder eval RUN_DIR [--decoder NAME ...]     task metrics + AFP / Kendall τ / NFE per decoder
+    anyorder sample RUN_DIR [--decoder NAME] ...   decode prompts (or puzzle strings) and print them
+    anyorder orders [--json] | decoders [--json]   registered names
+    anyorder toy [--json]                          seed 004's marginals-vs-joint toy
+    anyorder demo                                  three orders × several decoders on 4×4 Sudoku
+    anyorder bench {train,decode,sudoku-gen} [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+
+def _decoder_spec(args) -> dict:
+    spec = {"name": args.decoder}
+    for key in ("k", "steps", "block_size", "temperature", "top_k", "top_p", "seed"):
+        val = getattr(args, key, None)
+        if val is not None:
+            spec[key] = val
+    return spec
+
+
+def _add_decoder_args(p):
+    p.add_argument("--decoder", default=None, help="decoder name (see `anyorder decoders`)")
+    p.add_argument("--k", type=int, default=None, help="tokens committed per step")
+    p.add_argument("--steps", type=int, default=None, help="total decoding steps (LLaDA's even split)")
+    p.add_argument("--block-size", dest="block_size", type=int, default=None, help="semi-AR block length")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", dest="top_k", type=int, default=None)
+    p.add_argument("--top-p", dest="top_p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def cmd_train(args):
+    from .config import load_config
+    from .experiment import train
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = train(cfg)
+    print(f"run directory: {run_dir}")
+
+
+def cmd_eval(args):
+    from .experiment import evaluate, load_run
+
+    exp = load_run(args.run_dir)
+    specs = [_decoder_spec(args)] if args.decoder else exp.cfg["decode"]
+    rows = []
+    for spec in specs:
+        res = evaluate(exp, spec, n=args.n or int(exp.cfg["eval"]["n"]))
+        rows.append({"decoder": spec, **res})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        from .analysis.table import format_table
+        print(format_table(rows, exp.task.headline()))
+
+
+def cmd_sample(args):
+    import torch
+
+    from .experiment import load_run, run_decoder
+
+    exp = load_run(args.run_dir)
+    spec = _decoder_spec(args) if args.decoder else exp.cfg["decode"][0]
+    if args.puzzle:
+        if not hasattr(exp.task, "parse"):
+            raise ValueError(f"task {exp.task.name!r} does not take --puzzle strings")
+        x = torch.stack([exp.task.parse(s) for s in args.puzzle])
+        answer = x == exp.task.mask_id
+        x0 = x.clone()
+    else:
+        x0, answer = exp.task.eval_set(args.n)
+    res, out = run_decoder(exp.model, exp, spec, x0, answer, return_results=True)
+    for row, steps in zip(out.tokens.tolist(), out.trace.finalize_step.tolist()):
+        print(" ".join(map(str, row)))
+    if not args.puzzle:
+        print(json.dumps(res, indent=1))
+
+
+def cmd_list(registry, as_json: bool):
+    names = registry.names()
+    print(json.dumps(names) if as_json else "\n".join(names))
+
+
+def cmd_toy(args):
+    from .tasks.toy import run_toy
+
+    res = run_toy(steps=args.steps, seed=args.seed)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        d = res["data"]
+        print(f"model (trained {res['train_seconds']} s) vs data, given  _ _ C D _")
+        print(f"  P(A)      {res['p_A']:.3f}   data {d['p_A']:.2f}")
+        print(f"  P(B)      {res['p_B']:.3f}   data {d['p_B']:.2f}")
+        print(f"  P(A,B)    {res['joint_AB']:.3f}   data {d['joint_AB']:.2f}")
+        key = "joint_A'B"
+        print(f"  P(A',B)   {res[key]:.3f}   data {d[key]:.2f}")
+        print(f"  committing both at once picks {res['parallel_pick']}; the joint mode is {res['joint_mode']}")
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out_dir, steps=args.steps, quick=args.quick)
+
+
+def cmd_bench(args):
+    from . import bench
+
+    res = {"train": bench.bench_train, "decode": bench.bench_decode, "sudoku-gen": bench.bench_sudoku_gen}[args.what]()
+    print(json.dumps(res, indent=None if args.json else 1))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .decoding import DECODERS
+    from .orders import ORDERS
+
+    p = argparse.ArgumentParser(prog="anyorder", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a model from a YAML config")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=200")
+    e = sub.add_parser("eval", help="decode the evaluation set and measure")
+    e.add_argument("run_dir")
+    e.add_argument("--n", type=int, default=None)
+    e.add_argument("--json", action="store_true")
+    _add_decoder_args(e)
+    s = sub.add_parser("sample", help="decode and print")
+    s.add_argument("run_dir")
+    s.add_argument("--n", type=int, default=4)
+    s.add_argument("--puzzle", action="append", help="a puzzle string (Sudoku), may repeat")
+    _add_decoder_args(s)
+    for name in ("orders", "decoders"):
+        q = sub.add_parser(name, help=f"list registered {name}")
+        q.add_argument("--json", action="store_true")
+    q = sub.add_parser("toy", help="seed 004's marginals-vs-joint toy")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--steps", type=int, default=None)
+    q.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("demo", help="train 3 orders on 4x4 Sudoku, decode with several policies, print a table")
+    d.add_argument("--out-dir", default="runs/demo")
+    d.add_argument("--steps", type=int, default=None)
+    d.add_argument("--quick", action="store_true", help="a few steps only (smoke run)")
+    b = sub.add_parser("bench", help="benchmarks")
+    b.add_argument("what", choices=["train", "decode", "sudoku-gen"])
+    b.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "train":
+            cmd_train(args)
+        elif args.cmd == "eval":
+            cmd_eval(args)
+        elif args.cmd == "sample":
+            cmd_sample(args)
+        elif args.cmd == "orders":
+            cmd_list(ORDERS, args.json)
+        elif args.cmd == "decoders":
+            cmd_list(DECODERS, args.json)
+        elif args.cmd == "toy":
+            if args.steps is None:
+                from .tasks.toy import DEFAULT_STEPS
+                args.steps = DEFAULT_STEPS
+            cmd_toy(args)
+        elif args.cmd == "demo":
+            cmd_demo(args)
+        elif args.cmd == "bench":
+            cmd_bench(args)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        print(f"anyorder: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

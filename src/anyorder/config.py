@@ -1,0 +1,118 @@
+"""Experiment configs: nested dicts from YAML, dotted ``key=value`` overrides, strict keys.
+
+Every section has a default here; a key that is not in the defaults is an error naming the
+closest valid key, so a typo never silently trains the wrong model. Sections whose content
+depends on a registered name (``task``, ``order``, ``decode``) accept the options of the
+class that name selects; those are checked when the class is built.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+DEFAULTS: Dict[str, Any] = {
+    "name": "run",
+    "out_dir": "runs",
+    "seed": 0,
+    "task": {"name": "sudoku"},
+    "order": {"name": "random"},
+    "weighting": None,             # None = the order's default (elbo / clamp)
+    "model": {
+        "d_model": 128, "n_layers": 4, "n_heads": 4, "mlp": "swiglu", "mlp_ratio": 4.0,
+        "time_conditioning": False, "tie_embeddings": False, "rope_base": 10000.0,
+    },
+    "train": {
+        "steps": 1000, "batch_size": 64, "grad_accum": 1, "lr": 1e-3, "weight_decay": 0.0,
+        "betas": [0.9, 0.95], "warmup_steps": 50, "min_lr_ratio": 0.1, "grad_clip": 1.0,
+        "ema": 0.0, "precision": "fp32", "eval_every": 0, "checkpoint_every": 0, "log_every": 50,
+        "tensorboard": False, "wandb": False, "wandb_project": "anyorder", "progress": True,
+    },
+    "eval": {"n": 256, "batch_size": 256},
+    # decoders evaluated by `anyorder eval` (each a name or {name: ..., options})
+    "decode": [{"name": "top_prob"}],
+}
+
+# sections whose keys are free-form (checked by the registered class they select)
+OPEN_SECTIONS = {"task", "order"}
+
+
+def _suggest(key: str, choices) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def merge(base: Dict[str, Any], update: Dict[str, Any], path: str = "") -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in (update or {}).items():
+        where = f"{path}{k}"
+        if k not in out:
+            raise ValueError(f"unknown config key {where!r}.{_suggest(k, out)} "
+                             f"Valid keys{' in ' + path[:-1] if path else ''}: {', '.join(sorted(out))}")
+        if isinstance(out[k], dict) and path == "" and k in OPEN_SECTIONS:
+            out[k] = copy.deepcopy(v) if isinstance(v, dict) else v
+        elif isinstance(out[k], dict) and isinstance(v, dict):
+            out[k] = merge(out[k], v, where + ".")
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(item: str):
+    if "=" not in item:
+        raise ValueError(f"override {item!r} is not of the form key=value (e.g. train.steps=200)")
+    key, val = item.split("=", 1)
+    return key.strip(), yaml.safe_load(val) if val.strip() else ""
+
+
+def apply_overrides(cfg: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        key, val = parse_override(item)
+        parts = key.split(".")
+        node = cfg
+        for i, p in enumerate(parts[:-1]):
+            if not isinstance(node, dict) or p not in node:
+                raise ValueError(f"unknown config key {'.'.join(parts[:i + 1])!r}.{_suggest(p, node if isinstance(node, dict) else [])}")
+            node = node[p]
+        last = parts[-1]
+        open_section = len(parts) == 2 and parts[0] in OPEN_SECTIONS
+        if not isinstance(node, dict) or (last not in node and not open_section):
+            valid = sorted(node) if isinstance(node, dict) else []
+            raise ValueError(f"unknown config key {key!r}.{_suggest(last, valid)} Valid keys: {', '.join(valid)}")
+        node[last] = val
+    return cfg
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Dict[str, Any]:
+    user: Dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+        user = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(user, dict):
+            raise ValueError(f"config file {str(p)!r} must hold a mapping at the top level")
+    cfg = merge(DEFAULTS, user)
+    cfg = apply_overrides(cfg, overrides or [])
+    return normalise(cfg)
+
+
+def normalise(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    for sec in ("task", "order"):
+        if isinstance(cfg[sec], str):
+            cfg[sec] = {"name": cfg[sec]}
+        if not isinstance(cfg[sec], dict) or "name" not in cfg[sec]:
+            raise ValueError(f"config section {sec!r} needs a 'name'")
+    if isinstance(cfg["decode"], (str, dict)):
+        cfg["decode"] = [cfg["decode"]]
+    cfg["decode"] = [{"name": d} if isinstance(d, str) else dict(d) for d in cfg["decode"]]
+    return cfg
+
+
+def dump(cfg: Dict[str, Any]) -> str:
+    return yaml.safe_dump(json.loads(json.dumps(cfg)), sort_keys=False)
