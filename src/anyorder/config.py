@@ -19,6 +19,9 @@ DEFAULTS: Dict[str, Any] = {
     "name": "run",
     "out_dir": "runs",
     "seed": 0,
+    # Python files or modules imported before anything is built: where user orders, decoders,
+    # scores and tasks register themselves (e.g. ["examples/right_to_left.py"])
+    "plugins": [],
     "task": {"name": "sudoku"},
     "order": {"name": "random"},
     "weighting": None,             # None = the order's default (elbo / clamp)

@@ -46,9 +46,33 @@ def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 1_013 + rank)
 
 
+def load_plugins(plugins) -> None:
+    """Import user modules (dotted names) or files (paths ending in .py) so that their
+    ``@ORDERS.register(...)``-style decorators run before the config is resolved."""
+    import importlib
+    import importlib.util
+
+    for item in plugins or []:
+        item = str(item)
+        if item.endswith(".py"):
+            path = Path(item)
+            if not path.exists():
+                raise FileNotFoundError(f"plugin file {item!r} does not exist")
+            name = f"anyorder_plugin_{path.stem}"
+            if name in __import__("sys").modules:
+                continue
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            __import__("sys").modules[name] = module
+            spec.loader.exec_module(module)
+        else:
+            importlib.import_module(item)
+
+
 def build(cfg: Dict[str, Any]) -> Experiment:
     """Build everything a config names, validating it all before any file is written."""
     cfg = normalise(cfg)
+    load_plugins(cfg.get("plugins"))
     task = build_task(cfg["task"])
     order = build_order(cfg["order"])
     weighting = cfg["weighting"] or order.default_weighting
@@ -125,10 +149,10 @@ def train(cfg: Dict[str, Any], run_dir: Optional[Union[str, Path]] = None, resum
         if created and not (run_dir / "checkpoint").exists():
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: leave no half-made run
         raise
-    final = trainer.ema.module if trainer.ema is not None else trainer.model
-    from .train import save_weights
-    save_weights(final, run_dir / "model.safetensors")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    if trainer.is_main:  # under torchrun only rank 0 writes
+        from .train import save_weights
+        save_weights(trainer.ema.module if trainer.ema is not None else trainer.model, run_dir / "model.safetensors")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return run_dir
 
 

@@ -11,7 +11,7 @@ import torch
 from ..orders.base import Layout
 
 
-def _with_prompt(answer_rule: torch.Tensor, layout: Layout) -> torch.Tensor:
+def with_prompt(answer_rule: torch.Tensor, layout: Layout) -> torch.Tensor:
     p = layout.prompt
     q_ans, k_prompt = layout.answer.unsqueeze(-1), p.unsqueeze(-2)
     return k_prompt | (q_ans & layout.answer.unsqueeze(-2) & answer_rule)
@@ -29,25 +29,25 @@ def bidirectional(layout: Layout) -> torch.Tensor:
 def causal(layout: Layout) -> torch.Tensor:
     """AR: an answer token sees answer tokens at or before it."""
     qa, ka = _pair(layout.aidx)
-    return _with_prompt(ka <= qa, layout)
+    return with_prompt(ka <= qa, layout)
 
 
 def block_causal(layout: Layout) -> torch.Tensor:
     """Block diffusion: a block sees itself (bidirectionally) and earlier blocks."""
     qb, kb = _pair(layout.block)
-    return _with_prompt(kb <= qb, layout)
+    return with_prompt(kb <= qb, layout)
 
 
 def up_to_block(layout: Layout, current: torch.Tensor) -> torch.Tensor:
     """Prefix-block: every answer token sees blocks <= current[b] (prefix + current), nothing after."""
     kb = layout.block.unsqueeze(-2)
-    return _with_prompt(kb <= current.view(-1, 1, 1), layout)
+    return with_prompt(kb <= current.view(-1, 1, 1), layout)
 
 
 def scatter(layout: Layout) -> torch.Tensor:
     """Scatter: a column (offset) sees every earlier or equal column, in every block."""
     qo, ko = _pair(layout.offset)
-    return _with_prompt(ko <= qo, layout)
+    return with_prompt(ko <= qo, layout)
 
 
 def jigsaw(layout: Layout, block_visible: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,7 @@ def jigsaw(layout: Layout, block_visible: torch.Tensor) -> torch.Tensor:
     qb, kb = _pair(layout.block)
     qa, ka = _pair(layout.aidx)
     rule = block_visible.unsqueeze(-2) | ((qb == kb) & (ka <= qa))
-    return _with_prompt(rule, layout)
+    return with_prompt(rule, layout)
 
 
 def two_stream(layout: Layout, noisy_sees_noisy: torch.Tensor, noisy_sees_clean: torch.Tensor,

@@ -1,0 +1,34 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-all toy bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the local CPU wheel; a bare `torch` requirement would pull a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/anyorder demo
+
+test: $(BIN)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "not slow"
+
+test-all: $(BIN)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+
+toy: $(BIN)/.installed
+	$(BIN)/anyorder toy
+
+bench: $(BIN)/.installed
+	$(BIN)/anyorder bench train --json
+	$(BIN)/anyorder bench decode --json
+	$(BIN)/anyorder bench sudoku-gen --json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
