@@ -19,6 +19,10 @@ def _ar_nll(model, x0, answer):
 
 def test_eps_ar_nelbo_matches_teacher_forced_ar_nll(tiny_model):
     """SPEC §2: the generic NELBO under ε-AR -> AR teacher-forced NLL of the same weights as ε -> 0."""
+    with torch.no_grad():  # sharpen the random model so its predictions depend on context
+        for p in tiny_model.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
     x0, answer = make_batch(B=1, L=6, prompt=2, seed=1)
     nll = _ar_nll(tiny_model, x0, answer)
     layout = build_order("ar").layout(answer)
@@ -32,7 +36,8 @@ def test_eps_ar_nelbo_matches_teacher_forced_ar_nll(tiny_model):
         nelbo = exact_nelbo(logp_fn, x0[0], answer[0], EpsAR(eps), tiny_model.cfg.mask_id, n_quad=32)
         gaps.append(abs(nelbo - nll) / nll)
     assert gaps[0] > gaps[1] > gaps[2]
-    assert gaps[2] < 0.01, gaps
+    assert gaps[0] > 0.005                 # at ε = 0.1 the schedule is visibly not AR yet (1.4%)
+    assert gaps[2] < 0.01 * 0.1, gaps      # 1.5e-4 measured; the issue asks for < 1%
     assert nll > 0
 
 

@@ -142,3 +142,22 @@ def test_user_plugin_order_from_yaml(tmp_path, monkeypatch):
     from anyorder.experiment import evaluate
     res = evaluate(exp, {"name": "most_uncertain_last", "k": 3}, n=8)
     assert res["kendall_tau"] == -1.0 and res["afp"] == 1.0   # right to left, one token per step
+
+
+def test_cli_train_under_torchrun_two_processes(tmp_path):
+    """`torchrun ... -m anyorder.cli train` trains with DDP on 2 CPU processes and writes one run."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    over = ["task.n_train=200", "task.n_eval=16", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+            "train.steps=4", "train.warmup_steps=1", "train.batch_size=4", "train.progress=false", "eval.n=8",
+            f"out_dir={tmp_path}", "name=ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "anyorder.cli", "train",
+                           str(ROOT / "configs" / "sudoku4.yaml"), *over], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "ddp"
+    assert (run / "model.safetensors").exists()
+    info = json.loads((run / "run.json").read_text())
+    assert info["world_size"] == 2 and info["backend"] == "gloo"
+    exp = load_run(run)
+    assert exp.model.cfg.d_model == 32

@@ -205,7 +205,7 @@ def run_decoder(model, exp: Experiment, decoder_spec, x0, answer, batch_size: in
     for i in range(0, len(x0), batch_size):
         xb, ab = x0[i:i + batch_size], answer[i:i + batch_size]
         prompt = torch.where(ab, torch.full_like(xb, mask_id), xb)
-        r = dec.decode(model, exp.order, prompt, ab, extra=extra, row_seeds=list(range(i, i + len(xb))))
+        r = dec.decode(model, exp.order, prompt, ab, extra=extra, row_seeds=[dec.seed + j for j in range(i, i + len(xb))])
         toks.append(r.tokens)
         traces.append(r.trace)
     secs = time.perf_counter() - t0

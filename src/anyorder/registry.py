@@ -30,6 +30,8 @@ class Registry(Generic[T]):
             self._items[name] = obj
             try:
                 obj.registered_name = name  # type: ignore[attr-defined]
+                if isinstance(obj, type) and hasattr(obj, "name"):
+                    obj.name = name  # an order/task reports the name it was registered under
             except (AttributeError, TypeError):
                 pass
             return obj
