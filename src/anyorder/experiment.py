@@ -149,10 +149,12 @@ def train(cfg: Dict[str, Any], run_dir: Optional[Union[str, Path]] = None, resum
         if created and not (run_dir / "checkpoint").exists():
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: leave no half-made run
         raise
+    from .train import barrier, cleanup, save_weights
     if trainer.is_main:  # under torchrun only rank 0 writes
-        from .train import save_weights
         save_weights(trainer.ema.module if trainer.ema is not None else trainer.model, run_dir / "model.safetensors")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    barrier()
+    cleanup()  # a rank that exits with a live process group aborts (gloo)
     return run_dir
 
 
