@@ -51,7 +51,7 @@ class Decoder:
 
     def __init__(self, k: Optional[int] = None, steps: Optional[int] = None, block_size: Optional[int] = None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 score: Optional[str] = None):
+                 score: Optional[str] = None, cache: bool = False):
         if k is not None and steps is not None:
             raise ValueError("give either decoder.k (tokens per step) or decoder.steps, not both")
         if k is not None and int(k) < 1:
@@ -69,6 +69,14 @@ class Decoder:
         self.steps = None if steps is None else int(steps)
         self.block_size = None if block_size is None else int(block_size)
         self.temperature, self.top_k, self.top_p, self.seed = float(temperature), int(top_k), float(top_p), int(seed)
+        self.cache = bool(cache)
+
+    def make_forward(self, model, order: Order, layout: Layout, extra=None):
+        """``forward(x, masked) -> logits`` for this decode: the plain full pass under the order's
+        attention, or (``cache=True``) an exact KV-cached pass where the order allows one."""
+        from .forward import cached_forward, uncached_forward
+
+        return (cached_forward if self.cache else uncached_forward)(model, order, layout, extra)
 
     # -- pieces a subclass may override -------------------------------------------------
     def scores(self, probs, x0, layout, gens) -> torch.Tensor:
@@ -107,12 +115,13 @@ class Decoder:
         conf = torch.zeros(B, L, dtype=torch.float64)
         nfe = torch.zeros(B, dtype=torch.long)
         limit = max_steps or 4 * L * max(1, self.steps or 1) + 16
+        forward = self.make_forward(model, order, layout, extra)
         step = 0
         while masked.any():
             if step >= limit:
                 raise RuntimeError(f"decoding did not finish in {limit} steps (order {order.name!r})")
             active = masked.any(-1)
-            logits = model(x, attn_mask=order.decode_attention(masked, layout), extra=extra)
+            logits = forward(x, masked)
             logp = F.log_softmax(logits.double(), dim=-1)
             probs = logp.exp()
             x0 = sample_tokens(logits, self.temperature, gens, self.top_k, self.top_p)
