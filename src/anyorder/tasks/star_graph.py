@@ -1,0 +1,96 @@
+"""Star-graph path-finding (Bachmann & Nagarajan 2024; REFERENCE §8, SPEC §7).
+
+A source node has ``degree`` arms of ``path_len`` nodes each (counting the source), over
+``num_nodes`` labels; the goal is the last node of one arm. The prompt lists the directed edges
+in random order, then the source and the goal; the answer is the path from source to goal.
+
+Sequence (one token per symbol): ``u v | u v | ... | u v / s g =`` then the ``path_len`` path
+tokens (reversed with ``reverse=True``). Vocabulary: nodes 0..N-1, ``|`` = N, ``/`` = N+1,
+``=`` = N+2, [MASK] = N+3. Teacher-forced AR famously fails here ("Clever Hans": it learns
+to copy the next edge from the previous path token and must guess the first step, ≈ 1/degree).
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+
+from .base import TASKS, Task
+
+
+def star_graph(degree: int, path_len: int, num_nodes: int, rng: np.random.Generator):
+    """(edges [E, 2], path [path_len]) with node labels drawn without replacement."""
+    need = degree * (path_len - 1) + 1
+    if num_nodes < need:
+        raise ValueError(f"num_nodes={num_nodes} is too small for degree={degree} arms of path_len={path_len} "
+                         f"nodes: a star needs degree*(path_len-1)+1 = {need} distinct nodes")
+    nodes = rng.permutation(num_nodes)[:need]
+    source, rest = int(nodes[0]), nodes[1:].reshape(degree, path_len - 1)
+    arms = np.concatenate([np.full((degree, 1), source), rest], axis=1)   # [degree, path_len]
+    edges = np.stack([arms[:, :-1], arms[:, 1:]], axis=-1).reshape(-1, 2)  # directed away from source
+    edges = edges[rng.permutation(len(edges))]
+    return edges, arms[0].copy()  # arm 0 leads to the goal (the arms are interchangeable)
+
+
+@TASKS.register("star_graph")
+class StarGraphTask(Task):
+    name = "star_graph"
+
+    def __init__(self, num_nodes: int = 20, degree: int = 3, path_len: int = 5, n_train: int = 50000,
+                 n_eval: int = 1000, reverse: bool = False, seed: int = 0):
+        if degree < 2:
+            raise ValueError(f"task.degree must be >= 2 (one arm is trivial), got {degree}")
+        if path_len < 2:
+            raise ValueError(f"task.path_len must be >= 2 (source and goal), got {path_len}")
+        self.num_nodes, self.degree, self.path_len, self.reverse = int(num_nodes), int(degree), int(path_len), bool(reverse)
+        N = self.num_nodes
+        self.bar, self.slash, self.eq, self.mask_id = N, N + 1, N + 2, N + 3
+        self.vocab_size = N + 4
+        self.n_edges = degree * (path_len - 1)
+        self.prompt_len = 3 * self.n_edges + 3
+        self.seq_len = self.prompt_len + path_len
+        rng = np.random.default_rng(seed)
+        total = int(n_train) + int(n_eval)
+        star_graph(degree, path_len, num_nodes, rng)  # validate the settings before the loop
+        self.data = torch.from_numpy(np.stack([self.encode(*star_graph(degree, path_len, num_nodes, rng))
+                                               for _ in range(total)]))
+        self.eval_x, self.train_x = self.data[: int(n_eval)], self.data[int(n_eval):]
+        self.answer_mask = torch.zeros(self.seq_len, dtype=torch.bool)
+        self.answer_mask[self.prompt_len:] = True
+
+    def encode(self, edges: np.ndarray, path: np.ndarray) -> np.ndarray:
+        body = np.concatenate([edges, np.full((len(edges), 1), self.bar)], axis=1).reshape(-1)[:-1]
+        target = path[::-1] if self.reverse else path
+        return np.concatenate([body, [self.slash, path[0], path[-1], self.eq], target]).astype(np.int64)
+
+    def decode_edges(self, row: torch.Tensor):
+        body = row[: 3 * self.n_edges - 1].tolist() + [self.bar]
+        return [(body[3 * i], body[3 * i + 1]) for i in range(self.n_edges)]
+
+    def train_batch(self, batch_size, gen):
+        idx = torch.randint(0, len(self.train_x), (batch_size,), generator=gen)
+        x0 = self.train_x[idx]
+        return x0, self.answer_mask.expand_as(x0).clone()
+
+    def eval_set(self, n):
+        x0 = self.eval_x[:n]
+        return x0, self.answer_mask.expand_as(x0).clone()
+
+    def is_valid_path(self, row: torch.Tensor, path) -> bool:
+        """Does ``path`` (source first) follow the prompt's edges from its source to its goal?"""
+        path = list(path)[::-1] if self.reverse else list(path)
+        edges = set(self.decode_edges(row))
+        s, g = int(row[3 * self.n_edges]), int(row[3 * self.n_edges + 1])
+        return path[0] == s and path[-1] == g and all((a, b) in edges for a, b in zip(path[:-1], path[1:]))
+
+    def metrics(self, pred, x0, answer) -> Dict[str, float]:
+        p, t = pred[:, self.prompt_len:], x0[:, self.prompt_len:]
+        return {"path_acc": float((p == t).all(-1).double().mean()), "token_acc": float((p == t).double().mean())}
+
+    def headline(self):
+        return "path_acc"
+
+    def describe(self):
+        return {**super().describe(), "num_nodes": self.num_nodes, "degree": self.degree,
+                "path_len": self.path_len, "reverse": self.reverse}
