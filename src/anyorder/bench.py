@@ -40,6 +40,7 @@ def bench_train(d_model: int = 256, n_layers: int = 6, seq_len: int = 128, batch
                 steps: int = 6, orders=("random", "block")) -> Dict[str, object]:
     from torch.utils.flop_counter import FlopCounterMode
 
+    from .analysis.flops import register_cpu_attention_flops
     from .model import ModelConfig, Transformer
     from .objectives.nelbo import plan_loss
     from .orders import build_order
@@ -66,6 +67,7 @@ def bench_train(d_model: int = 256, n_layers: int = 6, seq_len: int = 128, batch
             opt.step()
             return plan.tokens.numel()
 
+        register_cpu_attention_flops()  # else the CPU attention kernel's FLOPs are not counted
         with FlopCounterMode(display=False) as fc:
             step("fp32")
         flops = fc.get_total_flops()

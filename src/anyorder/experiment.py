@@ -119,6 +119,18 @@ def make_eval_fn(exp: Experiment):
     return eval_fn
 
 
+def step_flops(exp: Experiment, loss_fn, tcfg) -> int:
+    """Training FLOPs of one optimizer step over all processes, counted on a real micro-step
+    (the shapes, hence the FLOPs, are the same every step)."""
+    import os
+
+    from .analysis.flops import count_step_flops
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    micro = count_step_flops(exp.model, lambda m: loss_fn(m, 0, 0, 0, world)[0])
+    return micro * tcfg.grad_accum * world
+
+
 def run_dir_for(cfg) -> Path:
     return Path(cfg["out_dir"]) / str(cfg["name"])
 
@@ -143,7 +155,11 @@ def train(cfg: Dict[str, Any], run_dir: Optional[Union[str, Path]] = None, resum
         (run_dir / "config.yaml").write_text(dump(exp.cfg))
         info = {"config": exp.cfg, "task": exp.task.describe(), "order": exp.order.describe(),
                 "model_params": exp.model.num_params(non_embedding=False), "weighting": exp.weighting}
-        trainer = Trainer(exp.model, make_loss_fn(exp), tcfg, run_dir, eval_fn=make_eval_fn(exp), run_info=info)
+        loss_fn = make_loss_fn(exp)
+        flops = step_flops(exp, loss_fn, tcfg)
+        info["flops_per_step"] = flops
+        trainer = Trainer(exp.model, loss_fn, tcfg, run_dir, eval_fn=make_eval_fn(exp), run_info=info,
+                          flops_per_step=flops)
         summary = trainer.fit()
     except Exception:
         if created and not (run_dir / "checkpoint").exists():

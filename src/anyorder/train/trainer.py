@@ -240,6 +240,8 @@ class Trainer:
             finally:
                 target.train(was_training)
             results = {k: float(v) for k, v in dict(raw or {}).items()}
+            if self.flops_per_step is not None:  # cumulative training FLOPs at this evaluation (C(τ))
+                results["flops"] = float(self.flops_per_step * self.step)
             for k, v in results.items():
                 prev = self.best.get(k)
                 better = prev is None or (v > prev["value"] if _higher_is_better(k) else v < prev["value"])
