@@ -1,0 +1,60 @@
+"""Sweeps: grid expansion, finished runs are never redone, a killed sweep resumes, submitit local mode."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from anyorder.sweep import expand, load_sweep, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["task.n_train=100", "task.n_eval=16", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+        "train.steps=3", "train.warmup_steps=1", "train.batch_size=4", "train.progress=false",
+        "train.checkpoint_every=1", "eval.n=8"]
+
+
+def spec(tmp_path, **kw):
+    s = {"name": "s", "out_dir": str(tmp_path), "base": str(ROOT / "configs" / "sudoku4.yaml"), "overrides": TINY,
+         "grid": {"order": [{"name": "random"}, {"name": "ar"}], "seed": [0, 1]}}
+    s.update(kw)
+    return s
+
+
+def test_grid_expansion_and_errors(tmp_path):
+    runs = expand(load_sweep(spec(tmp_path)))
+    assert [r[0] for r in runs] == ["order=random,seed=0", "order=random,seed=1", "order=ar,seed=0", "order=ar,seed=1"]
+    assert runs[2][1]["order"] == {"name": "ar"} and runs[3][1]["seed"] == 1
+    assert runs[0][1]["out_dir"] == str(tmp_path / "s")
+    with pytest.raises(ValueError, match="unknown sweep key 'gird'. Did you mean 'grid'"):
+        load_sweep({"gird": {}})
+    with pytest.raises(ValueError, match="unknown launcher 'slurmm'"):
+        load_sweep({"launcher": {"name": "slurmm"}})
+    with pytest.raises(ValueError, match="unknown config key 'train.stesp'"):
+        expand(load_sweep(spec(tmp_path, grid={"train.stesp": [1]})))
+
+
+def test_finished_runs_are_not_redone_and_killed_runs_resume(tmp_path):
+    s = spec(tmp_path, grid={"seed": [0, 1]})
+    out = run_sweep(s, workers=1)
+    assert [r["status"] for r in out] == ["trained", "trained"]
+    done = tmp_path / "s" / "seed=0" / "model.safetensors"
+    stamp = done.stat().st_mtime_ns
+    # "kill" the second run after its checkpoint: drop the final weights, keep the checkpoint
+    (tmp_path / "s" / "seed=1" / "model.safetensors").unlink()
+    out = run_sweep(s, workers=1)
+    assert [r["status"] for r in out] == ["done (skipped)", "trained"]
+    assert done.stat().st_mtime_ns == stamp
+    info = json.loads((tmp_path / "s" / "seed=1" / "run.json").read_text())
+    assert info["resumes"][-1]["step"] == 3          # resumed from its checkpoint, not retrained
+
+
+def test_local_process_pool(tmp_path):
+    out = run_sweep(spec(tmp_path, grid={"seed": [0, 1]}), workers=2)
+    assert sorted(r["status"] for r in out) == ["trained", "trained"]
+    assert all((Path(r["run"]) / "model.safetensors").exists() for r in out)
+
+
+def test_submitit_local_mode(tmp_path):
+    pytest.importorskip("submitit")
+    out = run_sweep(spec(tmp_path, grid={"seed": [0]}, launcher={"name": "submitit", "cluster": "debug"}))
+    assert out[0]["status"] == "trained"
