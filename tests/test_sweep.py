@@ -58,3 +58,26 @@ def test_submitit_local_mode(tmp_path):
     pytest.importorskip("submitit")
     out = run_sweep(spec(tmp_path, grid={"seed": [0]}, launcher={"name": "submitit", "cluster": "debug"}))
     assert out[0]["status"] == "trained"
+
+
+def test_study_report_from_a_sweep(tmp_path):
+    import math
+
+    from anyorder.analysis.study import summarise, load_runs, write_report
+
+    over = TINY + ["train.eval_every=1"]
+    s = spec(tmp_path, overrides=over, grid={"order": [{"name": "random"}, {"name": "ar"}], "seed": [0, 1]})
+    run_sweep(s, workers=1)
+    sweep_dir = tmp_path / "s"
+    rows = summarise(load_runs(sweep_dir), {"sudoku": ("cell_acc", ">=", 0.0)})  # τ = 0: reached at eval 1
+    by = {r["order"]: r for r in rows}
+    assert by["ar"]["reached"] == "2/2" and by["random"]["seeds"] == 2
+    ar_flops = json.loads((sweep_dir / "order=ar,seed=0" / "run.json").read_text())["flops_per_step"]
+    rnd_flops = json.loads((sweep_dir / "order=random,seed=0" / "run.json").read_text())["flops_per_step"]
+    assert by["ar"]["flops_to_threshold"] == ar_flops              # first evaluation is after step 1
+    assert math.isclose(by["random"]["affinity_vs_ar"], math.log10(ar_flops / rnd_flops))
+    assert by["ar"]["affinity_vs_ar"] == 0.0
+    rows = summarise(load_runs(sweep_dir), {"sudoku": ("cell_acc", ">=", 2.0)})  # unreachable
+    assert all(r["reached"] == "0/2" and math.isnan(r["flops_to_threshold"]) for r in rows)
+    report = write_report(sweep_dir)
+    assert (sweep_dir / "curves_sudoku.png").exists() and "affinity_vs_ar" in report.read_text()
