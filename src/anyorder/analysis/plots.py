@@ -50,3 +50,66 @@ def finalization_grid(panels: Dict[str, torch.Tensor], path, n_examples: int = 4
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------- diagnostics (analysis.report)
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
+def position_step_heatmap(matrix: torch.Tensor, path, title: str = "") -> Path:
+    """[n_answer, T] share of rows finalising position i at step t (seed 003's order heatmap)."""
+    plt = _plt()
+    n, T = matrix.shape
+    fig, ax = plt.subplots(figsize=(min(2 + 0.25 * T, 12), min(1.5 + 0.22 * n, 10)))
+    im = ax.imshow(matrix.numpy(), aspect="auto", cmap="magma", origin="upper", interpolation="nearest")
+    ax.set_xlabel("decoding step")
+    ax.set_ylabel("answer position (left to right)")
+    ax.set_title(title or "share of rows finalising position i at step t", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    return _save(fig, path)
+
+
+def bar_histogram(hist: Dict[int, float], path, xlabel: str, ylabel: str, title: str = "") -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.5, 3))
+    ks = sorted(hist)
+    ax.bar(ks, [hist[k] for k in ks], color="tab:blue")
+    ax.set_xticks(ks)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def distance_plot(curves: Dict[str, Dict[int, float]], bounds: Dict[str, Dict[int, float]], path,
+                  title: str = "") -> Path:
+    """Measured mean max probability per distance (solid, dots) and Zipf curves (dashed)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for label, c in curves.items():
+        ds = sorted(c)
+        ax.plot(ds, [c[d] for d in ds], "o-", label=label, ms=3)
+    for label, c in bounds.items():
+        ds = sorted(c)
+        ax.plot(ds, [c[d] for d in ds], "--", label=label)
+    ax.set_xlabel("distance to the nearest visible token")
+    ax.set_ylabel("mean max probability")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)

@@ -11,12 +11,26 @@
 The order decides *where* it is legal to commit (AR: the leftmost hole; block diffusion: the
 current block; Jigsaw: the block its probe picked, left to right; Scatter: the current column);
 the decoder decides *which* and *how many*. A new decoder subclasses :class:`Decoder` and
-overrides :meth:`Decoder.select` (or just sets ``score``) and registers itself by name.
+overrides one of the hooks, from the smallest to the largest:
+
+    scores(probs, x0, layout, gens)      which positions first (or just set ``score``)
+    windows(layout)                      the semi-AR windows (scatter_offsets: the columns)
+    allowed(state, logp)                 where (jigsaw_entropy: the lowest-entropy block)
+    counts(state, allowed)               how many this step
+    choose(state, probs, x0, allowed)    the commit set itself (threshold)
+    fill(state, commit, logp, x0)        the tokens written there (beam)
+    step(state, forward)                 one whole step (random_init)
+    run(state, forward)                  the whole loop (ancestral, remask, edit)
+
+Everything a decode carries from step to step lives in a :class:`DecodeState`; its
+``commit``/``remask`` keep the trace right (``finalize_step`` = step of the last commit).
+Decoders in other files of this package (threshold, ancestral, remask, edit, random_init,
+beam, jigsaw_entropy, scatter_offsets) are built on these hooks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +42,83 @@ from .scores import SCORES
 from .trace import Trace
 
 DECODERS: Registry = Registry("decoder")
+_BIG = torch.iinfo(torch.long).max
 
 
 @dataclass
 class DecodeResult:
     tokens: torch.Tensor
     trace: Trace
+
+
+@dataclass
+class DecodeState:
+    """The state of one (batched) decode. Row b only ever reads row b, and draws randomness
+    only from ``gens[b]``: that is what makes a batch decode exactly as its rows one by one."""
+
+    model: torch.nn.Module
+    order: Order
+    layout: Layout
+    extra: Optional[Dict[str, torch.Tensor]]
+    x: torch.Tensor               # [B, L] current tokens (mask_id where masked)
+    masked: torch.Tensor          # [B, L] bool: answer positions still masked
+    answer: torch.Tensor          # [B, L] bool
+    gens: List[torch.Generator]   # one generator per row
+    window: torch.Tensor          # [B, L] semi-AR window of each answer position (-1 on prompt)
+    n_windows: torch.Tensor       # [B]
+    plan: List[List[int]]         # per-row commit counts left in the current window (steps mode)
+    cur_window: torch.Tensor      # [B] the window the plan was made for
+    finalize: torch.Tensor        # [B, L] step of the last commit (-1: never committed)
+    conf: torch.Tensor            # [B, L] probability of the committed token then
+    nfe: torch.Tensor             # [B] forward passes this row needed
+    limit: int
+    step: int = 0                 # steps taken by the batch
+    row_step: Optional[torch.Tensor] = None  # [B] steps taken by each row (while it had holes)
+    info: Dict[str, Any] = field(default_factory=dict)  # decoder-specific (phase, counters)
+    seeds: List[int] = field(default_factory=list)        # the row seeds gens were made from
+
+    def reseed(self, phase: int) -> None:
+        """Fresh per-row generators for a new phase of a decode (an edit round). A batched row
+        that finished a phase early keeps drawing (unused) noise while the others go on; a
+        row-by-row decode does not, so a later phase must not continue those streams."""
+        self.gens = row_generators([(s * 1_000_003 + phase) % (2 ** 63) for s in self.seeds])
+
+    @property
+    def mask_id(self) -> int:
+        return int(self.model.cfg.mask_id)
+
+    def current_window(self, masked: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B] the first semi-AR window that still has holes (a huge number if none)."""
+        masked = self.masked if masked is None else masked
+        return torch.where(masked, self.window, torch.full_like(self.window, _BIG)).min(-1).values
+
+    def commit(self, where: torch.Tensor, tokens: torch.Tensor, conf: torch.Tensor) -> None:
+        """Write ``tokens`` at ``where``; record this step and the confidence ``conf`` [B, L]."""
+        self.x = torch.where(where, tokens, self.x)
+        self.conf = torch.where(where, conf, self.conf)
+        # the row's own step count, not the batch's: a row that waited (an edit round that
+        # started later in the batch) records the same steps as when decoded alone
+        self.finalize = torch.where(where, self.row_step.unsqueeze(-1).expand_as(self.finalize), self.finalize)
+        self.masked = self.masked & ~where
+
+    def remask(self, where: torch.Tensor) -> None:
+        """Put [MASK] back at ``where`` (answer positions only). The position's trace entry is
+        rewritten when it is committed again: its finalisation is the last commit."""
+        where = where & self.answer
+        self.x = torch.where(where, torch.full_like(self.x, self.mask_id), self.x)
+        self.masked = self.masked | where
+
+    def advance(self, active: torch.Tensor) -> None:
+        """End a step: ``active`` [B] rows took part in it."""
+        self.step += 1
+        self.row_step = self.row_step + active.long()
+
+    def check_limit(self) -> None:
+        if self.step >= self.limit:
+            raise RuntimeError(f"decoding did not finish in {self.limit} steps (order {self.order.name!r})")
+
+    def trace(self) -> Trace:
+        return Trace(self.finalize, self.conf, self.answer, self.nfe)
 
 
 class Decoder:
@@ -78,6 +163,15 @@ class Decoder:
 
         return (cached_forward if self.cache else uncached_forward)(model, order, layout, extra)
 
+    def probe_forward(self, st: DecodeState):
+        """A forward for passes that look at a state the decode may later undo (a re-masked
+        token, a tentative beam extension, random fills). Each call builds its forward afresh
+        through :meth:`make_forward`, so a KV cache never keeps entries of an undone state."""
+        def forward(x, masked):
+            return self.make_forward(st.model, st.order, st.layout, st.extra)(x, masked)
+
+        return forward
+
     # -- pieces a subclass may override -------------------------------------------------
     def scores(self, probs, x0, layout, gens) -> torch.Tensor:
         return SCORES.get(self.score)(probs, x0, layout, gens)
@@ -89,57 +183,93 @@ class Decoder:
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))
         return allowed & (rank < n.unsqueeze(-1))
 
+    def propose(self, logits: torch.Tensor, st: DecodeState):
+        """float64 log-probs and probs of the model, and the proposed token at every position."""
+        logp = F.log_softmax(logits.double(), dim=-1)
+        return logp, logp.exp(), sample_tokens(logits, self.temperature, st.gens, self.top_k, self.top_p)
+
+    def allowed(self, st: DecodeState, logp: torch.Tensor, masked: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """What the order permits now, restricted to the current semi-AR window when that window
+        has an allowed position (an order may point elsewhere, e.g. Jigsaw's probe)."""
+        masked = st.masked if masked is None else masked
+        allowed = st.order.allowed(masked, st.layout, logp)
+        in_win = allowed & (st.window == st.current_window(masked).unsqueeze(-1))
+        return torch.where(in_win.any(-1, keepdim=True), in_win, allowed)
+
+    def counts(self, st: DecodeState, allowed: torch.Tensor) -> torch.Tensor:
+        """[B] how many tokens each row commits this step."""
+        return self._counts(st.masked, st.window, st.current_window(), st.cur_window, st.plan, allowed, st.n_windows)
+
+    def choose(self, st: DecodeState, probs, x0, allowed) -> torch.Tensor:
+        """[B, L] bool: the positions committed this step."""
+        return self.select(self.scores(probs, x0, st.layout, st.gens), allowed, self.counts(st, allowed))
+
+    def fill(self, st: DecodeState, commit, logp, x0):
+        """The tokens written at ``commit`` and their confidence: the proposals, by default
+        (beam search replaces them by the jointly best combination)."""
+        return x0, logp.exp().gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+
     # -- the loop -------------------------------------------------------------------------
-    @torch.no_grad()
-    def decode(self, model, order: Order, x: torch.Tensor, answer: torch.Tensor,
-               extra: Optional[Dict[str, torch.Tensor]] = None, row_seeds: Optional[List[int]] = None,
-               max_steps: Optional[int] = None) -> DecodeResult:
+    def start(self, model, order: Order, x: torch.Tensor, answer: torch.Tensor,
+              extra: Optional[Dict[str, torch.Tensor]] = None, row_seeds: Optional[List[int]] = None,
+              max_steps: Optional[int] = None) -> DecodeState:
         mask_id = model.cfg.mask_id
         x = x.clone()
         B, L = x.shape
         answer = answer.bool()
         layout = order.layout(answer)
         masked = answer & (x == mask_id)
-        gens = row_generators(row_seeds if row_seeds is not None else [self.seed + b for b in range(B)])
+        seeds = [int(s) for s in (row_seeds if row_seeds is not None else [self.seed + b for b in range(B)])]
+        gens = row_generators(seeds)
         if len(gens) != B:
             raise ValueError(f"row_seeds has {len(gens)} seeds for a batch of {B} rows")
-        window_size = self.block_size or int(layout.n_answer.max().clamp_min(1))
-        window = torch.where(answer, layout.aidx // window_size, -1)
-        n_windows = (layout.n_answer + window_size - 1) // window_size
+        window = self.windows(layout)
+        n_windows = torch.where(answer, window + 1, 0).max(-1).values
         if self.steps is not None and int(n_windows.max()) > 0 and self.steps % int(n_windows.max()) != 0:
             raise ValueError(f"decoder.steps={self.steps} must be a multiple of the number of semi-AR "
                              f"blocks ({int(n_windows.max())})")
-        plan: List[List[int]] = [[] for _ in range(B)]   # per-row commit counts left in the current window
-        cur_window = torch.full((B,), -1, dtype=torch.long)
-        finalize = torch.full((B, L), -1, dtype=torch.long)
-        conf = torch.zeros(B, L, dtype=torch.float64)
-        nfe = torch.zeros(B, dtype=torch.long)
-        limit = max_steps or 4 * L * max(1, self.steps or 1) + 16
+        return DecodeState(
+            model=model, order=order, layout=layout, extra=extra, x=x, masked=masked, answer=answer, gens=gens,
+            window=window, n_windows=n_windows, plan=[[] for _ in range(B)],
+            cur_window=torch.full((B,), -1, dtype=torch.long),
+            finalize=torch.full((B, L), -1, dtype=torch.long), conf=torch.zeros(B, L, dtype=torch.float64),
+            nfe=torch.zeros(B, dtype=torch.long), limit=max_steps or 4 * L * max(1, self.steps or 1) + 16,
+            seeds=seeds, row_step=torch.zeros(B, dtype=torch.long))
+
+    def windows(self, layout: Layout) -> torch.Tensor:
+        """[B, L] semi-AR window of each answer position (-1 on prompt): contiguous runs of
+        ``block_size`` answer positions, or one window for the whole answer."""
+        window_size = self.block_size or int(layout.n_answer.max().clamp_min(1))
+        return torch.where(layout.answer, layout.aidx // window_size, -1)
+
+    @torch.no_grad()
+    def decode(self, model, order: Order, x: torch.Tensor, answer: torch.Tensor,
+               extra: Optional[Dict[str, torch.Tensor]] = None, row_seeds: Optional[List[int]] = None,
+               max_steps: Optional[int] = None) -> DecodeResult:
+        st = self.start(model, order, x, answer, extra, row_seeds, max_steps)
+        layout = st.layout
         forward = self.make_forward(model, order, layout, extra)
-        step = 0
-        while masked.any():
-            if step >= limit:
-                raise RuntimeError(f"decoding did not finish in {limit} steps (order {order.name!r})")
-            active = masked.any(-1)
-            logits = forward(x, masked)
-            logp = F.log_softmax(logits.double(), dim=-1)
-            probs = logp.exp()
-            x0 = sample_tokens(logits, self.temperature, gens, self.top_k, self.top_p)
-            # the semi-AR window of each row: the first window that still has holes
-            big = torch.iinfo(torch.long).max
-            win = torch.where(masked, window, torch.full_like(window, big)).min(-1).values
-            allowed = order.allowed(masked, layout, logp)
-            in_win = allowed & (window == win.unsqueeze(-1))
-            allowed = torch.where(in_win.any(-1, keepdim=True), in_win, allowed)
-            n = self._counts(masked, window, win, cur_window, plan, allowed, n_windows)
-            commit = self.select(self.scores(probs, x0, layout, gens), allowed, n) & active.unsqueeze(-1)
-            x = torch.where(commit, x0, x)
-            conf = torch.where(commit, probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1), conf)
-            finalize = torch.where(commit, torch.full_like(finalize, step), finalize)
-            masked = masked & ~commit
-            nfe += active.long()
-            step += 1
-        return DecodeResult(x, Trace(finalize, conf, answer, nfe))
+        self.run(st, forward)
+        return DecodeResult(st.x, st.trace())
+
+    def run(self, st: DecodeState, forward) -> None:
+        """Steps until no masked answer position is left."""
+        while st.masked.any():
+            st.check_limit()
+            active = st.masked.any(-1)
+            self.step(st, forward)
+            st.advance(active)
+
+    def step(self, st: DecodeState, forward) -> None:
+        """One forward pass, one commit."""
+        x, masked = st.x, st.masked
+        active = masked.any(-1)
+        logits = forward(x, masked)
+        logp, probs, x0 = self.propose(logits, st)
+        allowed = self.allowed(st, logp)
+        commit = self.choose(st, probs, x0, allowed) & active.unsqueeze(-1)
+        st.commit(commit, *self.fill(st, commit, logp, x0))
+        st.nfe += active.long()
 
     def _counts(self, masked, window, win, cur_window, plan, allowed, n_windows) -> torch.Tensor:
         B = masked.shape[0]
@@ -175,6 +305,22 @@ for _name, _doc in [("random", "Uniformly random positions (LLaDA 'random')."),
     _score_decoder(_name, _doc)
 
 
+def check_range(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False, kind=float):
+    """``value`` converted by ``kind``, or a ValueError naming the valid range of decoder.<name>."""
+    try:
+        v = kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"decoder.{name} must be a {kind.__name__}, got {value!r}") from None
+    bad = ((lo is not None and (v <= lo if lo_open else v < lo)) or
+           (hi is not None and (v >= hi if hi_open else v > hi)))
+    if bad:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+        raise ValueError(f"decoder.{name} must be in {rng}, got {value!r}")
+    return v
+
+
 def build_decoder(spec) -> Decoder:
     """``"margin"`` or ``{"name": "top_prob", "k": 2, "temperature": 0.7}``."""
     if isinstance(spec, Decoder):
@@ -182,7 +328,15 @@ def build_decoder(spec) -> Decoder:
     if isinstance(spec, str):
         return DECODERS.get(spec)()
     spec = dict(spec)
-    return DECODERS.get(spec.pop("name"))(**spec)
+    cls = DECODERS.get(spec.pop("name"))
+    try:
+        return cls(**spec)
+    except TypeError as e:  # an option this decoder does not take: say which ones it does
+        import inspect
+
+        valid = [p for c in cls.__mro__ for p in inspect.signature(c.__init__).parameters
+                 if c is not object and p not in ("self", "kw", "kwargs")]
+        raise ValueError(f"decoder {cls.registered_name!r}: {e}. Valid options: {', '.join(sorted(set(valid)))}") from None
 
 
 def decode(model, order: Order, x, answer, decoder="top_prob", extra=None, row_seeds=None) -> DecodeResult:

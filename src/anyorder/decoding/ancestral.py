@@ -1,0 +1,77 @@
+"""``ancestral``: MDLM's ancestral sampler with the "skip the forward pass" cache (REFERENCE §2).
+
+Time runs down a grid of ``T`` steps, t_i = 1 - i/T, s = t_i - 1/T (the linear schedule
+alpha_t = 1 - t). Between t and s every masked position independently unmasks with the
+posterior probability
+
+    P(unmask) = (alpha_s - alpha_t) / (1 - alpha_t) = (t - s) / t = 1 / (T - i),
+
+so the last grid step unmasks everything still masked; an unmasked position takes a token
+drawn from the model (``temperature``/``top_k``/``top_p``; greedy at 0). Only positions the
+order allows now may unmask (AR: the leftmost hole), so an order that allows fewer than all
+holes may need steps past the grid; there every allowed position unmasks (P = 1).
+
+The cache (MDLM's ``ddpm_cache``): the model is not time-conditioned, so when a step unmasked
+nothing in a row, that row's input is unchanged and its logits are reused -- no forward pass,
+no NFE. A row's NFE is therefore the number of steps that follow a change (plus the first
+one), not ``T``; a whole forward call is skipped when no row changed. ``skip_unchanged=False``
+switches the cache off (one pass per step), for comparison.
+
+Options: ``steps`` (the grid, default: the answer length, so each step unmasks one token in
+expectation; with ``block_size`` the grid restarts in every semi-AR window with
+steps / #windows steps), ``skip_unchanged`` (default True), the sampling options.
+"""
+from __future__ import annotations
+
+import torch
+
+from .loop import DECODERS, Decoder
+
+
+@DECODERS.register("ancestral")
+class AncestralDecoder(Decoder):
+    """MDLM ancestral sampling: each masked position unmasks between t and s with probability
+    (t - s)/t on a linear grid; logits are reused while the input does not change."""
+
+    def __init__(self, skip_unchanged: bool = True, **kw):
+        if kw.get("k") is not None:
+            raise ValueError("decoder 'ancestral' unmasks by the time grid; give decoder.steps, not decoder.k")
+        super().__init__(**kw)
+        self.skip_unchanged = bool(skip_unchanged)
+
+    def grid_length(self, st) -> torch.Tensor:
+        """[B] steps on the grid of each row's current window."""
+        if self.steps is not None:
+            return (self.steps // st.n_windows.clamp_min(1)).clamp_min(1)
+        win = st.current_window()
+        return (st.answer & (st.window == win.unsqueeze(-1))).sum(-1).clamp_min(1)
+
+    def run(self, st, forward) -> None:
+        B, L = st.x.shape
+        logits = None
+        stale = torch.ones(B, dtype=torch.bool)          # row changed since its last forward pass
+        grid_pos = torch.zeros(B, dtype=torch.long)      # steps taken on the current window's grid
+        grid_win = torch.full((B,), -1, dtype=torch.long)
+        while st.masked.any():
+            st.check_limit()
+            active = st.masked.any(-1)
+            need = (stale | torch.tensor(not self.skip_unchanged)) & active
+            if logits is None or need.any():
+                x, masked = st.x, st.masked
+                fresh = forward(x, masked)
+                logits = fresh if logits is None else torch.where(need[:, None, None], fresh, logits)
+                st.nfe += need.long()
+            logp, probs, x0 = self.propose(logits, st)
+            allowed = self.allowed(st, logp)
+            win = st.current_window()
+            grid_pos = torch.where(win != grid_win, torch.zeros_like(grid_pos), grid_pos)  # a new window
+            grid_win = win
+            T = self.grid_length(st)
+            p_unmask = torch.where(grid_pos >= T - 1, torch.ones(B, dtype=torch.float64),
+                                   1.0 / (T - grid_pos).clamp_min(1).double())
+            u = torch.stack([torch.rand(L, generator=g, dtype=torch.float64) for g in st.gens])
+            commit = allowed & (u < p_unmask.unsqueeze(-1)) & active.unsqueeze(-1)
+            st.commit(commit, x0, probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1))
+            stale = commit.any(-1)
+            grid_pos = grid_pos + 1
+            st.advance(active)
