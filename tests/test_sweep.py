@@ -81,3 +81,19 @@ def test_study_report_from_a_sweep(tmp_path):
     assert all(r["reached"] == "0/2" and math.isnan(r["flops_to_threshold"]) for r in rows)
     report = write_report(sweep_dir)
     assert (sweep_dir / "curves_sudoku.png").exists() and "affinity_vs_ar" in report.read_text()
+
+
+def test_sweep_and_report_cli(tmp_path, capsys):
+    import yaml
+
+    from anyorder.cli import main
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec(tmp_path, grid={"seed": [0]}, overrides=TINY + ["train.eval_every=1"])))
+    assert main(["sweep", str(path), "--workers", "1"]) == 0
+    assert "trained" in capsys.readouterr().out
+    assert main(["sweep", str(path)]) == 0
+    assert "done (skipped)" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "report.md").exists()
+    assert main(["report", str(tmp_path / "nope")]) == 2

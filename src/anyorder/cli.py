@@ -10,6 +10,8 @@
     anyorder likelihood RUN_DIR [--samples N] [--split test|zero_shot] [--json]   NELBO / PPL bound (exact for AR)
     anyorder analyze RUN_DIR [--decoder NAME ...] [--n N] [--out DIR]   seed 003/004 diagnostics report
     anyorder zipf --s 1.05 --vocab 150000 --max-parallel 8 [--json]     seed 004's independence-PPL table
+    anyorder sweep SWEEP.yaml [--workers N] [--launcher local|submitit]  a grid of runs (resumable)
+    anyorder report SWEEP_DIR                      curves with seed bands, FLOPs to threshold, affinity
 """
 from __future__ import annotations
 
@@ -231,6 +233,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     lk.add_argument("--batch-size", dest="batch_size", type=int, default=64)
     lk.add_argument("--seed", type=int, default=0)
     lk.add_argument("--json", action="store_true")
+    sw = sub.add_parser("sweep", help="train a grid of runs (orders x tasks x seeds ...); finished runs are skipped")
+    sw.add_argument("config")
+    sw.add_argument("--workers", type=int, default=None)
+    sw.add_argument("--launcher", choices=["local", "submitit"], default=None)
+    rp = sub.add_parser("report", help="training-stability report of a sweep directory")
+    rp.add_argument("sweep_dir")
     args = p.parse_args(argv)
     try:
         if args.cmd == "train":
@@ -258,6 +266,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             cmd_analyze(args)
         elif args.cmd == "zipf":
             cmd_zipf(args)
+        elif args.cmd == "sweep":
+            from .sweep import run_sweep
+            for r in run_sweep(args.config, workers=args.workers, launcher=args.launcher):
+                print(f"{r['status']:>15}  {r['run']}")
+        elif args.cmd == "report":
+            from .analysis.study import write_report
+            print(f"report: {write_report(args.sweep_dir)}")
     except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"anyorder: error: {exc}", file=sys.stderr)
         return 2
