@@ -1,10 +1,17 @@
 """The forward pass a decoder calls each step: ``forward(x, masked) -> logits [B, L, V]``.
 
 ``uncached_forward`` runs the whole sequence under the order's attention for the current state.
-``cached_forward`` is the exact KV-cached variant for orders whose attention lets finished
-positions freeze (to be implemented; see the decoding-lab issue).
+``cached_forward`` (``Decoder(cache=True)``) is the exact KV-cached variant: each step it runs
+only the positions whose logits the order can use now (``Order.live``) plus, transitively, the
+uncached keys they attend to; positions the order declares frozen (``Order.frozen``) are stored
+after they are computed in their final state and never run again. See model/kv_cache.py for why
+that is exact, and docs/sections/kv_cache.md for which orders cache what.
 """
 from __future__ import annotations
+
+import torch
+
+from ..model.kv_cache import KVCache, gather_extra, pack, query_mask, query_set
 
 
 def uncached_forward(model, order, layout, extra=None):
@@ -14,5 +21,56 @@ def uncached_forward(model, order, layout, extra=None):
     return forward
 
 
+class CachedForward:
+    """``forward(x, masked) -> logits [B, L, V]``, exact at live and frozen positions.
+
+    The first call runs every position (one full pass), so its logits are exact everywhere and a
+    forward used once (``Decoder.probe_forward``) is a plain exact pass. Later calls run only
+    the order's live positions and what they need: live positions get this state's logits; a
+    frozen position keeps the logits computed when it froze (its state cannot change, so they
+    are this state's too); any other position keeps the last logits computed for it. The
+    decoding loop reads only what the order's ``allowed`` reads and permits, which
+    ``Order.live`` covers. Rows with nothing left to commit run nothing after the first call.
+    ``query_tokens`` / ``calls`` count the work done (for tests and benchmarks).
+    """
+
+    def __init__(self, model, order, layout, extra=None):
+        self.model, self.order, self.layout, self.extra = model, order, layout, extra
+        self.cache = None
+        self.logits = None
+        self.query_tokens = 0
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        B, L = x.shape
+        if self.cache is None:
+            self.cache = KVCache(self.model, B, L)
+            self.logits = torch.zeros(B, L, self.model.cfg.vocab_size, device=x.device)
+            self.logits[..., self.model.cfg.mask_id] = float("-inf")
+        attn = self.order.decode_attention(masked, self.layout)
+        attn = torch.ones(B, L, L, dtype=torch.bool, device=x.device) if attn is None else attn.expand(B, L, L)
+        if self.calls == 0:  # a full pass
+            live = torch.ones_like(masked)
+        else:
+            live = self.order.live(masked, self.layout)
+            live = torch.ones_like(masked) if live is None else live
+            live = live & masked.any(-1, keepdim=True)  # a finished row needs no logits
+        valid = self.cache.valid(x, attn)
+        q = query_set(live, valid, attn)
+        pos, slots, real = pack(q, scratch=L)
+        if pos.shape[1] > 0 and bool(real.any()):
+            mask = query_mask(attn, valid | q, pos, real)
+            tokens = torch.gather(x, 1, pos)
+            out = self.model.forward_cached(tokens, pos, self.cache, slots, mask,
+                                            extra=gather_extra(self.extra, pos))
+            b = torch.arange(B, device=x.device).unsqueeze(-1).expand_as(pos)
+            self.logits[b[real], pos[real]] = out[real]
+            self.query_tokens += int(real.sum())
+            self.calls += 1
+        # K/V just computed in a state they can no longer leave: keep them
+        self.cache.store(q & self.order.frozen(masked, self.layout), x, attn)
+        return self.logits.clone()
+
+
 def cached_forward(model, order, layout, extra=None):
-    raise NotImplementedError(f"no exact KV cache for order {order.name!r} yet")
+    return CachedForward(model, order, layout, extra)

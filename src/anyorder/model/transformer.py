@@ -86,6 +86,19 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
+    def forward_cached(self, x, cos, sin, k_buf, v_buf, slots, attn_mask):
+        """Queries ``x`` [B, Q, D] only: write their post-RoPE K/V into the per-position buffers
+        ``k_buf``/``v_buf`` [B, H, L', hd] at ``slots`` [B, Q], then attend over the whole buffer
+        under ``attn_mask`` [B, 1, Q, L'] (keys of cached positions were written when they froze)."""
+        B, Q, D = x.shape
+        q, k, v = self.qkv(x).view(B, Q, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        idx = slots.view(B, 1, Q, 1).expand_as(k)
+        k_buf.scatter_(2, idx, k.to(k_buf.dtype))
+        v_buf.scatter_(2, idx, v.to(v_buf.dtype))
+        y = F.scaled_dot_product_attention(q.to(k_buf.dtype), k_buf, v_buf, attn_mask=attn_mask).to(x.dtype)
+        return self.proj(y.transpose(1, 2).reshape(B, Q, D))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -112,6 +125,10 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask):
         x = x + self.attn(self.norm1(x), cos, sin, attn_mask)
+        return x + self.mlp(self.norm2(x))
+
+    def forward_cached(self, x, cos, sin, k_buf, v_buf, slots, attn_mask):
+        x = x + self.attn.forward_cached(self.norm1(x), cos, sin, k_buf, v_buf, slots, attn_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -163,6 +180,18 @@ class Transformer(nn.Module):
             positions = torch.arange(L, device=tokens.device)
         if positions.dim() == 1:
             positions = positions.unsqueeze(0).expand(B, L)
+        h = self._embed(tokens, positions, extra, t)
+        cos, sin = rope_tables(positions, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_base)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)  # [B, 1, Lq, Lk] broadcasts over heads
+        for blk in self.blocks:
+            h = blk(h, cos, sin, attn_mask)
+        return self.norm(h)
+
+    def _embed(self, tokens, positions, extra=None, t=None):
+        """Token + task embeddings (+ time) of [B, L] ids at [B, L] positions."""
+        B, L = tokens.shape
         if int(positions.max()) >= self.cfg.max_len:
             raise ValueError(f"position {int(positions.max())} exceeds model.max_len={self.cfg.max_len}")
         h = self.tok(tokens)
@@ -175,17 +204,28 @@ class Transformer(nn.Module):
             if t is None:
                 raise ValueError("model.time_conditioning is on: pass t")
             h = h + self.time(t).unsqueeze(1)
-        cos, sin = rope_tables(positions, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_base)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        if attn_mask is not None and attn_mask.dim() == 3:
-            attn_mask = attn_mask.unsqueeze(1)  # [B, 1, Lq, Lk] broadcasts over heads
-        for blk in self.blocks:
-            h = blk(h, cos, sin, attn_mask)
-        return self.norm(h)
+        return h
 
     def forward(self, tokens, attn_mask=None, positions=None, extra=None, t=None):
         """Logits [B, L, V]; the mask token can never be predicted (MDLM's zero-masking)."""
         logits = self.head(self.hidden(tokens, attn_mask, positions, extra, t)).float()
+        logits[..., self.cfg.mask_id] = float("-inf")
+        return logits
+
+    def forward_cached(self, tokens, positions, cache, slots, attn_mask, extra=None, t=None):
+        """Logits [B, Q, V] of the query tokens [B, Q] only (model/kv_cache.py).
+
+        ``positions`` [B, Q]: their true sequence positions (RoPE); ``slots`` [B, Q]: where their
+        K/V go in ``cache`` (the position, or the cache's scratch slot for padding queries);
+        ``attn_mask`` [B, Q, L'] bool over the cache's slots. Same maths as :meth:`forward` for
+        these rows, given that the cache holds the K/V every visible key would get in a full pass.
+        """
+        h = self._embed(tokens, positions, extra, t)
+        cos, sin = rope_tables(positions, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_base)
+        cos, sin, attn_mask = cos.unsqueeze(1), sin.unsqueeze(1), attn_mask.unsqueeze(1)
+        for i, blk in enumerate(self.blocks):
+            h = blk.forward_cached(h, cos, sin, cache.k[i], cache.v[i], slots, attn_mask)
+        logits = self.head(self.norm(h)).float()
         logits[..., self.cfg.mask_id] = float("-inf")
         return logits
 

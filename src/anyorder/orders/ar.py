@@ -48,3 +48,12 @@ class AROrder(ScheduledMasking):
         big = torch.iinfo(torch.long).max
         first = torch.where(m, layout.aidx, torch.full_like(layout.aidx, big)).min(-1, keepdim=True).values
         return m & (layout.aidx == first)
+
+    def frozen(self, masked, layout):
+        # causal: everything left of the first hole is committed and sees only positions left of it
+        m = masked & layout.answer
+        first = torch.where(m, layout.aidx, layout.n_answer.unsqueeze(-1)).min(-1, keepdim=True).values
+        return layout.prompt | (layout.answer & (layout.aidx < first))
+
+    def live(self, masked, layout):
+        return self.allowed(masked, layout, None)  # allowed() does not read logp

@@ -101,6 +101,19 @@ class Order:
         """[B, L] bool: masked positions this order lets a decoder commit now."""
         return masked
 
+    # -- exact KV caching (decoding/forward.py::cached_forward) --------------------------------
+    def frozen(self, masked: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """[B, L] bool: positions whose hidden states (in every layer) can no longer change from
+        this state on, given the attention rule: their K/V may be cached exactly. Default: none
+        (safe for any attention rule; ``random`` keeps it: its prompt attends to the answer)."""
+        return torch.zeros_like(masked, dtype=torch.bool)
+
+    def live(self, masked: torch.Tensor, layout: Layout) -> Optional[torch.Tensor]:
+        """[B, L] bool: positions whose logits :meth:`allowed` may read or permit at this state,
+        or None for all. A cached forward computes only these (plus what they attend to that is
+        not cached); the others keep the last logits computed for them."""
+        return None
+
     def describe(self) -> Dict[str, str]:
         return {"name": self.name, "attention": self.attention, "block_size": str(self.block_size)}
 

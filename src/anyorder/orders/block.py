@@ -54,3 +54,10 @@ class BlockOrder(ScheduledMasking):
 
     def allowed(self, masked, layout, logp):
         return masked & (layout.block == first_open_block(masked, layout).unsqueeze(-1))
+
+    def frozen(self, masked, layout):
+        # block-causal: a finished block left of the first open one sees only finished blocks
+        return layout.prompt | (layout.answer & (layout.block < first_open_block(masked, layout).unsqueeze(-1)))
+
+    def live(self, masked, layout):
+        return self.allowed(masked, layout, None)  # allowed() does not read logp

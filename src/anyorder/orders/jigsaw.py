@@ -61,6 +61,12 @@ class JigsawOrder(Order):
         open_blocks.scatter_(1, idx, True)
         return ~torch.gather(open_blocks, 1, layout.block.clamp_min(0)) & layout.answer
 
+    def frozen(self, masked, layout):
+        # only the prompt: a finished block sees every finished block, so it changes whenever another
+        # block finishes, and a block in progress changes when it finishes (it then sees its own
+        # later tokens); see docs/sections/kv_cache.md
+        return layout.prompt
+
     def decode_attention(self, masked, layout):
         return masks.jigsaw(layout, self._finished_blocks(masked, layout))
 

@@ -39,3 +39,10 @@ class PrefixBlockOrder(Order):
 
     def allowed(self, masked, layout, logp):
         return masked & (layout.block == first_open_block(masked, layout).unsqueeze(-1))
+
+    def frozen(self, masked, layout):
+        # only the prompt: the finished prefix attends to the current block, which keeps changing
+        return layout.prompt
+
+    def live(self, masked, layout):
+        return self.allowed(masked, layout, None)  # later blocks are invisible and not yet committable

@@ -33,3 +33,13 @@ class ScatterOrder(ScheduledMasking):
         big = torch.iinfo(torch.long).max
         first = torch.where(m, layout.offset, torch.full_like(layout.offset, big)).min(-1, keepdim=True).values
         return m & (layout.offset == first)
+
+    def frozen(self, masked, layout):
+        # a column c sees only columns <= c: finished columns left of the first open one are final
+        m = masked & layout.answer
+        none_open = torch.full_like(layout.offset, self.block_size)
+        first = torch.where(m, layout.offset, none_open).min(-1, keepdim=True).values
+        return layout.prompt | (layout.answer & (layout.offset < first))
+
+    def live(self, masked, layout):
+        return self.allowed(masked, layout, None)  # allowed() does not read logp
