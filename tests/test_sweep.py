@@ -97,3 +97,16 @@ def test_sweep_and_report_cli(tmp_path, capsys):
     assert main(["report", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "report.md").exists()
     assert main(["report", str(tmp_path / "nope")]) == 2
+
+
+def test_committed_sweep_presets_expand():
+    """Every sweep preset in configs/study expands to valid run configs (orders and keys checked)."""
+    from anyorder.orders import build_order
+
+    presets = sorted((ROOT / "configs" / "study").rglob("*.yaml"))
+    assert presets
+    for path in presets:
+        runs = expand(load_sweep(path))
+        assert len(runs) == 18, path
+        for _, cfg in runs:
+            build_order(cfg["order"])
