@@ -8,4 +8,4 @@ from .loop import DECODERS, DecodeResult, DecodeState, Decoder, build_decoder, d
 from .sampling import filter_logp, gumbel_noise, sample_tokens
 from .scores import SCORES
 from .trace import Trace, afp, kendall_tau_b, tau_b
-from . import ancestral, beam, edit, jigsaw_entropy, random_init, remask, scatter_offsets, threshold  # noqa: F401  (registration)
+from . import ancestral, beam, edit, jigsaw_entropy, learned, random_init, remask, scatter_offsets, threshold  # noqa: F401  (registration)

@@ -2,7 +2,7 @@
 from .base import Layout, Order, TrainPlan
 from .registry import ORDERS
 from .schedules import SCHEDULES, Schedule, build_schedule
-from . import random, ar, block, prefix_block, jigsaw, scatter  # noqa: F401  (registration)
+from . import random, ar, block, prefix_block, jigsaw, scatter, learned  # noqa: F401  (registration)
 
 
 def build_order(spec) -> Order:
