@@ -83,7 +83,13 @@ def build(cfg: Dict[str, Any]) -> Experiment:
     torch.manual_seed(int(cfg["seed"]))
     mcfg = ModelConfig(vocab_size=task.vocab_size, mask_id=task.mask_id, max_len=task.seq_len,
                        extra_embeddings=dict(task.extra_embeddings), **cfg["model"])
-    return Experiment(cfg, task, order, Transformer(mcfg), weighting)
+    model = Transformer(mcfg)
+    if getattr(order, "learned", False):  # LoMDM: the backbone plus the g_φ / g_ψ schedule heads
+        import os
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("order 'learned' does not support multi-process (DDP) training yet")
+        model = order.wrap(model)
+    return Experiment(cfg, task, order, model, weighting)
 
 
 def make_loss_fn(exp: Experiment):
@@ -93,6 +99,11 @@ def make_loss_fn(exp: Experiment):
     def loss_fn(model, step, micro, rank, world_size):
         gen = step_generator(seed, step, micro, rank)
         x0, answer = exp.task.train_batch(bs, gen)
+        if getattr(exp.order, "learned", False):  # LoMDM: three passes (x, z¹, z²), RLOO for φ
+            loss, stats = model.loss(x0, answer, gen, extra=extra)
+            stats = {k: float(v) for k, v in stats.items()}
+            stats["tokens"] = 3 * int(x0.numel())
+            return loss, stats
         plan = exp.order.train_plan(x0, exp.order.layout(answer), exp.task.mask_id, gen)
         loss, stats = plan_loss(model, plan, extra=extra, weighting=exp.weighting)
         stats["tokens"] = int(plan.tokens.numel())
@@ -109,9 +120,13 @@ def make_eval_fn(exp: Experiment):
 
     def eval_fn(model):
         gen = torch.Generator().manual_seed(12345)
-        plan = exp.order.train_plan(x0, exp.order.layout(answer), exp.task.mask_id, gen)
-        loss, stats = plan_loss(model, plan, extra=extra, weighting="elbo")
-        out = {"val_nelbo_per_token": float(loss), "val_masked_acc": stats["masked_acc"]}
+        if getattr(exp.order, "learned", False):
+            _, stats = model.loss(x0, answer, gen, extra=extra)
+            out = {"val_nelbo_per_token": float(stats["nelbo"]), "val_masked_acc": float(stats["masked_acc"])}
+        else:
+            plan = exp.order.train_plan(x0, exp.order.layout(answer), exp.task.mask_id, gen)
+            loss, stats = plan_loss(model, plan, extra=extra, weighting="elbo")
+            out = {"val_nelbo_per_token": float(loss), "val_masked_acc": stats["masked_acc"]}
         res = run_decoder(model, exp, exp.cfg["decode"][0], x0[:128], answer[:128])
         out.update({f"val_{k}": v for k, v in res.items() if isinstance(v, float)})
         return out
@@ -154,7 +169,7 @@ def train(cfg: Dict[str, Any], run_dir: Optional[Union[str, Path]] = None, resum
     try:
         (run_dir / "config.yaml").write_text(dump(exp.cfg))
         info = {"config": exp.cfg, "task": exp.task.describe(), "order": exp.order.describe(),
-                "model_params": exp.model.num_params(non_embedding=False), "weighting": exp.weighting}
+                "model_params": sum(p.numel() for p in exp.model.parameters()), "weighting": exp.weighting}
         loss_fn = make_loss_fn(exp)
         flops = step_flops(exp, loss_fn, tcfg)
         info["flops_per_step"] = flops
