@@ -85,8 +85,12 @@ def bench_train(d_model: int = 256, n_layers: int = 6, seq_len: int = 128, batch
                 "fraction_of_fp32_peak": round(flops / dt / peaks["fp32"], 3),
                 "fraction_of_bf16_peak": round(flops / dt / peaks["bf16"], 3),
             })
+    from .objectives.lomdm import bench_lomdm_ratio
+
+    lomdm = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in bench_lomdm_ratio(steps=5).items()}
     return {"model": {"d_model": d_model, "n_layers": n_layers, "seq_len": seq_len, "batch_size": batch_size,
                       "params": sum(p.numel() for p in model.parameters())},
+            "lomdm_vs_mdlm_step": lomdm,
             "matmul_peak_flops": {k: round(v) for k, v in peaks.items()},
             "bf16_speedup_over_fp32": {r["order"]: round(
                 next(x["step_seconds"] for x in results if x["order"] == r["order"] and x["precision"] == "fp32")
