@@ -81,6 +81,16 @@ def build(cfg: Dict[str, Any]) -> Experiment:
     for d in cfg["decode"]:
         build_decoder(dict(d))
     torch.manual_seed(int(cfg["seed"]))
+    if getattr(task, "continuous", False):  # in-context regression: read-in/read-out, MSE
+        from .model.continuous import ContinuousConfig, ContinuousTransformer
+        from .objectives.regression import REGRESSION_WEIGHTINGS
+
+        if weighting not in REGRESSION_WEIGHTINGS:
+            raise unknown_choice("regression weighting", weighting, list(REGRESSION_WEIGHTINGS))
+        fields = ContinuousConfig.__dataclass_fields__
+        mcfg = ContinuousConfig(d_in=task.d, max_len=task.seq_len,
+                                **{k: v for k, v in cfg["model"].items() if k in fields})
+        return Experiment(cfg, task, order, ContinuousTransformer(mcfg), weighting)
     mcfg = ModelConfig(vocab_size=task.vocab_size, mask_id=task.mask_id, max_len=task.seq_len,
                        extra_embeddings=dict(task.extra_embeddings), **cfg["model"])
     model = Transformer(mcfg)
@@ -95,6 +105,9 @@ def build(cfg: Dict[str, Any]) -> Experiment:
 def make_loss_fn(exp: Experiment):
     extra = exp.task.extra()
     bs, seed = int(exp.cfg["train"]["batch_size"]), int(exp.cfg["seed"])
+    if getattr(exp.task, "continuous", False):
+        from .objectives.regression import make_regression_loss_fn
+        return make_regression_loss_fn(exp.task, exp.order, exp.weighting, bs, seed)
 
     def loss_fn(model, step, micro, rank, world_size):
         gen = step_generator(seed, step, micro, rank)
@@ -115,6 +128,10 @@ def make_loss_fn(exp: Experiment):
 def make_eval_fn(exp: Experiment):
     """Held-out masked CE (fixed masks) and the first decoder's task metrics on a subset."""
     n = min(int(exp.cfg["eval"]["n"]), 256)
+    if getattr(exp.task, "continuous", False):
+        from .objectives.regression import make_regression_eval_fn
+        fn = make_regression_eval_fn(exp.task, exp.order, n)
+        return lambda model: {k: float(v) for k, v in fn(model).items() if isinstance(v, (int, float))}
     x0, answer = exp.task.eval_set(n)
     extra = exp.task.extra()
 
@@ -254,5 +271,10 @@ def run_decoder(model, exp: Experiment, decoder_spec, x0, answer, batch_size: in
 
 
 def evaluate(exp: Experiment, decoder_spec, n: int = 256, batch_size: int = 256, return_results: bool = False):
+    if getattr(exp.task, "continuous", False):  # no token decoder: the order's own prediction loop
+        from .objectives.regression import make_regression_eval_fn
+        res = {k[len("val_"):]: v for k, v in make_regression_eval_fn(exp.task, exp.order, n)(exp.model).items()
+               if isinstance(v, (int, float))}
+        return (res, None) if return_results else res
     x0, answer = exp.task.eval_set(n)
     return run_decoder(exp.model, exp, decoder_spec, x0, answer, batch_size, return_results)
