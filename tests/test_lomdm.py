@@ -268,3 +268,27 @@ def test_learned_order_trains_from_a_config(tmp_path):
     for name in ("learned_ancestral", "learned_velocity"):
         res = evaluate(exp, {"name": name}, n=8)
         assert 0.0 <= res["cell_acc"] <= 1.0 and res["nfe"] >= 1
+
+
+def test_learned_order_heads_get_their_own_learning_rate(tmp_path):
+    from pathlib import Path
+
+    from anyorder.config import load_config
+    from anyorder.experiment import build, make_loss_fn
+    from anyorder.train import TrainConfig, Trainer
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(str(root / "configs" / "sudoku4.yaml"), [
+        "order={name: learned, head_lr: 0.003}", "task.n_train=50", "task.n_eval=8", "model.d_model=32",
+        "model.n_layers=1", "model.n_heads=2", "train.lr=0.001"])
+    exp = build(cfg)
+    scale = 0.003 / 0.001
+    tr = Trainer(exp.model, make_loss_fn(exp), TrainConfig(steps=2, batch_size=2, lr=0.001, progress=False),
+                 tmp_path / "r", lr_scale=lambda n: scale if exp.model.is_head(n) else 1.0)
+    tr.fit()
+    lrs = sorted({round(g["lr"] / g["lr_scale"], 12) for g in tr.optimizer.param_groups})
+    assert len(lrs) == 1                                   # one schedule, scaled per group
+    head_groups = [g for g in tr.optimizer.param_groups if g["lr_scale"] != 1.0]
+    assert head_groups and all(abs(g["lr_scale"] - 3.0) < 1e-12 for g in head_groups)
+    n_head = sum(p.numel() for g in head_groups for p in g["params"])
+    assert n_head == sum(p.numel() for n, p in exp.model.named_parameters() if exp.model.is_head(n))

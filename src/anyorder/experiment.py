@@ -190,8 +190,12 @@ def train(cfg: Dict[str, Any], run_dir: Optional[Union[str, Path]] = None, resum
         loss_fn = make_loss_fn(exp)
         flops = step_flops(exp, loss_fn, tcfg)
         info["flops_per_step"] = flops
+        lr_scale = None
+        if getattr(exp.order, "learned", False) and exp.order.head_lr is not None:  # LoMDM heads' own lr
+            head_scale = exp.order.head_lr / tcfg.lr
+            lr_scale = lambda name: head_scale if exp.model.is_head(name) else 1.0  # noqa: E731
         trainer = Trainer(exp.model, loss_fn, tcfg, run_dir, eval_fn=make_eval_fn(exp), run_info=info,
-                          flops_per_step=flops)
+                          flops_per_step=flops, lr_scale=lr_scale)
         summary = trainer.fit()
     except Exception:
         if created and not (run_dir / "checkpoint").exists():

@@ -31,7 +31,7 @@ import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -96,6 +96,7 @@ class Trainer:
         eval_fn: Optional[EvalFn] = None,
         run_info: Optional[Dict[str, Any]] = None,
         flops_per_step: Optional[float] = None,
+        lr_scale: Optional[Callable[[str], float]] = None,
     ):
         if not isinstance(cfg, TrainConfig):
             raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
@@ -119,15 +120,14 @@ class Trainer:
             raise ValueError("the model has no parameters with requires_grad=True; nothing to train")
         # Decay only matrices/embeddings; biases, norm gains and scalars are not decayed (standard
         # practice: decaying them hurts and does not regularise anything useful).
-        decay = [p for n, p in named if p.dim() >= 2]
-        no_decay = [p for n, p in named if p.dim() < 2]
-        groups = []
-        self._decay_group = None
-        if decay:
-            self._decay_group = len(groups)
-            groups.append({"params": decay, "weight_decay": cfg.weight_decay})
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
+        # ``lr_scale(name)`` gives some parameters their own learning rate (e.g. LoMDM's schedule
+        # heads); groups are keyed by (decayed?, scale) in order of first appearance.
+        buckets: Dict[Any, List[torch.nn.Parameter]] = {}
+        for n, p in named:
+            key = (p.dim() >= 2, float(lr_scale(n)) if lr_scale is not None else 1.0)
+            buckets.setdefault(key, []).append(p)
+        groups = [{"params": ps, "weight_decay": cfg.weight_decay if dec else 0.0, "decay": dec, "lr_scale": sc}
+                  for (dec, sc), ps in buckets.items()]
         # fused AdamW is one kernel per step on CUDA; on CPU the default (foreach) is used
         self.optimizer = torch.optim.AdamW(
             groups, lr=cfg.lr, betas=cfg.betas, fused=True if self.device.type == "cuda" else None
@@ -281,7 +281,7 @@ class Trainer:
         step = self.step
         lr = cfg.lr * lr_multiplier(step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         ddp = isinstance(self.train_model, DDP)
         step_tokens = 0
@@ -482,8 +482,8 @@ class Trainer:
                 "batches differ from the original run, so the result is not bit-exact"
             )
         # The config wins over hyper-parameters stored with the optimizer state (lr is set per step).
-        for i, g in enumerate(self.optimizer.param_groups):
-            g["weight_decay"] = self.cfg.weight_decay if i == self._decay_group else 0.0
+        for g in self.optimizer.param_groups:
+            g["weight_decay"] = self.cfg.weight_decay if g.get("decay", True) else 0.0
             g["betas"] = self.cfg.betas
         if self.step > self.cfg.steps:
             warnings.warn(f"checkpoint is at step {self.step}, past cfg.steps={self.cfg.steps}; nothing to do")
