@@ -12,7 +12,7 @@ import torch
 
 from ..model import masks
 from ..objectives.plans import block_rules, two_stream_plan
-from .base import Layout, Order
+from .base import Layout, Order, lowest_open
 from .random import ScheduledMasking
 from .registry import ORDERS
 from .schedules import EpsAR
@@ -43,11 +43,7 @@ class AROrder(ScheduledMasking):
         return masks.causal(layout)
 
     def allowed(self, masked, layout, logp):
-        # only the leftmost masked answer position
-        m = masked & layout.answer
-        big = torch.iinfo(torch.long).max
-        first = torch.where(m, layout.aidx, torch.full_like(layout.aidx, big)).min(-1, keepdim=True).values
-        return m & (layout.aidx == first)
+        return lowest_open(masked, layout, layout.aidx)  # only the leftmost masked answer position
 
     def frozen(self, masked, layout):
         # causal: everything left of the first hole is committed and sees only positions left of it

@@ -124,6 +124,15 @@ def low_discrepancy_t(batch: int, gen: torch.Generator, eps: float = 1e-3) -> to
     return ((1 - eps) * u + eps).float()
 
 
+def lowest_open(masked: torch.Tensor, layout: Layout, key: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: the masked answer positions whose ``key`` (e.g. aidx, offset, block) is the
+    smallest among the row's masked answer positions: "the next group" of a sequential order."""
+    m = masked & layout.answer
+    big = torch.iinfo(torch.long).max
+    first = torch.where(m, key, torch.full_like(key, big)).min(-1, keepdim=True).values
+    return m & (key == first)
+
+
 def first_open_block(masked: torch.Tensor, layout: Layout) -> torch.Tensor:
     """[B] index of the first block that still holds a masked answer position (n_blocks if none)."""
     big = torch.iinfo(torch.long).max

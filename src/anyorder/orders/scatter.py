@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..model import masks
+from .base import lowest_open
 from .random import ScheduledMasking
 from .registry import ORDERS
 
@@ -29,10 +30,7 @@ class ScatterOrder(ScheduledMasking):
         return masks.scatter(layout)
 
     def allowed(self, masked, layout, logp):
-        m = masked & layout.answer
-        big = torch.iinfo(torch.long).max
-        first = torch.where(m, layout.offset, torch.full_like(layout.offset, big)).min(-1, keepdim=True).values
-        return m & (layout.offset == first)
+        return lowest_open(masked, layout, layout.offset)  # the lowest unfinished column
 
     def frozen(self, masked, layout):
         # a column c sees only columns <= c: finished columns left of the first open one are final
