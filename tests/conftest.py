@@ -25,3 +25,16 @@ def make_batch(B=3, L=12, prompt=3, vocab=8, seed=0):
     answer = torch.zeros(B, L, dtype=torch.bool)
     answer[:, prompt:] = True
     return x0, answer
+
+
+def assert_batched_equals_row_by_row(decode_fn, x, answer, seeds, check_nfe=False):
+    """``decode_fn(x, answer, row_seeds) -> DecodeResult``: decoding the batch gives exactly what
+    decoding each row alone with its own seed gives. Returns the batched result."""
+    full = decode_fn(x, answer, list(seeds))
+    for b, seed in enumerate(seeds):
+        one = decode_fn(x[b:b + 1], answer[b:b + 1], [seed])
+        assert torch.equal(one.tokens[0], full.tokens[b])
+        assert torch.equal(one.trace.finalize_step[0], full.trace.finalize_step[b])
+        if check_nfe:
+            assert torch.equal(one.trace.nfe[0], full.trace.nfe[b])
+    return full

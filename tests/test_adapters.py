@@ -17,6 +17,7 @@ from anyorder.adapters.lm_eval import DecodeCore, GenRequest, task_stats  # noqa
 from anyorder.decoding import build_decoder  # noqa: E402
 from anyorder.decoding.trace import afp, kendall_tau_b  # noqa: E402
 from anyorder.orders import build_order  # noqa: E402
+from conftest import assert_batched_equals_row_by_row  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 WORDS = ["[PAD]", "[UNK]", "[EOS]", "[MASK]", "Q", "+", "="] + [str(d) for d in range(10)]
@@ -153,11 +154,8 @@ def test_hf_batched_equals_row_by_row(which):
     seeds = [7, 8, 9]
     for spec in [{"name": "top_prob", "temperature": 1.0, "k": 2}, {"name": "margin", "steps": 4, "block_size": 3}]:
         dec = build_decoder(spec)
-        full = dec.decode(model, build_order("random"), x, answer, row_seeds=seeds)
-        for b in range(3):
-            one = dec.decode(model, build_order("random"), x[b:b + 1], answer[b:b + 1], row_seeds=[seeds[b]])
-            assert torch.equal(one.tokens[0], full.tokens[b])
-            assert torch.equal(one.trace.finalize_step[0], full.trace.finalize_step[b])
+        assert_batched_equals_row_by_row(
+            lambda xx, aa, s: dec.decode(model, build_order("random"), xx, aa, row_seeds=s), x, answer, seeds)
 
 
 def test_shifted_logits_are_dreams_shift_and_mask_column_is_minus_inf():

@@ -7,7 +7,7 @@ from anyorder.decoding.forward import CachedForward, cached_forward, uncached_fo
 from anyorder.model import ModelConfig, Transformer
 from anyorder.orders import build_order
 
-from conftest import make_batch
+from conftest import assert_batched_equals_row_by_row, make_batch
 
 MASK = 8
 ORDERS = ["ar", {"name": "block", "block_size": 1}, {"name": "block", "block_size": 4},
@@ -51,12 +51,8 @@ def test_cached_batch_equals_row_by_row(tiny_model, order_spec):
     x, answer = _ragged()
     order = build_order(order_spec)
     dec = build_decoder({"name": "top_prob", "temperature": 1.0, "cache": True})
-    seeds = [11, 22, 33, 44]
-    full = dec.decode(tiny_model, order, x, answer, row_seeds=seeds)
-    for b in range(4):
-        one = dec.decode(tiny_model, order, x[b:b + 1], answer[b:b + 1], row_seeds=[seeds[b]])
-        assert torch.equal(one.tokens[0], full.tokens[b])
-        assert torch.equal(one.trace.finalize_step[0], full.trace.finalize_step[b])
+    assert_batched_equals_row_by_row(lambda xx, aa, s: dec.decode(tiny_model, order, xx, aa, row_seeds=s),
+                                     x, answer, [11, 22, 33, 44])
 
 
 def _steps(model, order, x, answer, k=1):
