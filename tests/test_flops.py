@@ -43,3 +43,27 @@ def test_training_logs_cumulative_flops_with_every_evaluation(tmp_path):
     per_step = info["flops_per_step"]
     assert per_step > 0
     assert [e["flops"] for e in evals] == [2 * per_step, 4 * per_step]
+
+
+def test_flops_budget_sets_the_step_count_from_the_counted_step(tmp_path):
+    """train.flops_budget: equal-compute comparisons train floor(budget / FLOPs per step) steps."""
+    import json
+    from pathlib import Path
+
+    from anyorder.config import load_config
+    from anyorder.experiment import steps_for_budget, train
+
+    root = Path(__file__).resolve().parents[1]
+    over = ["task.n_train=100", "task.n_eval=16", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+            "train.steps=1000", "train.warmup_steps=1", "train.batch_size=4", "train.progress=false",
+            "eval.n=8", f"out_dir={tmp_path}"]
+    probe = train(load_config(str(root / "configs" / "sudoku4.yaml"), over + ["train.steps=1", "name=probe"]))
+    per_step = json.loads((probe / "run.json").read_text())["flops_per_step"]
+    run = train(load_config(str(root / "configs" / "sudoku4.yaml"),
+                            over + [f"train.flops_budget={3.5 * per_step}", "name=budget"]))
+    info = json.loads((run / "run.json").read_text())
+    assert info["run_info"]["steps_from_flops_budget"] == 3
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 3 and summary["metrics"]["flops"] == 3 * per_step
+    with pytest.raises(ValueError, match="flops_budget must be a positive"):
+        steps_for_budget(-1, per_step)

@@ -161,3 +161,38 @@ def test_cli_train_under_torchrun_two_processes(tmp_path):
     assert info["world_size"] == 2 and info["backend"] == "gloo"
     exp = load_run(run)
     assert exp.model.cfg.d_model == 32
+
+
+def test_learned_order_under_torchrun_matches_single_process_accumulation(tmp_path):
+    """LoMDM under DDP (2 CPU processes): its loss goes through forward, so the gradients are
+    all-reduced; the result equals one process accumulating the two ranks' batches."""
+    import torch
+    from safetensors.torch import load_file
+
+    from anyorder.config import load_config
+    from anyorder.experiment import build, make_loss_fn
+    from anyorder.train import Trainer, TrainConfig
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    over = ["task.n_train=200", "task.n_eval=16", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+            "order.name=learned", "train.steps=3", "train.warmup_steps=1", "train.batch_size=4",
+            "train.progress=false", "eval.n=8", f"out_dir={tmp_path}", "name=ddp_learned"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "anyorder.cli", "train",
+                           str(ROOT / "configs" / "sudoku4.yaml"), *over], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = load_file(str(tmp_path / "ddp_learned" / "model.safetensors"))
+
+    cfg = load_config(str(ROOT / "configs" / "sudoku4.yaml"), over)
+    exp = build(cfg)
+    loss_fn = make_loss_fn(exp)
+    # micro-batch m of the single process draws rank m's batch and masks
+    as_ranks = lambda model, step, micro, rank, world: loss_fn(model, step, 0, micro, 2)  # noqa: E731
+    tcfg = TrainConfig(seed=cfg["seed"], **{**{k: v for k, v in cfg["train"].items() if k != "flops_budget"},
+                                            "grad_accum": 2})
+    Trainer(exp.model, as_ranks, tcfg, tmp_path / "single").fit()
+    single = exp.model.state_dict()
+    assert set(ddp) == set(single) and any(k.startswith("g_phi.") for k in ddp)
+    for k in ddp:
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")

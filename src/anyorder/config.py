@@ -34,6 +34,8 @@ DEFAULTS: Dict[str, Any] = {
         "betas": [0.9, 0.95], "warmup_steps": 50, "min_lr_ratio": 0.1, "grad_clip": 1.0,
         "ema": 0.0, "precision": "fp32", "eval_every": 0, "checkpoint_every": 0, "log_every": 50,
         "tensorboard": False, "wandb": False, "wandb_project": "anyorder", "progress": True,
+        # train to a FLOP budget instead: steps = floor(flops_budget / counted FLOPs per step)
+        "flops_budget": None,
     },
     "eval": {"n": 256, "batch_size": 256},
     # decoders evaluated by `anyorder eval` (each a name or {name: ..., options})

@@ -95,9 +95,6 @@ def build(cfg: Dict[str, Any]) -> Experiment:
                        extra_embeddings=dict(task.extra_embeddings), **cfg["model"])
     model = Transformer(mcfg)
     if getattr(order, "learned", False):  # LoMDM: the backbone plus the g_φ / g_ψ schedule heads
-        import os
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("order 'learned' does not support multi-process (DDP) training yet")
         model = order.wrap(model)
     return Experiment(cfg, task, order, model, weighting)
 
@@ -113,7 +110,7 @@ def make_loss_fn(exp: Experiment):
         gen = step_generator(seed, step, micro, rank)
         x0, answer = exp.task.train_batch(bs, gen)
         if getattr(exp.order, "learned", False):  # LoMDM: three passes (x, z¹, z²), RLOO for φ
-            loss, stats = model.loss(x0, answer, gen, extra=extra)
+            loss, stats = model(x0, extra=extra, train_answer=answer, gen=gen)  # via forward: DDP-safe
             stats = {k: float(v) for k, v in stats.items()}
             stats["tokens"] = 3 * int(x0.numel())
             return loss, stats
@@ -163,6 +160,14 @@ def step_flops(exp: Experiment, loss_fn, tcfg) -> int:
     return micro * tcfg.grad_accum * world
 
 
+def steps_for_budget(flops_budget, flops_per_step: float) -> int:
+    """Optimizer steps that fit a training-FLOP budget (at least one)."""
+    budget = float(flops_budget)
+    if not budget > 0:
+        raise ValueError(f"train.flops_budget must be a positive number of FLOPs, got {flops_budget!r}")
+    return max(1, int(budget // float(flops_per_step)))
+
+
 def run_dir_for(cfg) -> Path:
     return Path(cfg["out_dir"]) / str(cfg["name"])
 
@@ -171,8 +176,10 @@ def train(cfg: Dict[str, Any], run_dir: Optional[Union[str, Path]] = None, resum
     from .train import Trainer, TrainConfig
 
     exp = build(cfg)                                   # all validation happens here, before mkdir
+    train_cfg = dict(exp.cfg["train"])
+    flops_budget = train_cfg.pop("flops_budget", None)
     tcfg = TrainConfig(seed=int(exp.cfg["seed"]), **{k: (tuple(v) if k == "betas" else v)
-                                                        for k, v in exp.cfg["train"].items()})
+                                                        for k, v in train_cfg.items()})
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(exp.cfg)
     created = not run_dir.exists()
     if not created:
@@ -190,6 +197,9 @@ def train(cfg: Dict[str, Any], run_dir: Optional[Union[str, Path]] = None, resum
         loss_fn = make_loss_fn(exp)
         flops = step_flops(exp, loss_fn, tcfg)
         info["flops_per_step"] = flops
+        if flops_budget is not None:  # equal-compute comparisons: the step count follows the step's cost
+            tcfg.steps = steps_for_budget(flops_budget, flops)
+            info["steps_from_flops_budget"] = tcfg.steps
         lr_scale = None
         if getattr(exp.order, "learned", False) and exp.order.head_lr is not None:  # LoMDM heads' own lr
             head_scale = exp.order.head_lr / tcfg.lr

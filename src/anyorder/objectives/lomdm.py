@@ -118,7 +118,12 @@ class LoMDM(nn.Module):
     def cfg(self) -> ModelConfig:
         return self.backbone.cfg
 
-    def forward(self, tokens, attn_mask=None, positions=None, extra=None, t=None):
+    def forward(self, tokens, attn_mask=None, positions=None, extra=None, t=None, *, train_answer=None, gen=None):
+        """Logits of the backbone; with ``train_answer`` (and ``gen``) the training step's
+        ``(loss, stats)`` instead -- the loss must go through ``forward`` so that DDP's wrapper,
+        which only arms its gradient all-reduce in ``forward``, sees it."""
+        if train_answer is not None:
+            return self.loss(tokens, train_answer, gen, extra=extra, t=t)
         return self.backbone(tokens, attn_mask=attn_mask, positions=positions, extra=extra, t=t)
 
     def hidden(self, *a, **kw):
