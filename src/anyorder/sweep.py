@@ -123,7 +123,9 @@ def run_sweep(path_or_dict, workers: int = None, launcher: str = None) -> List[D
         import os
 
         n = int(workers or launch.get("workers") or 1)
-        threads = max(1, (os.cpu_count() or 1) // n)
+        # OMP_NUM_THREADS, when set, wins: a sweep sharing the machine with other work must not
+        # take every core
+        threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // n)
         if n == 1:
             return [_train_one(c, threads) for c in cfgs]
         import multiprocessing as mp
