@@ -7,7 +7,8 @@ Every answer position gets its own polynomial schedule whose exponent is predict
 
 NormSig lies in (−1, 1), so ``c1 > c2 >= 0`` keeps every exponent positive; ``c2 = 0`` is the
 fixed polynomial schedule with c = c1 and ``(c1, c2) = (1, 0)`` is MDLM. A large k_i means
-"masked early in the forward process, hence generated late". The reverse model predicts its own
+P(masked at t) = t^k_i is small until t nears 1: masked late in the forward process, hence
+generated (unmasked, with probability 1 − (s/t)^k) early. The reverse model predicts its own
 exponents k̂ from the noisy sequence (g_ψ on f(z_t)); at sampling time only k̂ is available.
 
 f = the backbone's final hidden states under stop-gradient; g_φ and g_ψ are one transformer

@@ -1,0 +1,491 @@
+"""Compare text runs of different orders: likelihood bounds, generative perplexity, repetition.
+
+    python -m anyorder.analysis.text_compare runs/text-compare/* --judge runs/text-judge --out DIR
+    anyorder text-compare runs/text-compare/* --judge runs/text-judge --out DIR
+
+Writes ``DIR/text_compare.md`` and ``DIR/text_compare.json``, one row per run:
+
+- order, parameters, training FLOPs (the last cumulative ``flops`` in metrics.jsonl) and steps;
+- test and zero-shot perplexity: exact for AR, the NELBO upper bound ± Monte-Carlo standard
+  error for every diffusion order (:mod:`anyorder.evaluation.likelihood`: ``mc`` replicates,
+  stratified t). LoMDM's bound is its own NELBO, ``L_main + L_velocity`` under its learned
+  forward process (:func:`lomdm_likelihood`): the velocity term is what the sampler's schedule
+  k̂_ψ costs for not being k_φ;
+- generative perplexity: ``samples`` sequences of ``seq_len`` decoded from all-mask at
+  temperature 1 (float64 Gumbel-max) by the order's natural sampler (:func:`natural_decoder`),
+  scored by the exact NLL of an AR judge trained on the same corpus (``--judge``);
+- unigram entropy of each sample's token histogram (mean over samples), and the same for real
+  test rows: samples far below the real text's entropy repeat themselves.
+
+For a LoMDM run (order ``learned``) it adds the plots of what the order learned
+(:func:`anyorder.analysis.lomdm_velocity.plot_lomdm_velocity`).
+
+Cost (one thread): each sampling step runs a forward pass and a float64 softmax over the whole
+``[rows, L, V]`` logits; the Gumbel noise is drawn only where a token can be committed now
+(:class:`CommittableSampling`). Measured once on the shared 2-core CPU (random-init 4 × 256
+model, V = 8192, 16 rows × 128, CPU seconds per step): ancestral with every position still
+masked 0.6 (library sampler: 1.0), AR left to right with the KV cache 0.3 (0.8). So 32
+samples × 128 steps take about 2 CPU-minutes per run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..decoding.loop import DECODERS
+from ..decoding.sampling import gumbel_noise
+from ..evaluation.likelihood import is_exact, likelihood
+from ..orders.base import low_discrepancy_t
+
+# -- sampling -------------------------------------------------------------------------------
+
+
+class CommittableSampling:
+    """Mixin for a decoder: draw the token proposal (float64 Gumbel-max, as
+    :func:`anyorder.decoding.sampling.sample_tokens`) only at positions the order lets the
+    decoder commit now (masked ∩ ``order.allowed``); elsewhere the proposal is never read and
+    stays the current token. Same distribution, row-by-row streams (row b draws only from its
+    own generator, for its own positions), a fraction of the noise at V = 8192."""
+
+    def propose(self, logits, st):
+        if self.temperature == 0 or self.top_k or self.top_p < 1:
+            return super().propose(logits, st)
+        logp = F.log_softmax(logits.double(), dim=-1)
+        cand = st.masked & st.order.allowed(st.masked, st.layout, logp)
+        x0 = st.x.clone()
+        V = logits.shape[-1]
+        for b in range(len(x0)):
+            idx = cand[b].nonzero().squeeze(-1)
+            if len(idx) == 0:
+                continue
+            lp = logp[b, idx] if self.temperature == 1 else F.log_softmax(logits[b, idx].double() / self.temperature, -1)
+            x0[b, idx] = (lp + gumbel_noise((len(idx), V), [st.gens[b]])[0]).argmax(-1)
+        return logp, logp.exp(), x0
+
+
+def sampling_decoder(spec: Dict[str, object]):
+    """The registered decoder ``spec['name']`` with :class:`CommittableSampling` mixed in."""
+    spec = dict(spec)
+    cls = DECODERS.get(spec.pop("name"))
+    lean = type(f"Committable{cls.__name__}", (CommittableSampling, cls), {})
+    return lean(**spec)
+
+
+def natural_decoder(order, seq_len: int, steps: Optional[int] = None) -> Dict[str, object]:
+    """The sampler each order is trained for, at temperature 1 with a fixed step budget
+    (``steps``, default ``seq_len``: one token per step in expectation).
+
+    ar: left to right (always seq_len steps), exact KV cache; block: MDLM ancestral inside each
+    block, blocks left to right (BD3-LM), KV cache; scatter: column by column, random positions
+    inside a column; learned: ``learned_ancestral`` (unmask with 1 − (s/t)^k̂); random and
+    any other order: MDLM ``ancestral`` (others: their default decoder with ``steps``)."""
+    L = int(seq_len)
+    T = int(steps or L)
+    name = order.name
+    if name == "ar":
+        spec = {"name": "left_to_right", "k": 1, "cache": True}
+    elif name == "block":
+        n_blocks = -(-L // order.block_size)
+        spec = {"name": "ancestral", "steps": max(1, -(-T // n_blocks)) * n_blocks,
+                "block_size": order.block_size, "cache": True}
+    elif name == "scatter":
+        spec = {"name": "scatter_offsets", "steps_per_offset": max(1, T // order.block_size), "score": "random",
+                "cache": True}
+    elif name == "learned":
+        spec = {"name": "learned_ancestral", "steps": T}
+    elif name == "random":
+        spec = {"name": "ancestral", "steps": T}
+    else:
+        spec = {"name": order.default_decoder, "steps": T}
+    spec["temperature"] = 1.0
+    return spec
+
+
+def decode_steps(spec: Dict[str, object], order, seq_len: int) -> int:
+    """The step budget a natural decoder spec stands for (for the table)."""
+    if spec.get("name") == "left_to_right" or order.name == "ar":
+        return int(seq_len)
+    if "steps_per_offset" in spec:
+        return int(spec["steps_per_offset"]) * int(spec.get("stride") or order.block_size)
+    return int(spec.get("steps") or seq_len)
+
+
+@torch.no_grad()
+def generate(exp, n: int, spec: Dict[str, object], seed: int = 0, batch_size: int = 16) -> Dict[str, object]:
+    """``n`` unconditional sequences of the task's ``seq_len`` decoded from all-mask, with the
+    decoding trace: ``finalize_steps`` and ``confidence`` (the probability of each token when it
+    was committed). Row i uses the generator seed ``seed * 1_000_003 + i``: the same for every run."""
+    L, mask_id = exp.task.seq_len, exp.task.mask_id
+    dec = sampling_decoder(spec)
+    extra = exp.task.extra()
+    toks, nfe, fin, conf = [], [], [], []
+    t0 = time.perf_counter()
+    for i in range(0, n, batch_size):
+        b = min(batch_size, n - i)
+        x = torch.full((b, L), mask_id, dtype=torch.long)
+        answer = torch.ones(b, L, dtype=torch.bool)
+        r = dec.decode(exp.model, exp.order, x, answer, extra=extra,
+                       row_seeds=[seed * 1_000_003 + j for j in range(i, i + b)])
+        toks.append(r.tokens)
+        nfe.append(r.trace.nfe)
+        fin.append(r.trace.finalize_step)
+        conf.append(r.trace.confidence)
+    tokens = torch.cat(toks)
+    if (tokens == mask_id).any():
+        raise RuntimeError(f"decoder {spec} left [MASK] tokens in the samples")
+    nfe = torch.cat(nfe).double()
+    return {"tokens": tokens, "finalize_steps": torch.cat(fin), "confidence": torch.cat(conf),
+            "nfe_mean": float(nfe.mean()),
+            "seconds": time.perf_counter() - t0}
+
+
+# -- measures ---------------------------------------------------------------------------------
+
+def unigram_entropy(tokens: torch.Tensor, answer: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[N] entropy (nats) of each row's token histogram over its ``answer`` positions (all by
+    default): 0 for a constant row, log(n) for n distinct tokens."""
+    out = []
+    for b in range(len(tokens)):
+        row = tokens[b] if answer is None else tokens[b][answer[b].bool()]
+        p = torch.unique(row, return_counts=True)[1].double()
+        p = p / p.sum()
+        out.append(float(-(p * p.log()).sum()) if len(p) else float("nan"))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def judge_nll(judge, tokens: torch.Tensor) -> Dict[str, float]:
+    """Exact AR NLL of ``tokens`` [N, L] (every position scored) under the judge run: nats per
+    token, ``gen_ppl = exp`` of it, and ±2 standard errors over the N sequences."""
+    if not is_exact(judge.order):
+        raise ValueError(f"the judge must be an AR run (order 'ar', efficient plan) so that its NLL is exact; "
+                         f"got order {judge.order.name!r}")
+    per_row = torch.tensor([likelihood(judge.model, judge.order, row[None], torch.ones(1, row.numel(), dtype=torch.bool),
+                                       judge.task.mask_id, samples=1, extra=judge.task.extra())["nelbo_per_token"]
+                            for row in tokens], dtype=torch.float64)
+    mean = float(per_row.mean())  # every row has the same length: the mean of rows is the mean of tokens
+    se = float(per_row.std()) / math.sqrt(len(per_row)) if len(per_row) > 1 else float("nan")
+    return {"nll_per_token": mean, "nll_stderr": se, "gen_ppl": math.exp(mean),
+            "gen_ppl_low": math.exp(mean - 2 * se), "gen_ppl_high": math.exp(mean + 2 * se),
+            "tokens": int(tokens.numel())}
+
+
+@torch.no_grad()
+def lomdm_likelihood(model, x0: torch.Tensor, answer: torch.Tensor, samples: int = 4, extra=None,
+                     batch_size: int = 64, seed: int = 0) -> Dict[str, object]:
+    """LoMDM's NELBO per answer token: E_t E_{z~q_φ(·|x,t)} Σ_masked [A_φ·CE + L_velocity], one
+    mask per (row, t), t stratified per batch; ``samples`` replicates give the standard error.
+    ``velocity_per_token`` is the velocity part alone (0 when k̂_ψ matches k_φ)."""
+    was_training = model.training
+    model.eval()
+    answer = answer.bool()
+    n_tok = float(answer.sum())
+    t0 = time.perf_counter()
+    reps, vels = [], []
+    for r in range(int(samples)):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + r)
+        tot = vel = 0.0
+        for i in range(0, len(x0), batch_size):
+            xb, ab = x0[i:i + batch_size], answer[i:i + batch_size]
+            t = low_discrepancy_t(len(xb), gen)
+            k = model.forward_exponent(xb, ab, extra)
+            masks = model.sample_masks(k, t, ab, gen, n=1)
+            terms = model.loss_terms(xb, ab, t, masks, k, extra)
+            tot += float(terms["main"].sum() + terms["velocity"].sum())
+            vel += float(terms["velocity"].sum())
+        reps.append(tot / n_tok)
+        vels.append(vel / n_tok)
+    model.train(was_training)
+    rt = torch.tensor(reps, dtype=torch.float64)
+    mean = float(rt.mean())
+    se = float(rt.std(unbiased=True)) / math.sqrt(len(reps)) if len(reps) > 1 else float("nan")
+    return {"bound": "NELBO (upper bound)", "nelbo_per_token": mean, "stderr": se, "ppl": math.exp(mean),
+            "ppl_low": math.exp(mean - 2 * se), "ppl_high": math.exp(mean + 2 * se),
+            "velocity_per_token": sum(vels) / len(vels), "samples": len(reps), "replicates": reps,
+            "sequences": int(len(x0)), "tokens": int(n_tok), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def split_likelihood(exp, split: str, n: Optional[int], mc: int, seed: int, batch_size: int = 64):
+    """Test / zero-shot likelihood of a run on ``n`` rows of a split (None if the task lacks it)."""
+    try:
+        x0, answer = exp.task.split_set(split, n)
+    except ValueError:
+        return None
+    if getattr(exp.order, "learned", False):
+        return lomdm_likelihood(exp.model, x0, answer, mc, exp.task.extra(), batch_size, seed)
+    return likelihood(exp.model, exp.order, x0, answer, exp.task.mask_id, samples=mc, extra=exp.task.extra(),
+                      batch_size=batch_size, seed=seed)
+
+
+# -- run metadata -----------------------------------------------------------------------------
+
+def training_record(run_dir: Path) -> Dict[str, object]:
+    """Last cumulative training FLOPs and step (metrics.jsonl, else summary.json)."""
+    flops = step = None
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a torn last line
+            if "step" in row:
+                step = max(step or 0, int(row["step"]))
+            if row.get("flops") is not None:
+                flops = float(row["flops"])
+    summ = run_dir / "summary.json"
+    if summ.exists():
+        s = json.loads(summ.read_text())
+        step = s.get("step", step)
+        flops = s.get("metrics", {}).get("flops", flops)
+    return {"flops": flops, "steps": step}
+
+
+def order_label(order) -> str:
+    name = order.name
+    if name == "random":
+        return "MDLM (random)"
+    if name == "ar":
+        return "AR"
+    if name == "block":
+        return f"block {order.block_size}"
+    if name == "scatter":
+        return f"Scatter {order.block_size}"
+    if name == "learned":
+        return f"LoMDM (learned, c1={order.c1:g}, c2={order.c2:g})"
+    return name if order.block_size == 1 else f"{name} {order.block_size}"
+
+
+def _same_tokens(a, b) -> bool:
+    ta, tb = getattr(a.task, "tokenizer", None), getattr(b.task, "tokenizer", None)
+    if ta is None or tb is None:
+        return a.task.vocab_size == b.task.vocab_size
+    return ta.key() == tb.key() and ta.describe() == tb.describe()
+
+
+# -- the comparison ---------------------------------------------------------------------------
+
+def compare_runs(run_dirs: Sequence[Union[str, Path]], judge_dir: Union[str, Path], out: Union[str, Path],
+                 samples: int = 32, mc: int = 4, seed: int = 0, n: Optional[int] = 256, steps: Optional[int] = None,
+                 decoders: Optional[Dict[str, Dict]] = None, batch_size: int = 16, velocity: bool = True,
+                 log=print) -> Dict[str, object]:
+    """Evaluate every run (see the module docstring); writes text_compare.md/.json to ``out``.
+
+    samples: generated sequences per run; mc: Monte-Carlo replicates of each bound; n: rows of
+    the test and zero-shot splits (spread over the split; None = all); steps: decoding step
+    budget (default seq_len); decoders: {run label: decoder spec} overriding the natural one;
+    batch_size: rows decoded at once."""
+    from ..experiment import load_run
+    from .lomdm_velocity import plot_lomdm_velocity
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    judge_dir = Path(judge_dir)
+    judge = load_run(judge_dir)
+    if not is_exact(judge.order):
+        raise ValueError(f"--judge {judge_dir} has order {judge.order.name!r}; the judge must be an AR run")
+    x_ref, a_ref = judge.task.split_set("test", samples)
+    reference = {"rows": int(len(x_ref)), "unigram_entropy": float(unigram_entropy(x_ref, a_ref).mean()),
+                 **({"judge": judge_nll(judge, x_ref)} if bool(a_ref.all()) else {})}
+    rows, sections = [], []
+    for rd in map(Path, run_dirs):
+        label = rd.name
+        log(f"[text-compare] {label}: loading")
+        exp = load_run(rd)
+        if not _same_tokens(exp, judge):
+            raise ValueError(f"{rd} and the judge {judge_dir} use different tokenizers: gen PPL needs the same ids")
+        if exp.task.seq_len > judge.task.seq_len:
+            raise ValueError(f"{rd} samples {exp.task.seq_len} tokens but the judge {judge_dir} was trained on "
+                             f"{judge.task.seq_len}: train the judge at least as long")
+        row = {"label": label, "run_dir": str(rd), "order": order_label(exp.order), "order_name": exp.order.name,
+               "params": sum(p.numel() for p in exp.model.parameters()),
+               "params_backbone": sum(p.numel() for p in getattr(exp.model, "backbone", exp.model).parameters()),
+               **training_record(rd), "judge_is_this_run": rd.resolve() == judge_dir.resolve()}
+        for split in ("test", "zero_shot"):
+            log(f"[text-compare] {label}: {split} likelihood ({mc} MC replicates)")
+            row[split] = split_likelihood(exp, split, n, mc, seed)
+        spec = dict((decoders or {}).get(label) or natural_decoder(exp.order, exp.task.seq_len, steps))
+        spec.setdefault("temperature", 1.0)
+        log(f"[text-compare] {label}: sampling {samples} x {exp.task.seq_len} tokens with {spec}")
+        g = generate(exp, samples, spec, seed=seed, batch_size=batch_size)
+        ent = unigram_entropy(g["tokens"])
+        ent_se = float(ent.std() / math.sqrt(len(ent))) if len(ent) > 1 else float("nan")
+        example = exp.task.decode_text(g["tokens"][0]) if hasattr(exp.task, "decode_text") else None
+        row["generation"] = {"decoder": spec, "steps": decode_steps(spec, exp.order, exp.task.seq_len),
+                             "nfe_mean": g["nfe_mean"], "samples": samples, "seconds": round(g["seconds"], 2),
+                             **judge_nll(judge, g["tokens"]),
+                             "unigram_entropy": float(ent.mean()),
+                             "unigram_entropy_se": ent_se, "example": example}
+        torch.save(g["tokens"], out / f"samples_{label}.pt")
+        if velocity and getattr(exp.order, "learned", False):
+            log(f"[text-compare] {label}: what the learned order learned")
+            v = plot_lomdm_velocity(rd, out / label, n=n or 256, exp=exp, title=label,
+                                    finalize_steps=g["finalize_steps"])
+            row["velocity"] = {k: v[k] for k in ("k_mean", "k_std", "spearman_k_vs_position",
+                                                 "spearman_k_vs_log_freq", "by_kind")}
+            row["velocity"]["paths"] = {k: f"{label}/{p}" for k, p in v["paths"].items()}
+            from .lomdm_velocity import velocity_markdown
+            sections.append(velocity_markdown(v, v["paths"], label, prefix=f"{label}/"))
+        rows.append(row)
+    result = {"rows": rows, "reference": reference,
+              "judge": {"run_dir": str(judge_dir), "params": sum(p.numel() for p in judge.model.parameters()),
+                        **training_record(judge_dir)},
+              "task": describe_task(judge.task),
+              "settings": {"samples": samples, "mc": mc, "seed": seed, "n": n, "steps": steps,
+                           "batch_size": batch_size, "threads": torch.get_num_threads()}}
+    (out / "text_compare.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / "text_compare.md").write_text(markdown(result, sections))
+    return result
+
+
+def describe_task(task) -> Dict[str, object]:
+    d = task.describe()
+    return {k: d.get(k) for k in ("name", "seq_len", "mode", "sources", "zero_shot", "tokenizer")}
+
+
+# -- output -----------------------------------------------------------------------------------
+
+def _ppl(res) -> str:
+    if res is None:
+        return "—"
+    if res["bound"] == "exact NLL":
+        return f"= {res['ppl']:.1f}"
+    if math.isnan(res["stderr"]):
+        return f"≤ {res['ppl']:.1f}"
+    return f"≤ {res['ppl']:.1f} ({res['ppl_low']:.1f}–{res['ppl_high']:.1f})"
+
+
+def _si(v) -> str:
+    if v is None:
+        return "—"
+    for unit, f in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= f:
+            return f"{v / f:.3g}{unit}"
+    return f"{v:.3g}"
+
+
+COLUMNS = ("run", "order", "params", "train FLOPs", "steps", "test PPL", "zero-shot PPL", "gen PPL (judge)",
+           "sampler: steps / NFE", "unigram H (samples)")
+
+
+def table_rows(result: Dict[str, object]) -> List[Dict[str, str]]:
+    """One dict per run with the :data:`COLUMNS` of the Markdown table (as strings)."""
+    out = []
+    for r in result["rows"]:
+        g = r["generation"]
+        heads = r["params"] - r["params_backbone"]
+        out.append({
+            "run": r["label"] + (" (judge)" if r["judge_is_this_run"] else ""),
+            "order": r["order"],
+            "params": _si(r["params_backbone"]) + (f" (+{_si(heads)} heads)" if heads else ""),
+            "train FLOPs": _si(r["flops"]),
+            "steps": "—" if r["steps"] is None else str(r["steps"]),
+            "test PPL": _ppl(r["test"]),
+            "zero-shot PPL": _ppl(r["zero_shot"]),
+            "gen PPL (judge)": f"{g['gen_ppl']:.1f} ({g['gen_ppl_low']:.1f}–{g['gen_ppl_high']:.1f})",
+            "sampler: steps / NFE": f"{g['decoder']['name']}: {g['steps']} / {g['nfe_mean']:.1f}",
+            "unigram H (samples)": f"{g['unigram_entropy']:.3f}",
+        })
+    return out
+
+
+def markdown(result: Dict[str, object], sections: Sequence[str] = ()) -> str:
+    s, t, ref, j = result["settings"], result["task"], result["reference"], result["judge"]
+    lines = ["# Orders compared on text", "",
+             f"Task: {t['name']}, seq_len {t['seq_len']} ({t['mode']}), sources {t['sources']}, "
+             f"zero-shot {t['zero_shot']}, tokenizer {t['tokenizer']}.", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    for r in table_rows(result):
+        lines.append("| " + " | ".join(r[c] for c in COLUMNS) + " |")
+    rj = ref.get("judge")
+    ref_ppl = f"{rj['gen_ppl']:.1f} ({rj['gen_ppl_low']:.1f}–{rj['gen_ppl_high']:.1f})" if rj else "—"
+    lines.append("| real test rows | — | — | — | — | — | — | " + ref_ppl + f" | — | {ref['unigram_entropy']:.3f} |")
+    flops = [r["flops"] for r in result["rows"] if r["flops"]]
+    spread = (max(flops) / min(flops) - 1) if flops else float("nan")
+    lines += ["",
+              f"- **PPL**: `=` exact NLL (AR); `≤` the NELBO upper bound of a diffusion order (LoMDM: its "
+              f"L_main + L_velocity), mean of {s['mc']} Monte-Carlo replicates (stratified t, fresh masks), "
+              f"range = ±2 standard errors; {s['n'] or 'all'} rows of each split, spread over it.",
+              f"- **gen PPL**: {s['samples']} sequences per run decoded from all-mask at temperature 1 (float64 "
+              f"Gumbel-max) by each order's own sampler, step budget {s['steps'] or 'seq_len'} (AR: seq_len); "
+              f"scored by the exact NLL of the AR judge `{j['run_dir']}` ({_si(j['params'])} parameters, "
+              f"{j['steps']} steps). The *real test rows* line is the judge on {ref['rows']} real rows: the "
+              f"level a sampler matching the data would get. Range = ±2 standard errors over the sequences. "
+              f"NFE = forward passes per sequence (mean).",
+              f"- **unigram H**: entropy (nats) of each sequence's token histogram, mean over sequences; far "
+              f"below the real rows' value = repetitive samples (a low gen PPL then means little).",
+              f"- **equal compute**: training FLOPs differ by {spread:.1%} between the largest and the smallest run."
+              if flops else "- training FLOPs: not recorded",
+              f"- seed {s['seed']} (likelihood replicates and sample seeds; sample i uses the same seed in "
+              f"every run), {s['threads']} thread(s)."]
+    for r in result["rows"]:
+        if r["test"] is not None and "velocity_per_token" in r["test"]:
+            lines.append(f"- {r['label']}: of its test NELBO {r['test']['nelbo_per_token']:.4f} nats/token, "
+                         f"{r['test']['velocity_per_token']:.4f} is the velocity term (the sampler's k̂_ψ vs k_φ).")
+    if any(r["judge_is_this_run"] for r in result["rows"]):
+        lines.append("- the judge is one of the compared runs: its own gen PPL is self-judged (optimistic).")
+    lines += ["", "Samples (the first of each run, decoded):", ""]
+    for r in result["rows"]:
+        ex = r["generation"].get("example")
+        if ex is not None:
+            lines.append(f"- **{r['label']}**: `{ex[:300].replace(chr(10), ' ').replace('`', chr(39))}`")
+    lines.append("")
+    return "\n".join(lines + list(sections))
+
+
+# -- command line -----------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="+", help="run directories (one row each; the label is the folder name)")
+    p.add_argument("--judge", required=True, help="AR run trained on the same corpus (scores the samples)")
+    p.add_argument("--out", required=True, help="output folder for text_compare.md/.json and plots")
+    p.add_argument("--samples", type=int, default=32, help="generated sequences per run (default 32)")
+    p.add_argument("--mc", type=int, default=4, help="Monte-Carlo replicates of each NELBO bound (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=256, help="rows of the test / zero-shot split (default 256; 0 = all)")
+    p.add_argument("--steps", type=int, default=None, help="decoding step budget (default seq_len)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="rows decoded at once")
+    p.add_argument("--decoder", action="append", default=None, metavar="LABEL=SPEC",
+                   help="override a run's sampler, e.g. --decoder mdlm='{name: top_prob, k: 1, temperature: 1}'")
+
+
+def run_from_args(args) -> Dict[str, object]:
+    import yaml
+
+    decoders = {}
+    for item in args.decoder or []:
+        label, sep, spec = item.partition("=")
+        if not sep:
+            raise ValueError(f"--decoder expects LABEL=SPEC, got {item!r}")
+        spec = yaml.safe_load(spec)
+        decoders[label.strip()] = {"name": spec} if isinstance(spec, str) else dict(spec)
+    res = compare_runs(args.run_dirs, args.judge, args.out, samples=args.samples, mc=args.mc, seed=args.seed,
+                       n=args.n or None, steps=args.steps, decoders=decoders, batch_size=args.batch_size,
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"table: {Path(args.out) / 'text_compare.md'}")
+    return res
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    torch.set_num_threads(1)
+    p = argparse.ArgumentParser(prog="python -m anyorder.analysis.text_compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        run_from_args(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"text_compare: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
