@@ -107,6 +107,30 @@ def test_committed_sweep_presets_expand():
     assert presets
     for path in presets:
         runs = expand(load_sweep(path))
-        assert len(runs) == 18, path
+        assert len(runs) % 18 == 0, path  # 6 orders x 3 seeds (x task sizes in the paper presets)
         for _, cfg in runs:
             build_order(cfg["order"])
+
+
+def test_report_groups_by_task_size_and_reads_tau_from_the_task(tmp_path):
+    """Runs of one task at several sizes are separate groups; task.tau_nmse overrides τ."""
+    import yaml
+
+    from anyorder.analysis.study import load_runs, summarise
+
+    def fake(name, d, order, seed, nmse):
+        run = tmp_path / name
+        run.mkdir()
+        cfg = {"task": {"name": "linear_regression", "d": d, "tau_nmse": 0.05, "seed": 0},
+               "order": {"name": order}, "seed": seed}
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        (run / "metrics.jsonl").write_text(json.dumps({"event": "eval", "step": 1, "val_nmse": nmse, "flops": 10.0}))
+
+    fake("a", 2, "ar", 0, 0.04)   # below 0.05 (but not below the paper's 0.01)
+    fake("b", 2, "ar", 1, 0.06)
+    fake("c", 4, "ar", 0, 0.5)
+    rows = {(r["task"], r["order"]): r for r in summarise(load_runs(tmp_path))}
+    assert set(rows) == {("linear_regression(d=2)", "ar"), ("linear_regression(d=4)", "ar")}
+    assert rows[("linear_regression(d=2)", "ar")]["reached"] == "1/2"
+    assert rows[("linear_regression(d=2)", "ar")]["threshold"] == "< 0.05"
+    assert rows[("linear_regression(d=4)", "ar")]["reached"] == "0/1"

@@ -12,6 +12,8 @@
     anyorder zipf --s 1.05 --vocab 150000 --max-parallel 8 [--json]     seed 004's independence-PPL table
     anyorder sweep SWEEP.yaml [--workers N] [--launcher local|submitit]  a grid of runs (resumable)
     anyorder report SWEEP_DIR                      curves with seed bands, FLOPs to threshold, affinity
+    anyorder text-compare RUN_DIR... --judge AR_RUN --out DIR   text runs: PPL bounds, gen PPL, unigram entropy
+    anyorder estimate SWEEP.yaml ... [--steps N] [--gpu-peak TFLOPS] [--mfu 0.4] [--json]   FLOPs and GPU hours
 """
 from __future__ import annotations
 
@@ -177,6 +179,16 @@ def cmd_zipf(args):
         print(res["note"])
 
 
+def cmd_estimate(args):
+    from .analysis.estimate import H100_BF16_DENSE_TFLOPS, DEFAULT_MFU, estimate_sweeps, format_estimate
+
+    res = estimate_sweeps(args.sweeps, cpu_steps=args.steps, max_data=args.max_data,
+                          peak_tflops=H100_BF16_DENSE_TFLOPS if args.gpu_peak is None else args.gpu_peak,
+                          mfu=DEFAULT_MFU if args.mfu is None else args.mfu,
+                          log=None if args.json else (lambda s: print(s, file=sys.stderr, flush=True)))
+    print(json.dumps(res, indent=1) if args.json else format_estimate(res))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .decoding import DECODERS
     from .orders import ORDERS
@@ -239,6 +251,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     sw.add_argument("--launcher", choices=["local", "submitit"], default=None)
     rp = sub.add_parser("report", help="training-stability report of a sweep directory")
     rp.add_argument("sweep_dir")
+    es = sub.add_parser("estimate", help="FLOPs per step (counted on the CPU) and GPU hours of a sweep")
+    es.add_argument("sweeps", nargs="+", metavar="SWEEP.yaml")
+    es.add_argument("--steps", type=int, default=2, help="real CPU training steps per distinct config (0: count only)")
+    es.add_argument("--gpu-peak", dest="gpu_peak", type=float, default=None,
+                    help="GPU peak TFLOP/s (default 989: H100 SXM dense BF16)")
+    es.add_argument("--mfu", type=float, default=None, help="assumed model-FLOPs utilisation (default 0.4)")
+    es.add_argument("--max-data", dest="max_data", type=int, default=4096,
+                    help="cap task.n_train / n_eval while building (FLOPs do not depend on it; 0: no cap)")
+    es.add_argument("--json", action="store_true")
+    from .analysis.text_compare import add_arguments as add_text_compare_arguments
+    tc = sub.add_parser("text-compare", help="compare text runs: test / zero-shot PPL, gen PPL judged by an AR run, "
+                                             "unigram entropy, LoMDM velocity plots")
+    add_text_compare_arguments(tc)
     args = p.parse_args(argv)
     try:
         if args.cmd == "train":
@@ -270,9 +295,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .sweep import run_sweep
             for r in run_sweep(args.config, workers=args.workers, launcher=args.launcher):
                 print(f"{r['status']:>15}  {r['run']}")
+        elif args.cmd == "text-compare":
+            from .analysis.text_compare import run_from_args
+            run_from_args(args)
         elif args.cmd == "report":
             from .analysis.study import write_report
             print(f"report: {write_report(args.sweep_dir)}")
+        elif args.cmd == "estimate":
+            cmd_estimate(args)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"anyorder: error: {exc}", file=sys.stderr)
         return 2

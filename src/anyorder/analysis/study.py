@@ -9,6 +9,10 @@ For every (task, order) group of runs (one run per seed) in a sweep directory:
 - task affinity A = log10(C_AR(τ) / C_order(τ)) against the AR group of the same task
   (> 0 favours the diffusion order; undefined if either never reached τ).
 
+For in-context linear regression it adds Garg et al.'s plot: the error on the R query y's against
+the number k = 0 … P of in-context (x, y) examples, next to least squares, ridge and the zero
+predictor on the same prompts (``context_curve``; mean ± std over seeds per order).
+
 ``write_report(sweep_dir)`` writes ``report.md`` and one PNG of curves per task.
 """
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import operator
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -29,6 +34,8 @@ THRESHOLDS: Dict[str, Tuple[str, str, float]] = {
     "linear_regression": ("nmse", "<", 0.01),  # MSE/d < 0.01: the paper's MSE < 0.1 at d = 10
 }
 OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+# a task config key that overrides τ for that task's runs (the CPU preset loosens linear regression's)
+TAU_KEYS = {"linear_regression": "tau_nmse"}
 
 
 def _order_label(order: dict) -> str:
@@ -45,7 +52,27 @@ def load_runs(sweep_dir) -> List[dict]:
         evals = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.exists() else []
         evals = [e for e in evals if e.get("event") == "eval"]
         runs.append({"dir": run, "cfg": cfg, "evals": evals, "finished": (run / "model.safetensors").exists()})
+    # a sweep over task sizes (d, degree, path_len, ...) gets one group per size, not one per task name
+    varying = defaultdict(set)
+    for name in {r["cfg"]["task"]["name"] for r in runs}:
+        tasks = [r["cfg"]["task"] for r in runs if r["cfg"]["task"]["name"] == name]
+        for key in set().union(*tasks) - {"name", "seed"}:
+            if len({json.dumps(t.get(key), sort_keys=True) for t in tasks}) > 1:
+                varying[name].add(key)
+    for r in runs:
+        task = r["cfg"]["task"]
+        extra = ",".join(f"{k}={task.get(k)}" for k in sorted(varying[task["name"]]))
+        r["task"] = task["name"] + (f"({extra})" if extra else "")
     return runs
+
+
+def threshold_for(cfg: dict, thresholds=THRESHOLDS):
+    """(metric, op, τ) of a run's task; a task key in TAU_KEYS (e.g. tau_nmse) overrides τ."""
+    name = cfg["task"]["name"]
+    metric, op, tau = thresholds.get(name, (None, None, None))
+    if name in TAU_KEYS and cfg["task"].get(TAU_KEYS[name]) is not None:
+        tau = float(cfg["task"][TAU_KEYS[name]])
+    return metric, op, tau
 
 
 def first_crossing(evals: List[dict], key: str, op: str, tau: float) -> Optional[dict]:
@@ -58,10 +85,10 @@ def first_crossing(evals: List[dict], key: str, op: str, tau: float) -> Optional
 def summarise(runs: List[dict], thresholds=THRESHOLDS) -> List[dict]:
     groups: Dict[Tuple[str, str], List[dict]] = defaultdict(list)
     for r in runs:
-        groups[(r["cfg"]["task"]["name"], _order_label(r["cfg"]["order"]))].append(r)
+        groups[(r.get("task", r["cfg"]["task"]["name"]), _order_label(r["cfg"]["order"]))].append(r)
     rows = []
     for (task, order), rs in sorted(groups.items()):
-        metric, op, tau = thresholds.get(task, (None, None, None))
+        metric, op, tau = threshold_for(rs[0]["cfg"], thresholds)
         key = f"val_{metric}"
         finals = [r["evals"][-1][key] for r in rs if r["evals"] and key in r["evals"][-1]]
         hits = [first_crossing(r["evals"], key, op, tau) for r in rs] if metric else []
@@ -89,7 +116,7 @@ def plot_curves(runs: List[dict], task: str, key: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     groups = defaultdict(list)
     for r in runs:
-        if r["cfg"]["task"]["name"] == task:
+        if r.get("task", r["cfg"]["task"]["name"]) == task:
             groups[_order_label(r["cfg"]["order"])].append(r)
     for order, rs in sorted(groups.items()):
         curves = [[(e["flops"], e[key]) for e in r["evals"] if key in e and "flops" in e] for r in rs]
@@ -111,7 +138,163 @@ def plot_curves(runs: List[dict], task: str, key: str, path: Path) -> Path:
     return path
 
 
-def write_report(sweep_dir, thresholds=THRESHOLDS) -> Path:
+# -- error against the number of in-context examples (linear regression; Garg et al.) ----------------
+def context_curve(exp, n: int = 256) -> Dict[str, List[float]]:
+    """MSE on the R query y's (mean over queries and prompts) with only the first k prompt pairs
+    visible, k = 0 … P, for the trained model (decoded with its order, as in evaluation) and for
+    least squares, ridge and zero on the same k pairs of the same ``n`` validation prompts.
+
+    How k < P is shown to a model trained with exactly P pairs: pairs k+1 … P are *dropped* (not
+    masked) and every remaining slot keeps its training position (RoPE index and x/y parity). Each
+    query then sees the first k pairs at exactly the offsets it saw them at in training; only keys
+    are missing, as if attention to them were masked out. Masking the dropped y's instead would put
+    the mask vector on prompt slots, which no order ever masks in training; renumbering positions
+    would move the queries 2(P−k) places closer to the examples than training ever put them. At
+    k = P this is the ordinary evaluation (the same number as ``val_mse`` on the same prompts)."""
+    import torch
+
+    from ..objectives.regression import predict
+    from ..tasks.linear_regression import least_squares, ridge
+
+    task, order, model = exp.task, exp.order, exp.model
+    P, L = task.P, task.seq_len
+    batch = task.eval_set(n)
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    y = batch.ys[:, P:].double()
+    out: Dict[str, List[float]] = {"k": list(range(P + 1)), "model": [], "lstsq": [], "ridge": [], "zero": []}
+    for k in range(P + 1):
+        keep = torch.cat([torch.arange(2 * k), torch.arange(2 * P, L)])        # first k pairs + the queries
+
+        def at_training_positions(values, masked, attn_mask=None, pos=keep.to(device)):
+            return model(values, masked, attn_mask=attn_mask, positions=pos)
+
+        values, answer = batch.values[:, keep].to(device), batch.answer[:, keep].to(device)
+        pred, _ = predict(at_training_positions, order, values, answer)
+        out["model"].append(float(((pred.double().cpu() - y) ** 2).mean()))
+        xs = torch.cat([batch.xs[:, :k], batch.xs[:, P:]], 1)
+        ys = torch.cat([batch.ys[:, :k], batch.ys[:, P:]], 1)
+        zero = torch.zeros_like(y)
+        for name, p in (("lstsq", least_squares(xs, ys, k) if k else zero),
+                        ("ridge", ridge(xs, ys, k, task.ridge_lambda) if k else zero), ("zero", zero)):
+            out[name].append(float(((p.double() - y) ** 2).mean()))
+    model.train(was)
+    return out
+
+
+def _is_regression(cfg: dict) -> bool:
+    return cfg["task"]["name"] == "linear_regression"
+
+
+def _regression_key(cfg: dict) -> Tuple[int, int, int]:
+    t = cfg["task"]
+    return int(t.get("d", 20)), int(t.get("n_prompt", 20)), int(t.get("n_query", 20))
+
+
+def context_curves(runs: List[dict], cache_dir: Path, n: int = 256) -> List[dict]:
+    """``context_curve`` of every finished linear-regression run, cached per run in ``cache_dir``
+    (recomputed when the weights or ``n`` change)."""
+    import torch
+
+    from ..experiment import load_run
+
+    out = []
+    for r in runs:
+        if not (_is_regression(r["cfg"]) and r["finished"]):
+            continue
+        stamp = (r["dir"] / "model.safetensors").stat().st_mtime_ns
+        cache = cache_dir / f"{r['dir'].name}.json"
+        data = json.loads(cache.read_text()) if cache.exists() else {}
+        if data.get("weights_mtime_ns") != stamp or data.get("n") != n:
+            exp = load_run(r["dir"])
+            if torch.cuda.is_available():  # paper-scale runs: P+1 decodes of n prompts each
+                exp.model.cuda()
+            data = {"weights_mtime_ns": stamp, "n": n, "curve": context_curve(exp, n)}
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(data))
+        out.append({"run": r, "curve": data["curve"]})
+    return out
+
+
+def plot_context_curves(curves: List[dict], key: Tuple[int, int, int], path: Path) -> Path:
+    """Normalised error (MSE/d) against k, mean ± std over seeds per order, with the baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    d, P, R = key
+    fig, ax = plt.subplots(figsize=(6, 4))
+    groups = defaultdict(list)
+    for c in curves:
+        groups[_order_label(c["run"]["cfg"]["order"])].append(np.array(c["curve"]["model"]) / d)
+    k = np.arange(P + 1)
+    for order, ys in sorted(groups.items()):
+        y = np.stack(ys)
+        m, s = y.mean(0), y.std(0)
+        ax.plot(k, m, marker=".", label=f"{order} (n={len(ys)})")
+        ax.fill_between(k, m - s, m + s, alpha=0.2)
+    first = curves[0]["curve"]  # the baselines depend only on the prompts, shared by every run
+    for name, style in (("lstsq", dict(color="black", ls="--", label="least squares")),
+                        ("ridge", dict(color="gray", ls=":", label="ridge")),
+                        ("zero", dict(color="gray", ls="-.", lw=0.8, label="zero"))):
+        ax.plot(k, np.array(first[name]) / d, **style)
+    ax.axvline(d, color="black", lw=0.5, alpha=0.4)  # k = d: least squares becomes exact
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("in-context examples k (first k prompt pairs visible)")
+    ax.set_ylabel("squared error / d on the query y's")
+    ax.set_title(f"linear regression d={d}, P={P}, R={R}: mean ± std over seeds")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def context_section(runs: List[dict], sweep_dir: Path, n: int = 256) -> List[str]:
+    """Markdown lines (and PNGs) of the error-against-examples plot per (d, P, R); [] if no
+    finished linear-regression run."""
+    from .table import format_table
+
+    curves = context_curves(runs, sweep_dir / "context_curves", n)
+    if not curves:
+        return []
+    lines = ["## linear_regression: error against the number of in-context examples", "",
+             f"Squared error / d on the R query y's of {n} validation prompts when only the first k prompt "
+             "pairs are visible (the other pairs are dropped; every remaining slot keeps its training "
+             "position, so each query sees those k pairs exactly where it saw them in training). Mean ± std "
+             "over seeds per order; least squares (minimum norm), ridge and zero on the same k pairs of the "
+             "same prompts. k = P is the ordinary evaluation.", ""]
+    by_key = defaultdict(list)
+    for c in curves:
+        by_key[_regression_key(c["run"]["cfg"])].append(c)
+    for key, cs in sorted(by_key.items()):
+        d, P, R = key
+        png = plot_context_curves(cs, key, sweep_dir / f"context_curve_d{d}_P{P}_R{R}.png")
+        ks = sorted({0, min(d // 2, P), min(d, P), P})
+        groups = defaultdict(list)
+        for c in cs:
+            groups[_order_label(c["run"]["cfg"]["order"])].append(c["curve"]["model"])
+        rows = []
+        for order, ys in sorted(groups.items()):
+            row = {"predictor": order, "seeds": len(ys)}
+            for k in ks:
+                vals = [y[k] / d for y in ys]
+                mean = sum(vals) / len(vals)
+                std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
+                row[f"k={k}"] = f"{mean:.3g} ± {std:.2g}"
+            rows.append(row)
+        for name, label in (("lstsq", "least squares"), ("ridge", "ridge"), ("zero", "zero")):
+            rows.append({"predictor": label, "seeds": "", **{f"k={k}": f"{cs[0]['curve'][name][k] / d:.3g}" for k in ks}})
+        lines += [f"### d = {d}, P = {P}, R = {R}", "", f"![error against in-context examples, d={d}]({png.name})", "",
+                  format_table(rows, columns=["predictor", "seeds"] + [f"k={k}" for k in ks]), ""]
+    return lines
+
+
+def write_report(sweep_dir, thresholds=THRESHOLDS, context_n: int = 256) -> Path:
     from .table import format_table
 
     sweep_dir = Path(sweep_dir)
@@ -128,8 +311,9 @@ def write_report(sweep_dir, thresholds=THRESHOLDS) -> Path:
                  "flops_to_threshold", "affinity_vs_ar"]), ""]
     for task in sorted({r["task"] for r in rows}):
         key = next(r["metric"] for r in rows if r["task"] == task)
-        png = plot_curves(runs, task, key, sweep_dir / f"curves_{task}.png")
+        png = plot_curves(runs, task, key, sweep_dir / f"curves_{re.sub(r'[^A-Za-z0-9_.=-]+', '_', task)}.png")
         lines += [f"## {task}", "", f"![{task}]({png.name})", ""]
+    lines += context_section(runs, sweep_dir, context_n)
     out = sweep_dir / "report.md"
     out.write_text("\n".join(lines))
     (sweep_dir / "report.json").write_text(json.dumps(rows, indent=1, default=str))
