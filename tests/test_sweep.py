@@ -96,6 +96,9 @@ def test_sweep_and_report_cli(tmp_path, capsys):
     assert "done (skipped)" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "report.md").exists()
+    assert main(["report", str(tmp_path / "s"), "--out", str(tmp_path / "docs")]) == 0
+    assert (tmp_path / "docs" / "report.md").read_text() == (tmp_path / "s" / "report.md").read_text()
+    assert (tmp_path / "docs" / "curves_sudoku.png").exists()
     assert main(["report", str(tmp_path / "nope")]) == 2
 
 

@@ -11,7 +11,7 @@
     anyorder analyze RUN_DIR [--decoder NAME ...] [--n N] [--out DIR]   seed 003/004 diagnostics report
     anyorder zipf --s 1.05 --vocab 150000 --max-parallel 8 [--json]     seed 004's independence-PPL table
     anyorder sweep SWEEP.yaml [--workers N] [--launcher local|submitit]  a grid of runs (resumable)
-    anyorder report SWEEP_DIR                      curves with seed bands, FLOPs to threshold, affinity
+    anyorder report SWEEP_DIR [--out DIR]          curves with seed bands, FLOPs to threshold, affinity
     anyorder text-compare RUN_DIR... --judge AR_RUN --out DIR   text runs: PPL bounds, gen PPL, unigram entropy
     anyorder estimate SWEEP.yaml ... [--steps N] [--gpu-peak TFLOPS] [--mfu 0.4] [--json]   FLOPs and GPU hours
 """
@@ -251,6 +251,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sw.add_argument("--launcher", choices=["local", "submitit"], default=None)
     rp = sub.add_parser("report", help="training-stability report of a sweep directory")
     rp.add_argument("sweep_dir")
+    rp.add_argument("--out", default=None, help="write report.md, report.json and PNGs here (default: SWEEP_DIR)")
     es = sub.add_parser("estimate", help="FLOPs per step (counted on the CPU) and GPU hours of a sweep")
     es.add_argument("sweeps", nargs="+", metavar="SWEEP.yaml")
     es.add_argument("--steps", type=int, default=2, help="real CPU training steps per distinct config (0: count only)")
@@ -300,7 +301,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             run_from_args(args)
         elif args.cmd == "report":
             from .analysis.study import write_report
-            print(f"report: {write_report(args.sweep_dir)}")
+            print(f"report: {write_report(args.sweep_dir, out_dir=args.out)}")
         elif args.cmd == "estimate":
             cmd_estimate(args)
     except (ValueError, FileNotFoundError, TypeError) as exc:

@@ -254,7 +254,7 @@ def plot_context_curves(curves: List[dict], key: Tuple[int, int, int], path: Pat
     return path
 
 
-def context_section(runs: List[dict], sweep_dir: Path, n: int = 256) -> List[str]:
+def context_section(runs: List[dict], sweep_dir: Path, n: int = 256, out_dir: Optional[Path] = None) -> List[str]:
     """Markdown lines (and PNGs) of the error-against-examples plot per (d, P, R); [] if no
     finished linear-regression run."""
     from .table import format_table
@@ -273,7 +273,7 @@ def context_section(runs: List[dict], sweep_dir: Path, n: int = 256) -> List[str
         by_key[_regression_key(c["run"]["cfg"])].append(c)
     for key, cs in sorted(by_key.items()):
         d, P, R = key
-        png = plot_context_curves(cs, key, sweep_dir / f"context_curve_d{d}_P{P}_R{R}.png")
+        png = plot_context_curves(cs, key, (out_dir or sweep_dir) / f"context_curve_d{d}_P{P}_R{R}.png")
         ks = sorted({0, min(d // 2, P), min(d, P), P})
         groups = defaultdict(list)
         for c in cs:
@@ -294,10 +294,13 @@ def context_section(runs: List[dict], sweep_dir: Path, n: int = 256) -> List[str
     return lines
 
 
-def write_report(sweep_dir, thresholds=THRESHOLDS, context_n: int = 256) -> Path:
+def write_report(sweep_dir, thresholds=THRESHOLDS, context_n: int = 256, out_dir=None) -> Path:
+    """report.md, report.json and the PNGs into ``out_dir`` (default: the sweep directory)."""
     from .table import format_table
 
     sweep_dir = Path(sweep_dir)
+    out_dir = Path(out_dir) if out_dir is not None else sweep_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
     runs = load_runs(sweep_dir)
     if not runs:
         raise FileNotFoundError(f"{sweep_dir} holds no runs (no */config.yaml)")
@@ -311,10 +314,10 @@ def write_report(sweep_dir, thresholds=THRESHOLDS, context_n: int = 256) -> Path
                  "flops_to_threshold", "affinity_vs_ar"]), ""]
     for task in sorted({r["task"] for r in rows}):
         key = next(r["metric"] for r in rows if r["task"] == task)
-        png = plot_curves(runs, task, key, sweep_dir / f"curves_{re.sub(r'[^A-Za-z0-9_.=-]+', '_', task)}.png")
+        png = plot_curves(runs, task, key, out_dir / f"curves_{re.sub(r'[^A-Za-z0-9_.=-]+', '_', task)}.png")
         lines += [f"## {task}", "", f"![{task}]({png.name})", ""]
-    lines += context_section(runs, sweep_dir, context_n)
-    out = sweep_dir / "report.md"
+    lines += context_section(runs, sweep_dir, context_n, out_dir)
+    out = out_dir / "report.md"
     out.write_text("\n".join(lines))
-    (sweep_dir / "report.json").write_text(json.dumps(rows, indent=1, default=str))
+    (out_dir / "report.json").write_text(json.dumps(rows, indent=1, default=str))
     return out
