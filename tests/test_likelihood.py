@@ -147,3 +147,24 @@ def test_cli_likelihood_of_a_text_run(tmp_path, monkeypatch, capsys):
     exact = float(ar_nll_by_decoding(exp.model, x0, exp.task.mask_id).sum()) / x0.numel()
     assert abs(res["nelbo_per_token"] - exact) < 1e-5 and res["tokens"] == x0.numel()
     assert main(["likelihood", str(run), "--split", "dev"]) == 2  # a clear error, not a traceback
+
+
+def test_likelihood_of_a_lomdm_run_is_its_own_nelbo(tmp_path, monkeypatch):
+    """`anyorder likelihood` on an order-`learned` run reports LoMDM's NELBO (L_main + L_velocity), a
+    bound with a standard error (its (1, 0) = MDLM identity: tests/test_text_compare.py)."""
+    import math
+
+    from anyorder.config import load_config
+    from anyorder.evaluation.likelihood import likelihood_of_run
+    from anyorder.experiment import load_run, train
+
+    monkeypatch.chdir(tmp_path)
+    over = ["task.n_train=100", "task.n_eval=32", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+            "order.name=learned", "train.steps=3", "train.warmup_steps=1", "train.batch_size=4",
+            "train.progress=false", "eval.n=8", "name=lo", "out_dir=runs"]
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    exp = load_run(train(load_config(str(root / "configs" / "sudoku4.yaml"), over)))
+    res = likelihood_of_run(exp, "test", samples=3, n=32)
+    assert res["bound"] == "NELBO (upper bound)" and res["order"] == "learned"
+    assert res["stderr"] > 0 and res["velocity_per_token"] >= 0
+    assert math.isclose(res["ppl"], math.exp(res["nelbo_per_token"]))

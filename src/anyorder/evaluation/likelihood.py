@@ -99,7 +99,12 @@ def likelihood_of_run(exp, split: str = "test", samples: int = 8, n: Optional[in
     else:
         raise ValueError(f"task {task.name!r} has no split {split!r}; it has only its evaluation set "
                          f"(use --split test)")
-    res = likelihood(exp.model, exp.order, x0, answer, task.mask_id, samples=samples, extra=task.extra(),
-                     batch_size=batch_size, seed=seed)
+    if getattr(exp.order, "learned", False):  # LoMDM: its own NELBO under the learned forward process
+        from ..analysis.text_compare import lomdm_likelihood
+        res = lomdm_likelihood(exp.model, x0, answer, samples=samples, extra=task.extra(),
+                               batch_size=batch_size, seed=seed)
+    else:
+        res = likelihood(exp.model, exp.order, x0, answer, task.mask_id, samples=samples, extra=task.extra(),
+                         batch_size=batch_size, seed=seed)
     res.update({"split": split, "order": exp.order.name, "task": task.name})
     return res
