@@ -34,6 +34,8 @@ THRESHOLDS: Dict[str, Tuple[str, str, float]] = {
     "linear_regression": ("nmse", "<", 0.01),  # MSE/d < 0.01: the paper's MSE < 0.1 at d = 10
 }
 OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+# a second final metric shown beside the threshold metric
+SECONDARY = {"sudoku": "puzzle_acc", "star_graph": "token_acc", "linear_regression": "mse"}
 # a task config key that overrides τ for that task's runs (the CPU preset loosens linear regression's)
 TAU_KEYS = {"linear_regression": "tau_nmse"}
 
@@ -99,10 +101,23 @@ def summarise(runs: List[dict], thresholds=THRESHOLDS) -> List[dict]:
                      "final_mean": mean, "final_std": std,
                      "reached": f"{sum(h is not None for h in hits)}/{len(rs)}",
                      "flops_to_threshold": (sum(c) / len(c)) if c else float("nan")})
+        second = f"val_{SECONDARY.get(rs[0]['cfg']['task']['name'], '')}"
+        vals = [r["evals"][-1][second] for r in rs if r["evals"] and second in r["evals"][-1]]
+        if vals:
+            m2 = sum(vals) / len(vals)
+            s2 = math.sqrt(sum((v - m2) ** 2 for v in vals) / len(vals))
+            rows[-1]["also"] = f"{second} {m2:.3f} ± {s2:.3f}"
+        budget = [r["evals"][-1]["flops"] for r in rs if r["evals"] and "flops" in r["evals"][-1]]
+        rows[-1]["flops_trained"] = min(budget) if budget else float("nan")
     for row in rows:  # affinity against AR of the same task
         ar = next((r for r in rows if r["task"] == row["task"] and r["order"].startswith("ar")), None)
         ok = ar is not None and all(math.isfinite(x) and x > 0 for x in (ar["flops_to_threshold"], row["flops_to_threshold"]))
         row["affinity_vs_ar"] = math.log10(ar["flops_to_threshold"] / row["flops_to_threshold"]) if ok else float("nan")
+        # AR never reached τ within its budget: C_AR > that budget, so A is bounded below
+        bound = (ar is not None and not math.isfinite(ar["flops_to_threshold"])
+                 and math.isfinite(row["flops_to_threshold"]) and math.isfinite(ar["flops_trained"]))
+        row["affinity_bound"] = (f"> {math.log10(ar['flops_trained'] / row['flops_to_threshold']):.2f}"
+                                 if bound else "")
     return rows
 
 
@@ -128,6 +143,10 @@ def plot_curves(runs: List[dict], task: str, key: str, path: Path) -> Path:
         m, s = y.mean(0), y.std(0)
         ax.plot(x, m, label=f"{order} (n={len(rs)})")
         ax.fill_between(x, m - s, m + s, alpha=0.2)
+    first = next((r for r in runs if r.get("task", r["cfg"]["task"]["name"]) == task), None)
+    tau = threshold_for(first["cfg"])[2] if first is not None else None
+    if tau is not None:
+        ax.axhline(tau, color="gray", linestyle="--", linewidth=0.8, label=f"τ = {tau:g}")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel(key)
     ax.set_title(f"{task}: mean ± std over seeds")
@@ -311,7 +330,9 @@ def write_report(sweep_dir, thresholds=THRESHOLDS, context_n: int = 256, out_dir
              "to the threshold C(τ) (mean over the seeds that reached it) and task affinity "
              "A = log10(C_AR / C_order).", "", format_table(rows, columns=[
                  "task", "order", "seeds", "metric", "threshold", "final_mean", "final_std", "reached",
-                 "flops_to_threshold", "affinity_vs_ar"]), ""]
+                 "flops_to_threshold", "affinity_vs_ar", "affinity_bound", "also"]), "",
+             "`affinity_bound`: where AR never reached τ, C_AR exceeds AR's whole training budget "
+             "(`flops_trained`), so A > log10(AR's budget / C_order).", ""]
     for task in sorted({r["task"] for r in rows}):
         key = next(r["metric"] for r in rows if r["task"] == task)
         png = plot_curves(runs, task, key, out_dir / f"curves_{re.sub(r'[^A-Za-z0-9_.=-]+', '_', task)}.png")

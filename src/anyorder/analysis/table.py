@@ -9,6 +9,8 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         if math.isnan(v):
             return "nan"
+        if abs(v) >= 1e7:  # FLOPs and the like: digits beyond the third are noise to a reader
+            return f"{v:.3g}"
         return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
     if isinstance(v, dict):
         name = v.get("name", "?")
