@@ -292,3 +292,28 @@ def test_learned_order_heads_get_their_own_learning_rate(tmp_path):
     assert head_groups and all(abs(g["lr_scale"] - 3.0) < 1e-12 for g in head_groups)
     n_head = sum(p.numel() for g in head_groups for p in g["params"])
     assert n_head == sum(p.numel() for n, p in exp.model.named_parameters() if exp.model.is_head(n))
+
+
+def test_centered_normsig_ignores_a_common_shift_of_the_logits():
+    """center=True: k(v + c) == k(v) exactly; the SPEC form is not shift-invariant (σ saturates: a
+    large common shift flattens every k to c1, the collapse the option prevents)."""
+    from anyorder.objectives.lomdm import exponents
+
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(3, 7, generator=gen, dtype=torch.float64)
+    answer = torch.ones(3, 7, dtype=torch.bool)
+    answer[0, :2] = False
+    k = exponents(v, answer, 0.7, 0.65, center=True)
+    assert torch.allclose(exponents(v - 14.0, answer, 0.7, 0.65, center=True), k, atol=1e-12)
+    assert k[answer].std() > 0.05
+    flat = exponents(v - 14.0, answer, 0.7, 0.65)  # SPEC form, saturated: every k ≈ c1
+    assert (flat[answer] - 0.7).abs().max() < 1e-5
+
+
+def test_learned_order_center_option_reaches_the_model():
+    from anyorder.model import ModelConfig, Transformer
+    from anyorder.orders import build_order
+
+    order = build_order({"name": "learned", "center": True})
+    model = order.wrap(Transformer(ModelConfig(vocab_size=9, mask_id=8, d_model=16, n_layers=1, n_heads=2, max_len=8)))
+    assert model.center and order.describe()["center"] == "True"

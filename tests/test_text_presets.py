@@ -11,7 +11,7 @@ from anyorder.sweep import expand, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDERS = ["random", "learned", "ar", "block-4", "block-8", "block-16", "scatter-8"]
-CPU_ORDERS = ORDERS + ["learned-0.01"]  # the CPU preset adds LoMDM with a 10x head learning rate
+CPU_ORDERS = ORDERS + ["learned-0.01", "learned-0.01-True"]  # + LoMDM: 10x head lr, and centred logits
 
 
 @pytest.mark.parametrize("preset,vocab,length", [("paper/lm1b_bert", 30523, 128), ("paper/owt_gpt2", 50258, 1024),

@@ -49,17 +49,26 @@ def check_c(c1: float, c2: float) -> Tuple[float, float]:
     return c1, c2
 
 
-def normsig(v: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
-    """σ(v_i) − mean over the row's answer positions of σ(v_j); 0 off the answer."""
-    s = torch.sigmoid(v.double())
+def normsig(v: torch.Tensor, answer: torch.Tensor, center: bool = False) -> torch.Tensor:
+    """σ(v_i) − mean over the row's answer positions of σ(v_j); 0 off the answer.
+
+    ``center=True`` first subtracts the row's mean logit over the answer (σ(v_i − v̄) − mean σ(v_j − v̄)),
+    an option beyond SPEC §4: it makes a common shift of the logits an exact no-op. Without it the
+    head's output bias is nearly a null direction (NormSig removes the mean *after* σ), and Adam's
+    normalised steps random-walk it into σ's saturation, where every k collapses to c1 and the
+    gradient vanishes -- measured on the CPU text comparison with a 10x head lr (docs/lomdm.md)."""
     a = answer.double()
+    v = v.double()
+    if center:
+        v = v - (v * a).sum(-1, keepdim=True) / a.sum(-1, keepdim=True).clamp_min(1)
+    s = torch.sigmoid(v)
     mean = (s * a).sum(-1, keepdim=True) / a.sum(-1, keepdim=True).clamp_min(1)
     return (s - mean) * a
 
 
-def exponents(v: torch.Tensor, answer: torch.Tensor, c1: float, c2: float) -> torch.Tensor:
+def exponents(v: torch.Tensor, answer: torch.Tensor, c1: float, c2: float, center: bool = False) -> torch.Tensor:
     """k = c1 + c2·NormSig(v), float64 [B, L] (c1 off the answer, where it is never used)."""
-    return c1 + c2 * normsig(v, answer)
+    return c1 + c2 * normsig(v, answer, center)
 
 
 def velocity_loss(A: torch.Tensor, A_hat: torch.Tensor) -> torch.Tensor:
@@ -108,9 +117,10 @@ class LoMDM(nn.Module):
     decoders use it). Training: :meth:`loss`; optimiser: :meth:`param_groups`.
     """
 
-    def __init__(self, backbone: Transformer, c1: float = 0.7, c2: float = 0.65):
+    def __init__(self, backbone: Transformer, c1: float = 0.7, c2: float = 0.65, center: bool = False):
         super().__init__()
         self.c1, self.c2 = check_c(c1, c2)
+        self.center = bool(center)
         self.backbone = backbone
         self.g_phi = ScheduleHead(backbone.cfg)
         self.g_psi = ScheduleHead(backbone.cfg)
@@ -145,12 +155,12 @@ class LoMDM(nn.Module):
         """k_φ [B, L] from the clean sequence (f under stop-gradient: no backbone graph)."""
         with torch.no_grad():
             f = self.backbone.hidden(x0, extra=extra, t=self._t_arg(torch.zeros(x0.shape[0])))
-        return exponents(self.g_phi(f), answer, self.c1, self.c2)
+        return exponents(self.g_phi(f), answer, self.c1, self.c2, self.center)
 
     def logits_and_exponent(self, z, answer, attn_mask=None, extra=None, t=None):
         """(logits [B, L, V], k̂_ψ [B, L] float64) from one backbone pass over z."""
         h = self.backbone.hidden(z, attn_mask=attn_mask, extra=extra, t=self._t_arg(t))
-        return self._logits(h), exponents(self.g_psi(h.detach()), answer, self.c1, self.c2)
+        return self._logits(h), exponents(self.g_psi(h.detach()), answer, self.c1, self.c2, self.center)
 
     def param_groups(self, lr: float, head_lr: Optional[float] = None, weight_decay: float = 0.0) -> List[Dict]:
         """Backbone and heads as separate optimiser groups (the heads usually want their own lr)."""

@@ -23,18 +23,20 @@ class LearnedOrder(Order):
     default_decoder = "learned_ancestral"
     learned = True  # the experiment trains it with LoMDM.loss instead of train_plan
 
-    def __init__(self, c1: float = 0.7, c2: float = 0.65, head_lr: Optional[float] = None, **kw):
+    def __init__(self, c1: float = 0.7, c2: float = 0.65, head_lr: Optional[float] = None, center: bool = False,
+                 **kw):
         from ..objectives.lomdm import check_c  # lazy: objectives.lomdm imports orders.base
 
         super().__init__(**kw)
         self.c1, self.c2 = check_c(c1, c2)
         self.head_lr = None if head_lr is None else float(head_lr)
+        self.center = bool(center)  # centre the head's logits before NormSig (see objectives.lomdm.normsig)
 
     def wrap(self, backbone):
         """A :class:`LoMDM`: the backbone plus fresh g_φ / g_ψ heads with this order's c1, c2."""
         from ..objectives.lomdm import LoMDM
 
-        return LoMDM(backbone, self.c1, self.c2)
+        return LoMDM(backbone, self.c1, self.c2, center=self.center)
 
     def train_plan(self, x0, layout, mask_id, gen):
         raise ValueError("order 'learned' has no fixed masking plan: its schedule comes from the model's "
@@ -45,4 +47,4 @@ class LearnedOrder(Order):
         return None
 
     def describe(self):
-        return {**super().describe(), "c1": str(self.c1), "c2": str(self.c2)}
+        return {**super().describe(), "c1": str(self.c1), "c2": str(self.c2), "center": str(self.center)}
