@@ -160,6 +160,16 @@ def step_flops(exp: Experiment, loss_fn, tcfg) -> int:
     return micro * tcfg.grad_accum * world
 
 
+def train_config(cfg: Dict[str, Any], **changes):
+    """(TrainConfig, flops_budget) of a resolved config; a budget is resolved into steps once the
+    step's FLOPs are counted (:func:`steps_for_budget`)."""
+    from .train import TrainConfig
+
+    train_cfg = {k: (tuple(v) if k == "betas" else v) for k, v in cfg["train"].items()}
+    flops_budget = train_cfg.pop("flops_budget", None)
+    return TrainConfig(seed=int(cfg["seed"]), **{**train_cfg, **changes}), flops_budget
+
+
 def steps_for_budget(flops_budget, flops_per_step: float) -> int:
     """Optimizer steps that fit a training-FLOP budget (at least one)."""
     budget = float(flops_budget)
@@ -173,13 +183,10 @@ def run_dir_for(cfg) -> Path:
 
 
 def train(cfg: Dict[str, Any], run_dir: Optional[Union[str, Path]] = None, resume: bool = True) -> Path:
-    from .train import Trainer, TrainConfig
+    from .train import Trainer
 
     exp = build(cfg)                                   # all validation happens here, before mkdir
-    train_cfg = dict(exp.cfg["train"])
-    flops_budget = train_cfg.pop("flops_budget", None)
-    tcfg = TrainConfig(seed=int(exp.cfg["seed"]), **{k: (tuple(v) if k == "betas" else v)
-                                                        for k, v in train_cfg.items()})
+    tcfg, flops_budget = train_config(exp.cfg)
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(exp.cfg)
     created = not run_dir.exists()
     if not created:

@@ -63,32 +63,30 @@ def _shape_key(cfg: Dict[str, Any]) -> str:
 def train_steps(cfg: Dict[str, Any], flops_per_step: float) -> int:
     """The optimizer steps ``train()`` will run: ``train.steps``, or as many as fit
     ``train.flops_budget`` when one is set (floor(budget / FLOPs per step), at least one)."""
+    from ..experiment import steps_for_budget
+
     budget = cfg["train"].get("flops_budget")
-    if budget is None:
-        return int(cfg["train"]["steps"])
-    return max(1, int(float(budget) // float(flops_per_step)))
+    return int(cfg["train"]["steps"]) if budget is None else steps_for_budget(budget, flops_per_step)
 
 
 def measure_run(cfg: Dict[str, Any], cpu_steps: int = 2, max_data: int = 4096) -> Dict[str, Any]:
     """Build the run, count one optimizer step's FLOPs, train ``cpu_steps`` real steps (temp dir)."""
     import torch
 
-    from ..experiment import build, make_loss_fn, step_flops
-    from ..train import TrainConfig, Trainer
+    from ..experiment import build, make_loss_fn, step_flops, train_config
+    from ..train import Trainer
 
     exp = build(cap_data(cfg, max_data))
-    train_cfg = {k: (tuple(v) if k == "betas" else v) for k, v in exp.cfg["train"].items()
-                 if k != "flops_budget"}  # a budget is resolved into steps by train_steps()
-    tcfg = TrainConfig(seed=int(exp.cfg["seed"]), **train_cfg)
+    tcfg, _ = train_config(exp.cfg)  # a budget is resolved into steps by train_steps()
     loss_fn = make_loss_fn(exp)
     out = {"params": sum(p.numel() for p in exp.model.parameters()), "flops_per_step": step_flops(exp, loss_fn, tcfg),
            "cpu_steps": 0, "cpu_loss": float("nan")}
     if cpu_steps > 0:
-        short = dict(train_cfg, steps=int(cpu_steps), warmup_steps=0, eval_every=0, checkpoint_every=0,
-                     log_every=int(cpu_steps), progress=False, tensorboard=False, wandb=False)
+        short, _ = train_config(exp.cfg, steps=int(cpu_steps), warmup_steps=0, eval_every=0, checkpoint_every=0,
+                                log_every=int(cpu_steps), progress=False, tensorboard=False, wandb=False)
         # the trainer's log line goes to stderr: stdout carries the estimate (and --json)
         with tempfile.TemporaryDirectory(prefix="anyorder-estimate-") as tmp, contextlib.redirect_stdout(sys.stderr):
-            summary = Trainer(exp.model, loss_fn, TrainConfig(seed=int(exp.cfg["seed"]), **short), tmp).fit()
+            summary = Trainer(exp.model, loss_fn, short, tmp).fit()
         loss = float(summary["metrics"].get("loss", float("nan")))
         if not math.isfinite(loss):
             raise ValueError(f"run {cfg.get('name')!r}: training loss is {loss} after {cpu_steps} CPU steps")

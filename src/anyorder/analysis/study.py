@@ -68,6 +68,14 @@ def load_runs(sweep_dir) -> List[dict]:
     return runs
 
 
+def _mean_std(values: List[float]) -> Tuple[float, float]:
+    """Mean and population std (over seeds); NaNs for no values."""
+    if not values:
+        return float("nan"), float("nan")
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
 def threshold_for(cfg: dict, thresholds=THRESHOLDS):
     """(metric, op, τ) of a run's task; a task key in TAU_KEYS (e.g. tau_nmse) overrides τ."""
     name = cfg["task"]["name"]
@@ -87,7 +95,7 @@ def first_crossing(evals: List[dict], key: str, op: str, tau: float) -> Optional
 def summarise(runs: List[dict], thresholds=THRESHOLDS) -> List[dict]:
     groups: Dict[Tuple[str, str], List[dict]] = defaultdict(list)
     for r in runs:
-        groups[(r.get("task", r["cfg"]["task"]["name"]), _order_label(r["cfg"]["order"]))].append(r)
+        groups[(r["task"], _order_label(r["cfg"]["order"]))].append(r)
     rows = []
     for (task, order), rs in sorted(groups.items()):
         metric, op, tau = threshold_for(rs[0]["cfg"], thresholds)
@@ -95,8 +103,7 @@ def summarise(runs: List[dict], thresholds=THRESHOLDS) -> List[dict]:
         finals = [r["evals"][-1][key] for r in rs if r["evals"] and key in r["evals"][-1]]
         hits = [first_crossing(r["evals"], key, op, tau) for r in rs] if metric else []
         c = [h["flops"] for h in hits if h is not None and "flops" in h]
-        mean = sum(finals) / len(finals) if finals else float("nan")
-        std = math.sqrt(sum((f - mean) ** 2 for f in finals) / len(finals)) if finals else float("nan")
+        mean, std = _mean_std(finals)
         rows.append({"task": task, "order": order, "seeds": len(rs), "metric": key, "threshold": f"{op} {tau}",
                      "final_mean": mean, "final_std": std,
                      "reached": f"{sum(h is not None for h in hits)}/{len(rs)}",
@@ -104,8 +111,7 @@ def summarise(runs: List[dict], thresholds=THRESHOLDS) -> List[dict]:
         second = f"val_{SECONDARY.get(rs[0]['cfg']['task']['name'], '')}"
         vals = [r["evals"][-1][second] for r in rs if r["evals"] and second in r["evals"][-1]]
         if vals:
-            m2 = sum(vals) / len(vals)
-            s2 = math.sqrt(sum((v - m2) ** 2 for v in vals) / len(vals))
+            m2, s2 = _mean_std(vals)
             rows[-1]["also"] = f"{second} {m2:.3f} ± {s2:.3f}"
         budget = [r["evals"][-1]["flops"] for r in rs if r["evals"] and "flops" in r["evals"][-1]]
         rows[-1]["flops_trained"] = min(budget) if budget else float("nan")
@@ -131,7 +137,7 @@ def plot_curves(runs: List[dict], task: str, key: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     groups = defaultdict(list)
     for r in runs:
-        if r.get("task", r["cfg"]["task"]["name"]) == task:
+        if r["task"] == task:
             groups[_order_label(r["cfg"]["order"])].append(r)
     for order, rs in sorted(groups.items()):
         curves = [[(e["flops"], e[key]) for e in r["evals"] if key in e and "flops" in e] for r in rs]
@@ -143,7 +149,7 @@ def plot_curves(runs: List[dict], task: str, key: str, path: Path) -> Path:
         m, s = y.mean(0), y.std(0)
         ax.plot(x, m, label=f"{order} (n={len(rs)})")
         ax.fill_between(x, m - s, m + s, alpha=0.2)
-    first = next((r for r in runs if r.get("task", r["cfg"]["task"]["name"]) == task), None)
+    first = next((r for r in runs if r["task"] == task), None)
     tau = threshold_for(first["cfg"])[2] if first is not None else None
     if tau is not None:
         ax.axhline(tau, color="gray", linestyle="--", linewidth=0.8, label=f"τ = {tau:g}")
@@ -301,9 +307,7 @@ def context_section(runs: List[dict], sweep_dir: Path, n: int = 256, out_dir: Op
         for order, ys in sorted(groups.items()):
             row = {"predictor": order, "seeds": len(ys)}
             for k in ks:
-                vals = [y[k] / d for y in ys]
-                mean = sum(vals) / len(vals)
-                std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
+                mean, std = _mean_std([y[k] / d for y in ys])
                 row[f"k={k}"] = f"{mean:.3g} ± {std:.2g}"
             rows.append(row)
         for name, label in (("lstsq", "least squares"), ("ridge", "ridge"), ("zero", "zero")):

@@ -9,7 +9,7 @@ Writes ``DIR/text_compare.md`` and ``DIR/text_compare.json``, one row per run:
 - test and zero-shot perplexity: exact for AR, the NELBO upper bound ± Monte-Carlo standard
   error for every diffusion order (:mod:`anyorder.evaluation.likelihood`: ``mc`` replicates,
   stratified t). LoMDM's bound is its own NELBO, ``L_main + L_velocity`` under its learned
-  forward process (:func:`lomdm_likelihood`): the velocity term is what the sampler's schedule
+  forward process (:func:`anyorder.evaluation.likelihood.lomdm_likelihood`): the velocity term is what the sampler's schedule
   k̂_ψ costs for not being k_φ;
 - generative perplexity: ``samples`` sequences of ``seq_len`` decoded from all-mask at
   temperature 1 (float64 Gumbel-max) by the order's natural sampler (:func:`natural_decoder`),
@@ -42,8 +42,7 @@ import torch.nn.functional as F
 
 from ..decoding.loop import DECODERS
 from ..decoding.sampling import gumbel_noise
-from ..evaluation.likelihood import is_exact, likelihood
-from ..orders.base import low_discrepancy_t
+from ..evaluation.likelihood import is_exact, likelihood, lomdm_likelihood, order_likelihood  # noqa: F401
 
 # -- sampling -------------------------------------------------------------------------------
 
@@ -178,50 +177,14 @@ def judge_nll(judge, tokens: torch.Tensor) -> Dict[str, float]:
 
 
 @torch.no_grad()
-def lomdm_likelihood(model, x0: torch.Tensor, answer: torch.Tensor, samples: int = 4, extra=None,
-                     batch_size: int = 64, seed: int = 0) -> Dict[str, object]:
-    """LoMDM's NELBO per answer token: E_t E_{z~q_φ(·|x,t)} Σ_masked [A_φ·CE + L_velocity], one
-    mask per (row, t), t stratified per batch; ``samples`` replicates give the standard error.
-    ``velocity_per_token`` is the velocity part alone (0 when k̂_ψ matches k_φ)."""
-    was_training = model.training
-    model.eval()
-    answer = answer.bool()
-    n_tok = float(answer.sum())
-    t0 = time.perf_counter()
-    reps, vels = [], []
-    for r in range(int(samples)):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + r)
-        tot = vel = 0.0
-        for i in range(0, len(x0), batch_size):
-            xb, ab = x0[i:i + batch_size], answer[i:i + batch_size]
-            t = low_discrepancy_t(len(xb), gen)
-            k = model.forward_exponent(xb, ab, extra)
-            masks = model.sample_masks(k, t, ab, gen, n=1)
-            terms = model.loss_terms(xb, ab, t, masks, k, extra)
-            tot += float(terms["main"].sum() + terms["velocity"].sum())
-            vel += float(terms["velocity"].sum())
-        reps.append(tot / n_tok)
-        vels.append(vel / n_tok)
-    model.train(was_training)
-    rt = torch.tensor(reps, dtype=torch.float64)
-    mean = float(rt.mean())
-    se = float(rt.std(unbiased=True)) / math.sqrt(len(reps)) if len(reps) > 1 else float("nan")
-    return {"bound": "NELBO (upper bound)", "nelbo_per_token": mean, "stderr": se, "ppl": math.exp(mean),
-            "ppl_low": math.exp(mean - 2 * se), "ppl_high": math.exp(mean + 2 * se),
-            "velocity_per_token": sum(vels) / len(vels), "samples": len(reps), "replicates": reps,
-            "sequences": int(len(x0)), "tokens": int(n_tok), "seconds": round(time.perf_counter() - t0, 3)}
-
-
 def split_likelihood(exp, split: str, n: Optional[int], mc: int, seed: int, batch_size: int = 64):
     """Test / zero-shot likelihood of a run on ``n`` rows of a split (None if the task lacks it)."""
     try:
         x0, answer = exp.task.split_set(split, n)
     except ValueError:
         return None
-    if getattr(exp.order, "learned", False):
-        return lomdm_likelihood(exp.model, x0, answer, mc, exp.task.extra(), batch_size, seed)
-    return likelihood(exp.model, exp.order, x0, answer, exp.task.mask_id, samples=mc, extra=exp.task.extra(),
-                      batch_size=batch_size, seed=seed)
+    return order_likelihood(exp.model, exp.order, x0, answer, exp.task.mask_id, samples=mc, extra=exp.task.extra(),
+                            batch_size=batch_size, seed=seed)
 
 
 # -- run metadata -----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Dict, Optional
 import torch
 
 from ..objectives.nelbo import plan_loss
+from ..orders.base import low_discrepancy_t
 
 
 def is_exact(order) -> bool:
@@ -66,8 +67,14 @@ def likelihood(model, order, x0: torch.Tensor, answer: torch.Tensor, mask_id: in
         gen = torch.Generator().manual_seed(seed * 1_000_003 + r)
         per_rep.append(nelbo_total(model, order, x0, answer, mask_id, gen, extra, batch_size) / n_tok)
     model.train(was_training)
+    return _summary(per_rep, exact, len(x0), n_tok, t0)
+
+
+def _summary(per_rep, exact: bool, sequences: int, n_tok: float, t0: float) -> Dict[str, object]:
+    """Mean of the replicates, its standard error and the perplexity (bound) with ±2 s.e."""
     reps = torch.tensor(per_rep, dtype=torch.float64)
     mean = float(reps.mean())
+    k = len(per_rep)
     # one replicate of a Monte-Carlo estimate has no error estimate: NaN, not a false 0
     se = 0.0 if exact else (float(reps.std(unbiased=True)) / math.sqrt(k) if k > 1 else float("nan"))
     return {
@@ -79,11 +86,48 @@ def likelihood(model, order, x0: torch.Tensor, answer: torch.Tensor, mask_id: in
         "ppl_high": math.exp(mean + 2 * se),
         "bits_per_token": mean / math.log(2),
         "samples": k,
-        "replicates": per_rep,
-        "sequences": int(len(x0)),
+        "replicates": list(per_rep),
+        "sequences": int(sequences),
         "tokens": int(n_tok),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def lomdm_likelihood(model, x0: torch.Tensor, answer: torch.Tensor, samples: int = 4, extra=None,
+                     batch_size: int = 64, seed: int = 0) -> Dict[str, object]:
+    """LoMDM's NELBO per answer token: E_t E_{z~q_φ(·|x,t)} Σ_masked [A_φ·CE + L_velocity], one
+    mask per (row, t), t stratified per batch; ``samples`` replicates give the standard error.
+    ``velocity_per_token`` is the velocity part alone (0 when k̂_ψ matches k_φ)."""
+    was_training = model.training
+    model.eval()
+    answer = answer.bool()
+    n_tok = float(answer.sum())
+    t0 = time.perf_counter()
+    reps, vels = [], []
+    for r in range(int(samples)):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + r)
+        tot = vel = 0.0
+        for i in range(0, len(x0), batch_size):
+            xb, ab = x0[i:i + batch_size], answer[i:i + batch_size]
+            t = low_discrepancy_t(len(xb), gen)
+            k = model.forward_exponent(xb, ab, extra)
+            masks = model.sample_masks(k, t, ab, gen, n=1)
+            terms = model.loss_terms(xb, ab, t, masks, k, extra)
+            tot += float(terms["main"].sum() + terms["velocity"].sum())
+            vel += float(terms["velocity"].sum())
+        reps.append(tot / n_tok)
+        vels.append(vel / n_tok)
+    model.train(was_training)
+    return {**_summary(reps, False, len(x0), n_tok, t0), "velocity_per_token": sum(vels) / len(vels)}
+
+
+def order_likelihood(model, order, x0, answer, mask_id: int, samples: int = 8, extra=None,
+                     batch_size: int = 64, seed: int = 0) -> Dict[str, object]:
+    """:func:`likelihood` under a fixed order; LoMDM's own NELBO for the learned order."""
+    if getattr(order, "learned", False):
+        return lomdm_likelihood(model, x0, answer, samples=samples, extra=extra, batch_size=batch_size, seed=seed)
+    return likelihood(model, order, x0, answer, mask_id, samples=samples, extra=extra, batch_size=batch_size,
+                      seed=seed)
 
 
 def likelihood_of_run(exp, split: str = "test", samples: int = 8, n: Optional[int] = None,
@@ -99,12 +143,7 @@ def likelihood_of_run(exp, split: str = "test", samples: int = 8, n: Optional[in
     else:
         raise ValueError(f"task {task.name!r} has no split {split!r}; it has only its evaluation set "
                          f"(use --split test)")
-    if getattr(exp.order, "learned", False):  # LoMDM: its own NELBO under the learned forward process
-        from ..analysis.text_compare import lomdm_likelihood
-        res = lomdm_likelihood(exp.model, x0, answer, samples=samples, extra=task.extra(),
-                               batch_size=batch_size, seed=seed)
-    else:
-        res = likelihood(exp.model, exp.order, x0, answer, task.mask_id, samples=samples, extra=task.extra(),
-                         batch_size=batch_size, seed=seed)
+    res = order_likelihood(exp.model, exp.order, x0, answer, task.mask_id, samples=samples, extra=task.extra(),
+                           batch_size=batch_size, seed=seed)
     res.update({"split": split, "order": exp.order.name, "task": task.name})
     return res
