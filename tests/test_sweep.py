@@ -137,4 +137,5 @@ def test_report_groups_by_task_size_and_reads_tau_from_the_task(tmp_path):
     assert set(rows) == {("linear_regression(d=2)", "ar"), ("linear_regression(d=4)", "ar")}
     assert rows[("linear_regression(d=2)", "ar")]["reached"] == "1/2"
     assert rows[("linear_regression(d=2)", "ar")]["threshold"] == "< 0.05"
+    assert rows[("linear_regression(d=2)", "ar")]["per_seed"] == "0.04 / 0.06"
     assert rows[("linear_regression(d=4)", "ar")]["reached"] == "0/1"

@@ -52,8 +52,13 @@ def load_runs(sweep_dir) -> List[dict]:
         cfg = yaml.safe_load(cfg_path.read_text())
         metrics = run / "metrics.jsonl"
         evals = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.exists() else []
+        times = [e["time"] for e in evals if "time" in e]
         evals = [e for e in evals if e.get("event") == "eval"]
-        runs.append({"dir": run, "cfg": cfg, "evals": evals, "finished": (run / "model.safetensors").exists()})
+        info = run / "run.json"
+        start = json.loads(info.read_text()).get("start_time") if info.exists() else None
+        runs.append({"dir": run, "cfg": cfg, "evals": evals, "finished": (run / "model.safetensors").exists(),
+                     # start of training to its last log line (a resumed run: its first start)
+                     "wall_s": (times[-1] - start) if times and start is not None else float("nan")})
     # a sweep over task sizes (d, degree, path_len, ...) gets one group per size, not one per task name
     varying = defaultdict(set)
     for name in {r["cfg"]["task"]["name"] for r in runs}:
@@ -104,8 +109,9 @@ def summarise(runs: List[dict], thresholds=THRESHOLDS) -> List[dict]:
         hits = [first_crossing(r["evals"], key, op, tau) for r in rs] if metric else []
         c = [h["flops"] for h in hits if h is not None and "flops" in h]
         mean, std = _mean_std(finals)
+        per_seed = " / ".join(f"{f:.3g}" for f in finals)
         rows.append({"task": task, "order": order, "seeds": len(rs), "metric": key, "threshold": f"{op} {tau}",
-                     "final_mean": mean, "final_std": std,
+                     "final_mean": mean, "final_std": std, "per_seed": per_seed,
                      "reached": f"{sum(h is not None for h in hits)}/{len(rs)}",
                      "flops_to_threshold": (sum(c) / len(c)) if c else float("nan")})
         second = f"val_{SECONDARY.get(rs[0]['cfg']['task']['name'], '')}"
@@ -329,11 +335,13 @@ def write_report(sweep_dir, thresholds=THRESHOLDS, context_n: int = 256, out_dir
         raise FileNotFoundError(f"{sweep_dir} holds no runs (no */config.yaml)")
     rows = summarise(runs, thresholds)
     lines = [f"# Study report: {sweep_dir.name}", "",
-             f"{len(runs)} runs ({sum(r['finished'] for r in runs)} finished). Threshold metric per task, "
+             f"{len(runs)} runs ({sum(r['finished'] for r in runs)} finished; their training wall-clock times, "
+             f"each from its start to its last log line, sum to {sum(r['wall_s'] for r in runs if math.isfinite(r['wall_s'])):.0f} s). "
+             "Threshold metric per task, "
              "mean ± std of its final value over seeds, share of seeds past the threshold, training FLOPs "
              "to the threshold C(τ) (mean over the seeds that reached it) and task affinity "
              "A = log10(C_AR / C_order).", "", format_table(rows, columns=[
-                 "task", "order", "seeds", "metric", "threshold", "final_mean", "final_std", "reached",
+                 "task", "order", "seeds", "metric", "threshold", "final_mean", "final_std", "per_seed", "reached",
                  "flops_to_threshold", "affinity_vs_ar", "affinity_bound", "also"]), "",
              "`affinity_bound`: where AR never reached τ, C_AR exceeds AR's whole training budget "
              "(`flops_trained`), so A > log10(AR's budget / C_order).", ""]
