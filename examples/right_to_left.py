@@ -7,8 +7,8 @@ are mirrored; decoding may only fill the rightmost hole.
 import torch
 
 from anyorder.decoding import DECODERS, Decoder
-from anyorder.model import masks
-from anyorder.objectives.plans import two_stream_plan
+from anyorder.orders import masks
+from anyorder.orders.plans import two_stream_plan
 from anyorder.orders import ORDERS, Order
 
 

@@ -1,7 +1,7 @@
 """Changing a token changes other positions' logits only where the order's attention allows."""
 import torch
 
-from anyorder.model import masks
+from anyorder.orders import masks
 from anyorder.orders import build_order
 
 from conftest import make_batch

@@ -9,7 +9,7 @@ from anyorder.decoding import build_decoder
 from anyorder.model import ModelConfig, Transformer
 from anyorder.objectives.lomdm import LoMDM, bench_lomdm_ratio, exponents, normsig, velocity_loss
 from anyorder.objectives.nelbo import plan_loss
-from anyorder.objectives.plans import masked_plan
+from anyorder.orders.plans import masked_plan
 from anyorder.orders import build_order
 from anyorder.orders.schedules import build_schedule
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from anyorder.model import masks
+from anyorder.orders import masks
 from anyorder.objectives.nelbo import exact_nelbo, plan_logits, plan_loss
 from anyorder.orders import build_order
 from anyorder.orders.schedules import EpsAR, EpsBlock, Linear

@@ -17,6 +17,12 @@ from typing import Dict
 
 import torch
 
+from .model import ModelConfig, Transformer
+from .model.lomdm import LoMDM
+from .objectives.lomdm import lomdm_loss
+from .objectives.nelbo import plan_loss
+from .orders import build_order
+
 
 def _machine() -> Dict[str, object]:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
@@ -43,7 +49,6 @@ def bench_train(d_model: int = 256, n_layers: int = 6, seq_len: int = 128, batch
 
     from .analysis.flops import register_cpu_attention_flops
     from .model import ModelConfig, Transformer
-    from .objectives.nelbo import plan_loss
     from .orders import build_order
 
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
@@ -85,7 +90,6 @@ def bench_train(d_model: int = 256, n_layers: int = 6, seq_len: int = 128, batch
                 "fraction_of_fp32_peak": round(flops / dt / peaks["fp32"], 3),
                 "fraction_of_bf16_peak": round(flops / dt / peaks["bf16"], 3),
             })
-    from .objectives.lomdm import bench_lomdm_ratio
 
     lomdm = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in bench_lomdm_ratio(steps=5).items()}
     return {"model": {"d_model": d_model, "n_layers": n_layers, "seq_len": seq_len, "batch_size": batch_size,
@@ -206,3 +210,44 @@ def bench_sudoku_gen(count: int = 100_000) -> Dict[str, object]:
     from .tasks.sudoku_core import bench_generation
 
     return {**bench_generation(size=9, count=count, n_clues=30, seed=0), "machine": _machine()}
+
+
+def bench_lomdm_ratio(n_layers: int = 4, d_model: int = 128, batch: int = 32, length: int = 64,
+                      vocab: int = 64, steps: int = 3, warmup: int = 1, seed: int = 0) -> Dict[str, float]:
+    """Seconds per training step (forward + backward + AdamW) of LoMDM and of an MDLM step of
+    the same backbone, in this process (a plain AdamW loop: only the step's cost matters)."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab + 1, mask_id=vocab, d_model=d_model, n_layers=n_layers,
+                      n_heads=max(1, d_model // 32), max_len=length)
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(0, vocab, (batch, length), generator=g)
+    answer = torch.ones(batch, length, dtype=torch.bool)
+    mdlm_model = Transformer(cfg)
+    lomdm = LoMDM(Transformer(cfg))
+    order = build_order("random")
+    layout = order.layout(answer)
+
+    def mdlm_step(gen):
+        plan = order.train_plan(x0, layout, cfg.mask_id, gen)
+        return plan_loss(mdlm_model, plan)[0]
+
+    def lomdm_step(gen):
+        return lomdm_loss(lomdm, x0, answer, gen)[0]
+
+    def timed(model, fn):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        times = []
+        for i in range(warmup + steps):
+            gen = torch.Generator().manual_seed(i)
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            fn(gen).backward()
+            opt.step()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        return min(times)  # least disturbed by other processes on a shared machine
+
+    s_mdlm = timed(mdlm_model, mdlm_step)
+    s_lomdm = timed(lomdm, lomdm_step)
+    return {"mdlm_s_per_step": s_mdlm, "lomdm_s_per_step": s_lomdm, "ratio": s_lomdm / s_mdlm,
+            "n_layers": n_layers, "d_model": d_model, "batch": batch, "length": length}

@@ -1,4 +1,4 @@
-"""Config -> (task, order, model) -> trained run directory -> decoded, measured results.
+"""Config -> (task, order, objective, model) -> trained run directory -> decoded, measured results.
 
 The Python API the CLI wraps:
 
@@ -7,28 +7,33 @@ The Python API the CLI wraps:
     exp = load_run(run_dir)
     table = evaluate(exp, {"name": "margin", "k": 2}, n=256)
 
-A run directory holds ``config.yaml`` (the resolved config), ``run.json`` (versions, seed,
-hardware), ``metrics.jsonl``, ``checkpoint/`` (exact resume) and ``model.safetensors``.
+This file is wiring only: the task hands out data, the order lays out a training pass, the
+objective (named by the task or the order) turns both into a model, a loss and metrics, and the
+:class:`~anyorder.train.Trainer` runs the loop. A run directory holds ``config.yaml`` (the
+resolved config), ``run.json`` (versions, seed, hardware), ``metrics.jsonl``, ``checkpoint/``
+(exact resume), ``model.safetensors`` and ``summary.json``.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 import yaml
 
 from .config import dump, normalise
-from .decoding import DecodeResult, build_decoder
-from .model import ModelConfig, Transformer
-from .objectives.nelbo import WEIGHTINGS, plan_loss
+from .decoding import build_decoder
+from .evaluation.decode import run_decoder  # noqa: F401  (part of this module's API)
+from .objectives import Objective, build_objective
 from .orders import Order, build_order
-from .registry import unknown_choice
+from .plugins import load_plugins
+from .rundir import check_same_run, run_dir_for
 from .tasks import Task, build_task
+from .train import Trainer, TrainConfig, barrier, cleanup, load_weights, save_weights
 
 
 @dataclass
@@ -36,8 +41,12 @@ class Experiment:
     cfg: Dict[str, Any]
     task: Task
     order: Order
-    model: Transformer
-    weighting: str
+    objective: Objective
+    model: torch.nn.Module
+
+    @property
+    def weighting(self) -> str:
+        return self.objective.weighting
 
 
 def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
@@ -46,113 +55,38 @@ def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 1_013 + rank)
 
 
-def load_plugins(plugins) -> None:
-    """Import user modules (dotted names) or files (paths ending in .py) so that their
-    ``@ORDERS.register(...)``-style decorators run before the config is resolved."""
-    import importlib
-    import importlib.util
-
-    for item in plugins or []:
-        item = str(item)
-        if item.endswith(".py"):
-            path = Path(item)
-            if not path.exists():
-                raise FileNotFoundError(f"plugin file {item!r} does not exist")
-            name = f"anyorder_plugin_{path.stem}"
-            if name in __import__("sys").modules:
-                continue
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            __import__("sys").modules[name] = module
-            spec.loader.exec_module(module)
-        else:
-            importlib.import_module(item)
-
-
 def build(cfg: Dict[str, Any]) -> Experiment:
     """Build everything a config names, validating it all before any file is written."""
     cfg = normalise(cfg)
     load_plugins(cfg.get("plugins"))
     task = build_task(cfg["task"])
     order = build_order(cfg["order"])
-    weighting = cfg["weighting"] or order.default_weighting
-    if weighting not in WEIGHTINGS:
-        raise unknown_choice("weighting", weighting, list(WEIGHTINGS))
+    objective = build_objective(task, order, cfg["weighting"])
     for d in cfg["decode"]:
         build_decoder(dict(d))
     torch.manual_seed(int(cfg["seed"]))
-    if getattr(task, "continuous", False):  # in-context regression: read-in/read-out, MSE
-        from .model.continuous import ContinuousConfig, ContinuousTransformer
-        from .objectives.regression import REGRESSION_WEIGHTINGS
-
-        if weighting not in REGRESSION_WEIGHTINGS:
-            raise unknown_choice("regression weighting", weighting, list(REGRESSION_WEIGHTINGS))
-        fields = ContinuousConfig.__dataclass_fields__
-        mcfg = ContinuousConfig(d_in=task.d, max_len=task.seq_len,
-                                **{k: v for k, v in cfg["model"].items() if k in fields})
-        return Experiment(cfg, task, order, ContinuousTransformer(mcfg), weighting)
-    mcfg = ModelConfig(vocab_size=task.vocab_size, mask_id=task.mask_id, max_len=task.seq_len,
-                       extra_embeddings=dict(task.extra_embeddings), **cfg["model"])
-    model = Transformer(mcfg)
-    if getattr(order, "learned", False):  # LoMDM: the backbone plus the g_φ / g_ψ schedule heads
-        model = order.wrap(model)
-    return Experiment(cfg, task, order, model, weighting)
+    return Experiment(cfg, task, order, objective, objective.build_model(dict(cfg["model"])))
 
 
 def make_loss_fn(exp: Experiment):
-    extra = exp.task.extra()
+    """The Trainer's ``loss_fn(model, step, micro, rank, world_size)``: one micro-batch of the
+    objective, every random draw from :func:`step_generator`."""
     bs, seed = int(exp.cfg["train"]["batch_size"]), int(exp.cfg["seed"])
-    if getattr(exp.task, "continuous", False):
-        from .objectives.regression import make_regression_loss_fn
-        return make_regression_loss_fn(exp.task, exp.order, exp.weighting, bs, seed)
 
     def loss_fn(model, step, micro, rank, world_size):
-        gen = step_generator(seed, step, micro, rank)
-        x0, answer = exp.task.train_batch(bs, gen)
-        if getattr(exp.order, "learned", False):  # LoMDM: three passes (x, z¹, z²), RLOO for φ
-            loss, stats = model(x0, extra=extra, train_answer=answer, gen=gen)  # via forward: DDP-safe
-            stats = {k: float(v) for k, v in stats.items()}
-            stats["tokens"] = 3 * int(x0.numel())
-            return loss, stats
-        plan = exp.order.train_plan(x0, exp.order.layout(answer), exp.task.mask_id, gen)
-        loss, stats = plan_loss(model, plan, extra=extra, weighting=exp.weighting)
-        stats["tokens"] = int(plan.tokens.numel())
-        return loss, stats
+        return exp.objective.loss(model, bs, step_generator(seed, step, micro, rank), step)
 
     return loss_fn
 
 
 def make_eval_fn(exp: Experiment):
-    """Held-out masked CE (fixed masks) and the first decoder's task metrics on a subset."""
-    n = min(int(exp.cfg["eval"]["n"]), 256)
-    if getattr(exp.task, "continuous", False):
-        from .objectives.regression import make_regression_eval_fn
-        fn = make_regression_eval_fn(exp.task, exp.order, n)
-        return lambda model: {k: float(v) for k, v in fn(model).items() if isinstance(v, (int, float))}
-    x0, answer = exp.task.eval_set(n)
-    extra = exp.task.extra()
-
-    def eval_fn(model):
-        gen = torch.Generator().manual_seed(12345)
-        if getattr(exp.order, "learned", False):
-            _, stats = model.loss(x0, answer, gen, extra=extra)
-            out = {"val_nelbo_per_token": float(stats["nelbo"]), "val_masked_acc": float(stats["masked_acc"])}
-        else:
-            plan = exp.order.train_plan(x0, exp.order.layout(answer), exp.task.mask_id, gen)
-            loss, stats = plan_loss(model, plan, extra=extra, weighting="elbo")
-            out = {"val_nelbo_per_token": float(loss), "val_masked_acc": stats["masked_acc"]}
-        res = run_decoder(model, exp, exp.cfg["decode"][0], x0[:128], answer[:128])
-        out.update({f"val_{k}": v for k, v in res.items() if isinstance(v, float)})
-        return out
-
-    return eval_fn
+    """Periodic evaluation: the objective's held-out metrics with the first configured decoder."""
+    return exp.objective.validation(min(int(exp.cfg["eval"]["n"]), 256), exp.cfg["decode"][0])
 
 
 def step_flops(exp: Experiment, loss_fn, tcfg) -> int:
     """Training FLOPs of one optimizer step over all processes, counted on a real micro-step
     (the shapes, hence the FLOPs, are the same every step)."""
-    import os
-
     from .analysis.flops import count_step_flops
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -163,8 +97,6 @@ def step_flops(exp: Experiment, loss_fn, tcfg) -> int:
 def train_config(cfg: Dict[str, Any], **changes):
     """(TrainConfig, flops_budget) of a resolved config; a budget is resolved into steps once the
     step's FLOPs are counted (:func:`steps_for_budget`)."""
-    from .train import TrainConfig
-
     train_cfg = {k: (tuple(v) if k == "betas" else v) for k, v in cfg["train"].items()}
     flops_budget = train_cfg.pop("flops_budget", None)
     return TrainConfig(seed=int(cfg["seed"]), **{**train_cfg, **changes}), flops_budget
@@ -178,24 +110,13 @@ def steps_for_budget(flops_budget, flops_per_step: float) -> int:
     return max(1, int(budget // float(flops_per_step)))
 
 
-def run_dir_for(cfg) -> Path:
-    return Path(cfg["out_dir"]) / str(cfg["name"])
-
-
 def train(cfg: Dict[str, Any], run_dir: Optional[Union[str, Path]] = None, resume: bool = True) -> Path:
-    from .train import Trainer
-
     exp = build(cfg)                                   # all validation happens here, before mkdir
     tcfg, flops_budget = train_config(exp.cfg)
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(exp.cfg)
     created = not run_dir.exists()
-    if not created:
-        old = run_dir / "config.yaml"
-        if old.exists() and resume:
-            prev = yaml.safe_load(old.read_text())
-            if _trajectory(prev) != _trajectory(exp.cfg):
-                raise ValueError(f"{run_dir} holds a run with a different config; choose another name= "
-                                 f"or delete the directory (differences: {_diff(prev, exp.cfg)})")
+    if not created and resume:
+        check_same_run(run_dir, exp.cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         (run_dir / "config.yaml").write_text(dump(exp.cfg))
@@ -207,18 +128,13 @@ def train(cfg: Dict[str, Any], run_dir: Optional[Union[str, Path]] = None, resum
         if flops_budget is not None:  # equal-compute comparisons: the step count follows the step's cost
             tcfg.steps = steps_for_budget(flops_budget, flops)
             info["steps_from_flops_budget"] = tcfg.steps
-        lr_scale = None
-        if getattr(exp.order, "learned", False) and exp.order.head_lr is not None:  # LoMDM heads' own lr
-            head_scale = exp.order.head_lr / tcfg.lr
-            lr_scale = lambda name: head_scale if exp.model.is_head(name) else 1.0  # noqa: E731
         trainer = Trainer(exp.model, loss_fn, tcfg, run_dir, eval_fn=make_eval_fn(exp), run_info=info,
-                          flops_per_step=flops, lr_scale=lr_scale)
+                          flops_per_step=flops, lr_scale=exp.objective.lr_scale(tcfg.lr))
         summary = trainer.fit()
     except Exception:
         if created and not (run_dir / "checkpoint").exists():
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: leave no half-made run
         raise
-    from .train import barrier, cleanup, save_weights
     if trainer.is_main:  # under torchrun only rank 0 writes
         save_weights(trainer.ema.module if trainer.ema is not None else trainer.model, run_dir / "model.safetensors")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -227,30 +143,7 @@ def train(cfg: Dict[str, Any], run_dir: Optional[Union[str, Path]] = None, resum
     return run_dir
 
 
-def _trajectory(cfg):
-    """The parts of a config that change what training computes."""
-    c = json.loads(json.dumps(cfg))
-    for k in ("name", "out_dir", "eval", "decode"):
-        c.pop(k, None)
-    for k in ("steps", "eval_every", "checkpoint_every", "log_every", "progress", "tensorboard", "wandb", "wandb_project"):
-        c.get("train", {}).pop(k, None)
-    return c
-
-
-def _diff(a, b, path=""):
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff(va, vb, f"{path}{k}.")
-        elif va != vb:
-            out.append(f"{path}{k}: {va!r} -> {vb!r}")
-    return "; ".join(out[:6]) if path == "" else out
-
-
 def load_run(run_dir: Union[str, Path]) -> Experiment:
-    from .train import load_weights
-
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
@@ -265,37 +158,7 @@ def load_run(run_dir: Union[str, Path]) -> Experiment:
     return exp
 
 
-def run_decoder(model, exp: Experiment, decoder_spec, x0, answer, batch_size: int = 256,
-                return_results: bool = False):
-    """Decode ``x0``'s answers from scratch; task metrics + AFP, Kendall τ, NFE."""
-    dec = build_decoder(dict(decoder_spec) if isinstance(decoder_spec, dict) else decoder_spec)
-    extra = exp.task.extra()
-    mask_id = exp.task.mask_id
-    toks, traces = [], []
-    t0 = time.perf_counter()
-    for i in range(0, len(x0), batch_size):
-        xb, ab = x0[i:i + batch_size], answer[i:i + batch_size]
-        prompt = torch.where(ab, torch.full_like(xb, mask_id), xb)
-        r = dec.decode(model, exp.order, prompt, ab, extra=extra, row_seeds=[dec.seed + j for j in range(i, i + len(xb))])
-        toks.append(r.tokens)
-        traces.append(r.trace)
-    secs = time.perf_counter() - t0
-    pred = torch.cat(toks)
-    from .decoding.trace import Trace
-    trace = Trace(*(torch.cat([getattr(t, f) for t in traces]) for f in ("finalize_step", "confidence", "answer", "nfe")))
-    out = dict(exp.task.metrics(pred, x0, answer))
-    out.update(trace.summary())
-    out["tokens_per_s"] = float(answer.sum()) / secs
-    if return_results:
-        return out, DecodeResult(pred, trace)
-    return out
-
-
 def evaluate(exp: Experiment, decoder_spec, n: int = 256, batch_size: int = 256, return_results: bool = False):
-    if getattr(exp.task, "continuous", False):  # no token decoder: the order's own prediction loop
-        from .objectives.regression import make_regression_eval_fn
-        res = {k[len("val_"):]: v for k, v in make_regression_eval_fn(exp.task, exp.order, n)(exp.model).items()
-               if isinstance(v, (int, float))}
-        return (res, None) if return_results else res
-    x0, answer = exp.task.eval_set(n)
-    return run_decoder(exp.model, exp, decoder_spec, x0, answer, batch_size, return_results)
+    """The task's metrics on ``n`` held-out examples decoded with ``decoder_spec``, plus AFP,
+    Kendall τ and NFE (the run's objective decides how a prediction is decoded)."""
+    return exp.objective.evaluate(exp.model, decoder_spec, n, batch_size, return_results)

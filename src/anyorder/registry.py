@@ -1,12 +1,15 @@
-"""Name -> class registries for orders, decoders, scores and tasks.
+"""Name -> class registries for orders, objectives, decoders, scores, schedules and tasks.
 
 Configs and the CLI refer to every swappable piece by name; a user adds their own with
-``@ORDERS.register("my_order")`` without editing the library.
+``@ORDERS.register("my_order")`` without editing the library. ``REGISTRY.build(spec)`` turns a
+name, a ``{"name": ..., option: value}`` dict or an already built instance into the piece, and
+refuses an unknown name or option with the valid choices.
 """
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Dict, Generic, List, TypeVar
+import inspect
+from typing import Any, Callable, Dict, Generic, List, Optional, Set, TypeVar
 
 T = TypeVar("T")
 
@@ -16,6 +19,21 @@ def unknown_choice(kind: str, name: str, choices: List[str]) -> ValueError:
     close = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return ValueError(f"unknown {kind} {name!r}.{hint} Valid choices: {', '.join(sorted(choices))}")
+
+
+def options_of(cls) -> Optional[Set[str]]:
+    """The keyword options ``cls(...)`` accepts, following ``**kwargs`` passed up the MRO; None
+    if some ``__init__`` takes ``**kwargs`` and no base class bounds them (anything goes)."""
+    names: Set[str] = set()
+    for klass in getattr(cls, "__mro__", (cls,)):
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        params = list(inspect.signature(init).parameters.values())[1:]  # drop self
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names
+    return None
 
 
 class Registry(Generic[T]):
@@ -43,8 +61,27 @@ class Registry(Generic[T]):
             raise unknown_choice(self.kind, name, list(self._items))
         return self._items[name]
 
-    def build(self, name: str, **kwargs: Any):
-        return self.get(name)(**kwargs)
+    def build(self, spec: Any, **kwargs: Any):
+        """Build from ``"name"``, ``{"name": "name", **options}`` or return an instance as is.
+        Options the class does not take are refused with the valid ones (a ValueError); errors
+        raised inside the constructor propagate unchanged."""
+        if isinstance(spec, str):
+            name, options = spec, {}
+        elif isinstance(spec, dict):
+            options = dict(spec)
+            if "name" not in options:
+                raise ValueError(f"a {self.kind} spec needs a 'name' (valid: {', '.join(self.names())}); got {spec!r}")
+            name = options.pop("name")
+        else:
+            return spec
+        options.update(kwargs)
+        cls = self.get(name)
+        valid = options_of(cls)
+        unknown = sorted(set(options) - valid) if valid is not None else []
+        if unknown:
+            raise ValueError(f"{self.kind} {name!r} got unknown option(s) {', '.join(map(repr, unknown))}. "
+                             f"Valid options: {', '.join(sorted(valid)) or '(none)'}")
+        return cls(**options)
 
     def names(self) -> List[str]:
         return sorted(self._items)

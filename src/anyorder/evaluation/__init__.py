@@ -1,4 +1,9 @@
-"""Evaluation beyond task metrics: likelihood bounds (NELBO / perplexity) of any order."""
-from .likelihood import is_exact, likelihood, likelihood_of_run, nelbo_total
+"""Evaluation of trained runs: decoded task metrics and likelihood bounds (NELBO / perplexity).
 
-__all__ = ["is_exact", "likelihood", "likelihood_of_run", "nelbo_total"]
+The bounds themselves are computed by each run's objective (:mod:`anyorder.objectives`); this
+package holds what they share.
+"""
+from .decode import run_decoder
+from .likelihood import likelihood_of_run, likelihood_summary
+
+__all__ = ["likelihood_of_run", "likelihood_summary", "run_decoder"]

@@ -1,29 +1,43 @@
-"""The one objective: per-position weighted masked cross-entropy (OeMDM's NELBO, SPEC §2).
+"""The one objective of every fixed order: per-position weighted masked cross-entropy.
+
+The NELBO of OeMDM ("Unifying Masked Diffusion Models with Various Generation Orders and
+Beyond", arXiv 2602.02112): with a per-position schedule α_i(t), the negative ELBO is
+E_t E_{z_t} Σ_{i masked} A_i(t) · (−log p_θ(x^i | z_t)), A_i(t) = −α_i'(t) / (1 − α_i(t)).
 
 ``plan_loss`` scores any :class:`TrainPlan` with a chosen weighting:
 
 - ``elbo``    A_i(t), the NELBO weight (an upper bound on NLL per answer token);
-- ``clamp``   clamp(1/t, 0.1, 10), seed 000's weighting;
+- ``clamp``   clamp(1/t, 0.1, 10), the weighting of "On the Trainability of Masked Diffusion
+              Language Models via Blockwise Locality" (2026);
 - ``uniform`` 1 on every masked position;
-- ``focal``   A_i(t)·α(1−p)^γ, MGDM's token reweighting on top of the ELBO weight.
+- ``focal``   A_i(t)·α(1−p)^γ, MGDM's token reweighting (Ye et al., 2024, arXiv 2410.14157)
+              on top of the ELBO weight.
 
 The loss is a sum over scored positions divided by the number of answer tokens, so under
-``elbo`` it estimates the NELBO per token (MDLM's convention, REFERENCE §2).
+``elbo`` it estimates the NELBO per token (MDLM's convention: Sahoo et al., 2024, arXiv 2406.07524).
 
 ``exact_nelbo`` integrates the same objective exactly (Gauss–Legendre in t, all 2^n mask
 patterns) for short sequences: the ground truth the efficient plans are tested against.
+
+:class:`NelboObjective` (registered ``nelbo``) wires these into training, validation, decoding
+and likelihood for any order with a ``train_plan``; :func:`likelihood` is its bound.
 """
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..evaluation.decode import run_decoder
+from ..evaluation.likelihood import likelihood_summary
+from ..model import ModelConfig, Transformer
 from ..orders.base import Layout, TrainPlan
 from ..registry import unknown_choice
+from .base import OBJECTIVES, Objective
 
 WEIGHTINGS = ("elbo", "clamp", "uniform", "focal")
 
@@ -112,3 +126,89 @@ def exact_nelbo(logp_fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tenso
             term = (others * patterns[:, i].double().unsqueeze(0) * ce[:, i].unsqueeze(0)).sum(-1)  # [T]
             total += float((ws * rate[:, i] * term).sum())
     return total
+
+
+@torch.no_grad()
+def nelbo_total(model, order, x0, answer, mask_id: int, gen: torch.Generator, extra=None,
+                batch_size: int = 64) -> float:
+    """One Monte-Carlo replicate: the ELBO-weighted masked CE summed over all rows (nats)."""
+    total = 0.0
+    for i in range(0, len(x0), batch_size):
+        xb, ab = x0[i:i + batch_size], answer[i:i + batch_size]
+        plan = order.train_plan(xb, order.layout(ab), mask_id, gen)
+        loss, _ = plan_loss(model, plan, extra=extra, weighting="elbo")  # sum / this batch's answer tokens
+        total += float(loss) * float(ab.sum())
+    return total
+
+
+@torch.no_grad()
+def likelihood(model, order, x0: torch.Tensor, answer: torch.Tensor, mask_id: int, samples: int = 8,
+               extra: Optional[Dict[str, torch.Tensor]] = None, batch_size: int = 64, seed: int = 0) -> Dict[str, object]:
+    """NELBO per answer token (nats), its standard error, and the perplexity bound.
+
+    Where the order's training pass is the exact NLL (``order.exact_likelihood``: AR's teacher
+    forcing) the result is that NLL; ``samples`` is then 1 whatever was asked.
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    was_training = model.training
+    model.eval()
+    exact = bool(order.exact_likelihood)
+    k = 1 if exact else int(samples)
+    n_tok = float(answer.sum())
+    t0 = time.perf_counter()
+    reps = []
+    for r in range(k):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + r)
+        reps.append(nelbo_total(model, order, x0, answer, mask_id, gen, extra, batch_size) / n_tok)
+    model.train(was_training)
+    return likelihood_summary(reps, exact, len(x0), n_tok, t0)
+
+
+@OBJECTIVES.register("nelbo")
+class NelboObjective(Objective):
+    """The NELBO of any order with a fixed masking plan (``order.train_plan`` + :func:`plan_loss`)."""
+
+    weightings = WEIGHTINGS
+
+    def __init__(self, task, order, weighting: Optional[str] = None):
+        super().__init__(task, order, weighting)
+        self.extra = task.extra()
+
+    def build_model(self, options):
+        cfg = ModelConfig(vocab_size=self.task.vocab_size, mask_id=self.task.mask_id, max_len=self.task.seq_len,
+                          extra_embeddings=dict(self.task.extra_embeddings), **options)
+        return Transformer(cfg)
+
+    def loss(self, model, batch_size, gen, step):
+        x0, answer = self.task.train_batch(batch_size, gen)
+        plan = self.order.train_plan(x0, self.order.layout(answer), self.task.mask_id, gen)
+        loss, stats = plan_loss(model, plan, extra=self.extra, weighting=self.weighting)
+        stats["tokens"] = int(plan.tokens.numel())
+        return loss, stats
+
+    def validation_loss(self, model, x0, answer, gen) -> Dict[str, float]:
+        """The held-out NELBO per token and masked accuracy under the ``elbo`` weighting."""
+        plan = self.order.train_plan(x0, self.order.layout(answer), self.task.mask_id, gen)
+        loss, stats = plan_loss(model, plan, extra=self.extra, weighting="elbo")
+        return {"val_nelbo_per_token": float(loss), "val_masked_acc": stats["masked_acc"]}
+
+    def validation(self, n, decoder_spec):
+        """Held-out NELBO (fixed masks) and the decoder's task metrics on the first 128 examples."""
+        x0, answer = self.task.eval_set(n)
+
+        def eval_fn(model):
+            out = self.validation_loss(model, x0, answer, torch.Generator().manual_seed(12345))
+            res = run_decoder(model, self, decoder_spec, x0[:128], answer[:128])
+            out.update({f"val_{k}": v for k, v in res.items() if isinstance(v, float)})
+            return out
+
+        return eval_fn
+
+    def evaluate(self, model, decoder_spec, n, batch_size=256, return_results=False):
+        x0, answer = self.task.eval_set(n)
+        return run_decoder(model, self, decoder_spec, x0, answer, batch_size, return_results)
+
+    def likelihood(self, model, x0, answer, samples=8, batch_size=64, seed=0):
+        return likelihood(model, self.order, x0, answer, self.task.mask_id, samples=samples, extra=self.extra,
+                          batch_size=batch_size, seed=seed)

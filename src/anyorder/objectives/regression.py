@@ -1,6 +1,6 @@
-"""Continuous targets under any order: weighted MSE on a TrainPlan, and order-driven prediction.
+"""Continuous targets under any order: weighted MSE on a TrainPlan (the ``regression`` objective).
 
-The orders build their plans from an integer proxy ``x0`` (tasks/linear_regression.py); the real
+The orders build their plans from an integer proxy ``x0`` (the task's batch); the real
 values travel beside the plan. Slot s of a plan holds sequence position ``plan.index[s]`` (s for
 single-stream plans) and is masked iff ``plan.tokens[:, s] == mask_id``. Two-stream plans (ar,
 block, jigsaw) thus give the clean stream the clean values of every position and the noisy
@@ -10,24 +10,21 @@ The loss is the token objective with squared error in place of cross-entropy: Σ
 over scored positions / number of answer positions, with the same weightings (elbo, clamp,
 uniform; focal needs a probability and is refused).
 
-:func:`predict` decodes with the order's own structure: each step predicts every masked query y
-under ``order.decode_attention``, commits the positions ``order.allowed`` permits, and feeds the
-predictions back as values. ``random`` commits everything in one shot; ar/block/prefix_block/
-scatter/jigsaw commit in their sequence. A point predictor has no uncertainty, so Jigsaw's
-entropy probe sees equal (uniform) "entropies" everywhere and starts blocks left to right.
+Validation and ``anyorder eval`` decode with :func:`anyorder.decoding.regression.predict` (the
+order's own attention and commit rule) and report the task's MSE next to exact baselines.
+Continuous values have no likelihood bound here.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import time
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 
+from ..decoding.regression import predict
 from ..model.continuous import ContinuousConfig, ContinuousTransformer
-from ..orders.base import Order, TrainPlan
+from ..orders.base import TrainPlan
 from ..registry import unknown_choice
+from .base import OBJECTIVES, Objective
 from .nelbo import token_weights
 
 REGRESSION_WEIGHTINGS = ("elbo", "clamp", "uniform")
@@ -57,64 +54,7 @@ def regression_loss(model, plan: TrainPlan, values: torch.Tensor, targets: torch
     return loss, stats
 
 
-@torch.no_grad()
-def predict(model, order: Order, values: torch.Tensor, answer: torch.Tensor):
-    """(pred [B, R] of the answer positions in sequence order, nfe) decoded with the order's
-    attention and commit rule; committed predictions are fed back as y values."""
-    layout = order.layout(answer)
-    vals = values.clone()
-    vals[answer] = 0.0  # nothing of the true answers is visible (they are masked anyway)
-    masked = answer.clone()
-    out = torch.zeros(answer.shape, dtype=torch.float32, device=values.device)
-    # uniform "log-probabilities" over the 2-symbol proxy vocabulary: only Jigsaw's probe reads them
-    flat_logp = torch.full((*answer.shape, 2), -0.6931471805599453, device=values.device)
-    nfe = 0
-    while bool(masked.any()):
-        pred = model(vals, masked, attn_mask=order.decode_attention(masked, layout))
-        nfe += 1
-        allow = order.allowed(masked, layout, flat_logp) & masked
-        if not bool(allow[masked.any(-1)].any(-1).all()):
-            raise RuntimeError(f"order {order.name!r} allowed no masked position in a row that has some")
-        out = torch.where(allow, pred, out)
-        vals[..., 0] = torch.where(allow, pred, vals[..., 0])
-        masked = masked & ~allow
-    B = answer.shape[0]
-    return out[answer].view(B, -1), nfe
-
-
-# -- integration: the regression twin of experiment.build / make_loss_fn / make_eval_fn ---------
-def build_regression(cfg: Dict):
-    """(task, order, model, weighting) from an ``anyorder``-style config whose task is continuous."""
-    from ..orders.registry import ORDERS
-    from ..tasks.base import build_task
-
-    task = build_task(cfg["task"])
-    ospec = dict(cfg.get("order", {"name": "random"}))
-    order = ORDERS.get(ospec.pop("name"))(**ospec)
-    weighting = cfg.get("weighting") or order.default_weighting
-    if weighting not in REGRESSION_WEIGHTINGS:
-        raise unknown_choice("regression weighting", weighting, list(REGRESSION_WEIGHTINGS))
-    torch.manual_seed(int(cfg.get("seed", 0)))
-    mcfg = ContinuousConfig(d_in=task.d, max_len=task.seq_len, **dict(cfg.get("model", {})))
-    return task, order, ContinuousTransformer(mcfg), weighting
-
-
-def make_regression_loss_fn(task, order, weighting: str, batch_size: int, seed: int):
-    """loss_fn(model, step, micro, rank, world_size) with experiment.make_loss_fn's signature."""
-    from ..experiment import step_generator
-
-    def loss_fn(model, step, micro=0, rank=0, world_size=1):
-        gen = step_generator(seed, step, micro, rank)
-        batch = task.train_batch(batch_size, gen, step=step)
-        plan = order.train_plan(batch.x0, order.layout(batch.answer), task.mask_id, gen)
-        loss, stats = regression_loss(model, plan, batch.values, batch.targets, task.mask_id, weighting)
-        stats.update(tokens=int(plan.tokens.numel()), d_cur=batch.d_cur)
-        return loss, stats
-
-    return loss_fn
-
-
-def make_regression_eval_fn(task, order, n: Optional[int] = None, with_baselines: bool = True):
+def regression_eval_fn(task, order, n: Optional[int] = None, with_baselines: bool = True):
     """eval_fn(model) -> {val_mse, val_nmse, val_below_tau, per-query curve, baselines…}."""
     batch = task.eval_set(n)
     base = task.baselines(batch) if with_baselines else {}
@@ -132,56 +72,44 @@ def make_regression_eval_fn(task, order, n: Optional[int] = None, with_baselines
     return eval_fn
 
 
-def train_regression(cfg: Dict, log=lambda s: print(s, flush=True)) -> Dict:
-    """A plain Adam loop (no trainer features) for tests and quick CPU runs; returns the history."""
-    task, order, model, weighting = build_regression(cfg)
-    tcfg = dict(cfg.get("train", {}))
-    steps, bs = int(tcfg.get("steps", 1000)), int(tcfg.get("batch_size", 64))
-    lr, warm = float(tcfg.get("lr", 1e-3)), int(tcfg.get("warmup_steps", 0))
-    every = int(tcfg.get("eval_every", max(steps // 5, 1)))
-    loss_fn = make_regression_loss_fn(task, order, weighting, bs, int(cfg.get("seed", 0)))
-    eval_fn = make_regression_eval_fn(task, order, int(cfg.get("eval", {}).get("n", 512)))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=float(tcfg.get("weight_decay", 0.0)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warm, 1)))
-    history, t0 = [], time.time()
-    for step in range(steps):
-        loss, stats = loss_fn(model, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg.get("grad_clip", 1.0)))
-        opt.step()
-        sched.step()
-        if (step + 1) % every == 0 or step + 1 == steps:
-            ev = eval_fn(model)
-            row = {"step": step + 1, "loss": float(loss.detach()), "d_cur": stats["d_cur"], "time_s": time.time() - t0,
-                   **{k: v for k, v in ev.items() if not isinstance(v, list)}}
-            history.append({**row, "val_mse_per_query": ev["val_mse_per_query"]})
-            log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
-    return {"history": history, "model": model, "task": task, "order": order, "final": history[-1]}
+@OBJECTIVES.register("regression")
+class RegressionObjective(Objective):
+    """Weighted MSE of a continuous-valued transformer under any order with a fixed masking plan.
+    The task hands out batches with ``x0`` (integer proxy), ``answer``, ``values``, ``targets``
+    (see :class:`anyorder.tasks.linear_regression.RegressionBatch`) and metrics of predictions."""
 
+    weightings = REGRESSION_WEIGHTINGS
+    weighting_kind = "regression weighting"
 
-def main(argv=None):
-    import yaml
+    def __init__(self, task, order, weighting: Optional[str] = None):
+        if order.objective != "nelbo":
+            raise ValueError(f"task {task.name!r} trains with the regression objective, which needs an order "
+                             f"with a fixed masking plan; order {order.name!r} trains with {order.objective!r}")
+        super().__init__(task, order, weighting)
 
-    p = argparse.ArgumentParser(description="Train in-context linear regression under one order (CPU loop).")
-    p.add_argument("config")
-    p.add_argument("--set", nargs="*", default=[], help="overrides like order.name=ar train.steps=500")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1: tiny models gain nothing from more, and a shared CPU loses a lot)")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    cfg = yaml.safe_load(open(args.config))
-    for item in args.set:
-        key, val = item.split("=", 1)
-        node = cfg
-        *path, last = key.split(".")
-        for k in path:
-            node = node.setdefault(k, {})
-        node[last] = yaml.safe_load(val)
-    res = train_regression(cfg)
-    print(json.dumps({"final": {k: v for k, v in res["final"].items() if not isinstance(v, list)},
-                      "val_mse_per_query": [round(v, 4) for v in res["final"]["val_mse_per_query"]]}))
+    def build_model(self, options):
+        fields = ContinuousConfig.__dataclass_fields__
+        cfg = ContinuousConfig(d_in=self.task.d, max_len=self.task.seq_len,
+                               **{k: v for k, v in options.items() if k in fields})
+        return ContinuousTransformer(cfg)
 
+    def loss(self, model, batch_size, gen, step):
+        batch = self.task.train_batch(batch_size, gen, step=step)
+        plan = self.order.train_plan(batch.x0, self.order.layout(batch.answer), self.task.mask_id, gen)
+        loss, stats = regression_loss(model, plan, batch.values, batch.targets, self.task.mask_id, self.weighting)
+        stats.update(tokens=int(plan.tokens.numel()), d_cur=batch.d_cur)
+        return loss, stats
 
-if __name__ == "__main__":
-    main()
+    def validation(self, n, decoder_spec):
+        fn = regression_eval_fn(self.task, self.order, n)
+        return lambda model: {k: float(v) for k, v in fn(model).items() if isinstance(v, (int, float))}
+
+    def evaluate(self, model, decoder_spec, n, batch_size=256, return_results=False):
+        """The order's own prediction loop (no token decoder: ``decoder_spec`` is not used)."""
+        res = {k[len("val_"):]: v for k, v in regression_eval_fn(self.task, self.order, n)(model).items()
+               if isinstance(v, (int, float))}
+        return (res, None) if return_results else res
+
+    def likelihood(self, model, x0, answer, samples=8, batch_size=64, seed=0):
+        raise ValueError(f"task {self.task.name!r} has continuous targets: there is no likelihood bound; "
+                         f"its metric is the MSE (anyorder eval)")

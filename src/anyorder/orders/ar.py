@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..model import masks
-from ..objectives.plans import block_rules, two_stream_plan
+from . import masks
+from .plans import block_rules, two_stream_plan
 from .base import Layout, Order, lowest_open
 from .random import ScheduledMasking
 from .registry import ORDERS
@@ -29,6 +29,16 @@ class AROrder(ScheduledMasking):
         if plan not in ("efficient", "generic"):
             raise ValueError(f"order.plan must be 'efficient' or 'generic', got {plan!r}")
         self.plan = plan
+
+    @property
+    def exact_likelihood(self) -> bool:
+        return self.plan == "efficient"  # teacher forcing: every position from its clean prefix
+
+    def label(self) -> str:
+        return "AR"
+
+    def natural_decoder(self, seq_len, steps=None):
+        return {"name": "left_to_right", "k": 1, "cache": True}  # always seq_len steps, exact KV cache
 
     def train_attention(self, layout: Layout):
         return masks.causal(layout)

@@ -77,10 +77,10 @@ class Order:
     attention = "?"
     default_weighting = "elbo"
     default_decoder = "top_prob"
+    objective = "nelbo"          # the objective that trains it (anyorder.objectives): train_plan + NELBO
+    exact_likelihood = False     # True where train_plan's loss is the exact NLL, not an upper bound
 
-    def __init__(self, block_size: int = 1, **kwargs):
-        if kwargs:
-            raise TypeError(f"order {self.name!r} got unknown options {sorted(kwargs)}")
+    def __init__(self, block_size: int = 1):
         if int(block_size) < 1:
             raise ValueError(f"order.block_size must be >= 1, got {block_size}")
         self.block_size = int(block_size)
@@ -113,6 +113,16 @@ class Order:
         or None for all. A cached forward computes only these (plus what they attend to that is
         not cached); the others keep the last logits computed for them."""
         return None
+
+    # -- what tables, reports and samplers ask of an order ----------------------------------
+    def label(self) -> str:
+        """A short human-readable name for tables and plots."""
+        return self.name if self.block_size == 1 else f"{self.name} {self.block_size}"
+
+    def natural_decoder(self, seq_len: int, steps: Optional[int] = None) -> Dict[str, object]:
+        """The sampler this order is trained for, with a budget of ``steps`` forward passes
+        (default ``seq_len``: one token per step in expectation), as a decoder spec."""
+        return {"name": self.default_decoder, "steps": int(steps or seq_len)}
 
     def describe(self) -> Dict[str, str]:
         return {"name": self.name, "attention": self.attention, "block_size": str(self.block_size)}

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..model import masks
-from ..objectives.plans import block_rules, two_stream_plan
+from . import masks
+from .plans import block_rules, two_stream_plan
 from .base import Layout, first_open_block
 from .random import ScheduledMasking
 from .registry import ORDERS
@@ -38,6 +38,16 @@ class BlockOrder(ScheduledMasking):
 
     def train_attention(self, layout: Layout):
         return masks.block_causal(layout)
+
+    def label(self) -> str:
+        return f"block {self.block_size}"
+
+    def natural_decoder(self, seq_len, steps=None):
+        """BD3-LM: MDLM's ancestral sampler inside each block, blocks left to right, KV cache;
+        ``steps`` is rounded up to a multiple of the number of blocks."""
+        n_blocks = -(-int(seq_len) // self.block_size)
+        per_block = max(1, -(-int(steps or seq_len) // n_blocks))
+        return {"name": "ancestral", "steps": per_block * n_blocks, "window": self.block_size, "cache": True}
 
     def train_plan(self, x0, layout, mask_id, gen):
         if self.plan == "generic":

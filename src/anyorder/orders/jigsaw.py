@@ -19,8 +19,8 @@ import math
 
 import torch
 
-from ..model import masks
-from ..objectives.plans import jigsaw_rules, masked_plan, two_stream_plan
+from . import masks
+from .plans import jigsaw_rules, masked_plan, two_stream_plan
 from .base import Order, low_discrepancy_t
 from .registry import ORDERS
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..model import masks
-from ..objectives.plans import masked_plan
+from . import masks
+from .plans import masked_plan
 from .base import Order, first_open_block, low_discrepancy_t
 from .registry import ORDERS
 

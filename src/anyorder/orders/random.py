@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..model import masks
-from ..objectives.plans import masked_plan
+from . import masks
+from .plans import masked_plan
 from .base import Layout, Order, low_discrepancy_t
 from .registry import ORDERS
 from .schedules import build_schedule
@@ -38,3 +38,9 @@ class RandomOrder(ScheduledMasking):
 
     def decode_attention(self, masked, layout):
         return None
+
+    def label(self) -> str:
+        return "MDLM (random)"
+
+    def natural_decoder(self, seq_len, steps=None):
+        return {"name": "ancestral", "steps": int(steps or seq_len)}  # MDLM's ancestral sampler

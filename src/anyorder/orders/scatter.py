@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model import masks
+from . import masks
 from .base import lowest_open
 from .random import ScheduledMasking
 from .registry import ORDERS
@@ -25,6 +25,14 @@ class ScatterOrder(ScheduledMasking):
 
     def train_attention(self, layout):
         return masks.scatter(layout)
+
+    def label(self) -> str:
+        return f"Scatter {self.block_size}"
+
+    def natural_decoder(self, seq_len, steps=None):
+        """Column by column, random positions inside a column, KV cache."""
+        return {"name": "scatter_offsets", "steps_per_offset": max(1, int(steps or seq_len) // self.block_size),
+                "score": "random", "cache": True}
 
     def decode_attention(self, masked, layout):
         return masks.scatter(layout)

@@ -107,10 +107,5 @@ class EpsAR(EpsBlock):
 
 
 def build_schedule(spec) -> Schedule:
-    """``"linear"`` or ``{"name": "polynomial", "c": 2}``."""
-    if isinstance(spec, Schedule):
-        return spec
-    if isinstance(spec, str):
-        return SCHEDULES.get(spec)()
-    spec = dict(spec)
-    return SCHEDULES.get(spec.pop("name"))(**spec)
+    """``"linear"``, ``{"name": "polynomial", "c": 2}`` or a :class:`Schedule` instance."""
+    return SCHEDULES.build(spec)

@@ -2,11 +2,16 @@
 
 A task knows nothing about orders: it hands out clean sequences ``x0`` [B, L] with the
 ``answer`` mask (True = generated/scored), its vocabulary (with a [MASK] id), optional
-per-position embedding ids (``extra()``), and metrics on decoded answers.
+per-position embedding ids (``extra()``), and metrics on decoded answers. It also says what a
+study should read off it: the threshold τ that counts as "learned" and a second metric.
+
+A task whose data are not token sequences (e.g. continuous values) names the objective that
+consumes its batches (``objective``); :meth:`train_batch`, :meth:`eval_set` and :meth:`metrics`
+then hand out and score whatever that objective expects.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -21,6 +26,16 @@ class Task:
     mask_id: int
     seq_len: int
     extra_embeddings: Dict[str, int] = {}
+    objective: Optional[str] = None   # None: the order's objective trains it (anyorder.objectives)
+    # (metric logged as val_<metric>, comparison, τ): a run has "learned" the task once it crosses τ
+    threshold: Optional[Tuple[str, str, float]] = None
+    secondary_metric: Optional[str] = None   # a second final metric shown beside the threshold metric
+
+    @classmethod
+    def threshold_for(cls, options: Dict[str, Any]) -> Tuple[Optional[str], Optional[str], Optional[float]]:
+        """(metric, comparison, τ) for a run whose ``task`` config section is ``options`` (read
+        without building the task: a study report reads hundreds of configs)."""
+        return cls.threshold or (None, None, None)
 
     def extra(self) -> Dict[str, torch.Tensor]:
         """name -> [L] long ids of task embeddings added to the token embedding."""
@@ -37,6 +52,10 @@ class Task:
         return {"token_acc": float(((pred == x0) & answer).sum() / answer.sum().clamp_min(1)),
                 "seq_acc": float(correct.all(-1).double().mean())}
 
+    def row_correct(self, pred: torch.Tensor, x0: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+        """[B] bool: the decoded row is right (default: every answer token equals the target)."""
+        return ((pred == x0) | ~answer.bool()).all(-1)
+
     def headline(self) -> str:
         """The metric a table leads with."""
         return "seq_acc"
@@ -46,9 +65,5 @@ class Task:
 
 
 def build_task(spec) -> Task:
-    if isinstance(spec, Task):
-        return spec
-    if isinstance(spec, str):
-        return TASKS.get(spec)()
-    spec = dict(spec)
-    return TASKS.get(spec.pop("name"))(**spec)
+    """``"sudoku"``, ``{"name": "sudoku", "size": 9}`` or a :class:`Task` instance."""
+    return TASKS.build(spec)

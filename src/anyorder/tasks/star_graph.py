@@ -36,6 +36,8 @@ def star_graph(degree: int, path_len: int, num_nodes: int, rng: np.random.Genera
 @TASKS.register("star_graph")
 class StarGraphTask(Task):
     name = "star_graph"
+    threshold = ("path_acc", ">=", 0.9)
+    secondary_metric = "token_acc"
 
     def __init__(self, num_nodes: int = 20, degree: int = 3, path_len: int = 5, n_train: int = 50000,
                  n_eval: int = 1000, reverse: bool = False, seed: int = 0):

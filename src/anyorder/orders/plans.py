@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..model import masks
-from ..orders.base import Layout, TrainPlan
+from . import masks
+from .base import Layout, TrainPlan
 
 
 def masked_plan(x0, layout: Layout, mask_id: int, masked, elbo_weight, t, attn) -> TrainPlan:

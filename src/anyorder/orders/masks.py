@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..orders.base import Layout
+from .base import Layout
 
 
 def with_prompt(answer_rule: torch.Tensor, layout: Layout) -> torch.Tensor:
