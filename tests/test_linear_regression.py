@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from anyorder.model.continuous import ContinuousConfig, ContinuousTransformer
-from anyorder.objectives.regression import plan_inputs, predict, regression_loss, train_regression
+from anyorder.decoding.regression import predict
+from anyorder.objectives.regression import plan_inputs, regression_loss
 from anyorder.orders.registry import ORDERS
 from anyorder.tasks.base import build_task
 from anyorder.tasks.linear_regression import LinearRegressionTask, least_squares, ridge
@@ -138,14 +139,22 @@ def test_two_stream_values(spec):
 
 
 @pytest.mark.slow
-def test_tiny_model_learns():
-    """d = 2, P = R = 4, AR order: past the usual in-context plateau (~1500 steps at lr 3e-4) the
-    model gets far below the zero predictor (MSE = d). ~2-4 min on 2 shared cores, hence slow."""
-    torch.manual_seed(0)
-    cfg = {"seed": 0, "task": {"name": "linear_regression", "d": 2, "n_prompt": 4, "n_query": 4, "n_eval": 512},
-           "order": {"name": "ar"}, "weighting": "uniform", "model": {"d_model": 64, "n_layers": 3, "n_heads": 2},
-           "train": {"steps": 2500, "batch_size": 64, "lr": 3e-4, "warmup_steps": 100, "eval_every": 2500}}
-    final = train_regression(cfg, log=lambda s: None)["final"]
+def test_tiny_model_learns(tmp_path):
+    """d = 2, P = R = 4, AR order, through the one Trainer: past the usual in-context plateau
+    (~1500 steps at lr 3e-4) the model gets far below the zero predictor (MSE = d). Minutes on
+    2 shared cores, hence slow."""
+    import json
+
+    from anyorder.config import load_config
+    from anyorder.experiment import train
+
+    cfg = load_config(None, [f"out_dir={tmp_path}", "name=lr", "seed=0", "weighting=uniform", "train.progress=false",
+                             "task={name: linear_regression, d: 2, n_prompt: 4, n_query: 4, n_eval: 512}",
+                             "order.name=ar", "model={d_model: 64, n_layers: 3, n_heads: 2}", "train.steps=2500",
+                             "train.batch_size=64", "train.lr=3.0e-4", "train.warmup_steps=100",
+                             "train.eval_every=2500", "eval.n=512"])
+    run = train(cfg)
+    final = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in l][-1]
     assert final["val_mse"] < 0.25 * final["val_zero_mse"]
     assert final["val_lstsq_mse"] < 1e-8
 

@@ -1,4 +1,4 @@
-"""LoMDM (SPEC §4): the issue's acceptance tests for the learned order."""
+"""LoMDM (learned order, arXiv 2602.02112): the network, its objective, its decoders."""
 import itertools
 from types import SimpleNamespace
 
@@ -7,7 +7,9 @@ import torch
 
 from anyorder.decoding import build_decoder
 from anyorder.model import ModelConfig, Transformer
-from anyorder.objectives.lomdm import LoMDM, bench_lomdm_ratio, exponents, normsig, velocity_loss
+from anyorder.bench import bench_lomdm_ratio
+from anyorder.model.lomdm import LoMDM, exponents, normsig
+from anyorder.objectives.lomdm import lomdm_loss, loss_terms, velocity_loss
 from anyorder.objectives.nelbo import plan_loss
 from anyorder.orders.plans import masked_plan
 from anyorder.orders import build_order
@@ -36,7 +38,7 @@ def test_fixed_exponent_is_the_polynomial_nelbo(c1, schedule):
     order = build_order({"name": "random", "schedule": schedule})
     layout = order.layout(answer)
     # same generator: LoMDM's first mask and t are exactly the fixed order's plan
-    loss, stats = m.loss(x0, answer, torch.Generator().manual_seed(5))
+    loss, stats = lomdm_loss(m, x0, answer, torch.Generator().manual_seed(5))
     plan = order.train_plan(x0, layout, 8, torch.Generator().manual_seed(5))
     ref = plan_loss(m.backbone, plan)[0].detach()
     assert stats["nelbo_z1"] == pytest.approx(float(ref), rel=1e-5)
@@ -49,7 +51,7 @@ def test_fixed_exponent_is_the_polynomial_nelbo(c1, schedule):
     t = torch.rand(6, generator=g) * 0.9 + 0.05
     masks = [(torch.rand(6, 12, generator=g) < 0.5) & answer for _ in range(2)]
     k = m.forward_exponent(x0, answer)
-    T = m.loss_terms(x0, answer, t, masks, k)
+    T = loss_terms(m, x0, answer, t, masks, k)
     _, A = build_schedule(schedule).velocity(t, layout.aidx, layout.n_answer)
     for j, mk in enumerate(masks):
         p = masked_plan(x0, layout, 8, mk, A, t.view(-1, 1).expand(6, 12), None)
@@ -93,12 +95,12 @@ def test_velocity_loss_zero_iff_equal():
 def test_velocity_term_in_the_loss():
     m = lomdm(sharp=2.0)
     x0, answer = make_batch(B=4, L=10, prompt=2)
-    loss, stats = m.loss(x0, answer, torch.Generator().manual_seed(0))
+    loss, stats = lomdm_loss(m, x0, answer, torch.Generator().manual_seed(0))
     assert stats["velocity"] > 0  # g_φ ≠ g_ψ
     m.g_psi.load_state_dict(m.g_phi.state_dict())
     # same head on f(z) vs f(x): zero only where the features agree; on the clean input exactly 0
     k = m.forward_exponent(x0, answer)
-    T = m.loss_terms(x0, answer, torch.full((4,), 0.5), [torch.zeros_like(answer)], k)
+    T = loss_terms(m, x0, answer, torch.full((4,), 0.5), [torch.zeros_like(answer)], k)
     assert torch.allclose(T["k_hat"][0][answer], k[answer], atol=1e-6)
 
 
@@ -109,7 +111,7 @@ def test_rloo_gradient_matches_exact_enumeration():
         J(φ) = mean_{t ∈ TS} Σ_z q_φ(z | x, t) · ℓ_φ(z, t) / 4,   ℓ = Σ_masked A_φ·CE + L_velocity,
 
     z over all 2^4 masks, so ∇_φ J is exact: the pathwise part through A_φ and the score part
-    through q_φ. The estimator is ``LoMDM.loss`` on N copies of x (two masks each). φ's gradient
+    through q_φ. The estimator is ``lomdm_loss`` on N copies of x (two masks each). φ's gradient
     factors through the 4 head outputs v = g_φ(f(x)) (identical rows), so we compare ∂J/∂v, with
     a standard error from the N independent rows, and then the whole φ gradient."""
     torch.manual_seed(1)
@@ -133,7 +135,7 @@ def test_rloo_gradient_matches_exact_enumeration():
         k = m.forward_exponent(x0, answer)
         J = 0.0
         for t in TS:
-            T = m.loss_terms(x0, answer, torch.tensor([t]), masks, k)
+            T = loss_terms(m, x0, answer, torch.tensor([t]), masks, k)
             q = T["logq"].exp() if score else T["logq"].exp().detach()
             assert float(T["logq"].detach().exp().sum()) == pytest.approx(1.0, abs=1e-6)
             J = J + (q * (T["main"] + T["velocity"])).sum() / (L * len(TS))
@@ -143,7 +145,7 @@ def test_rloo_gradient_matches_exact_enumeration():
     ex_v, ex_phi = exact()
     path_v, path_phi = exact(score=False)  # what ignoring that z is drawn from q_φ would give
     tr = torch.tensor(TS).repeat_interleave(N // len(TS))
-    loss, _ = m.loss(x0.expand(N, L), answer.expand(N, L), torch.Generator().manual_seed(0), t=tr)
+    loss, _ = lomdm_loss(m, x0.expand(N, L), answer.expand(N, L), torch.Generator().manual_seed(0), t=tr)
     grads = torch.autograd.grad(loss, [cap["v"]] + phi)
     rows = grads[0].double() * N                      # row b's own estimate of ∂J/∂v
     mean, se = rows.mean(0), rows.std(0) / N ** 0.5
@@ -162,7 +164,7 @@ def test_rloo_term_is_needed():
     phi = list(m.g_phi.parameters())
     k = m.forward_exponent(x0, answer)
     masks = [torch.tensor([list(p)], dtype=torch.bool) for p in itertools.product([0, 1], repeat=L)]
-    T = m.loss_terms(x0, answer, torch.tensor([0.5]), masks, k)
+    T = loss_terms(m, x0, answer, torch.tensor([0.5]), masks, k)
     ell = T["main"] + T["velocity"]
     q = T["logq"].exp()
     full = torch.autograd.grad((q * ell).sum(), phi, retain_graph=True)
@@ -238,7 +240,7 @@ def test_learned_order_wraps_and_refuses_a_fixed_plan():
     m = order.wrap(Transformer(ModelConfig(**CFG)))
     assert (m.c1, m.c2) == (1.0, 0.5) and order.default_decoder == "learned_ancestral"
     x0, answer = make_batch()
-    with pytest.raises(ValueError, match="LoMDM.loss"):
+    with pytest.raises(ValueError, match="lomdm_loss"):
         order.train_plan(x0, order.layout(answer), 8, torch.Generator())
     groups = m.param_groups(1e-3, head_lr=1e-2)
     n = sum(p.numel() for g in groups for p in g["params"])
@@ -264,7 +266,7 @@ def test_learned_order_trains_from_a_config(tmp_path):
             "train.progress=false", "eval.n=8", "decode=[learned_ancestral]", f"out_dir={tmp_path}", "name=lo"]
     run = train(load_config(str(root / "configs" / "sudoku4.yaml"), over))
     exp = load_run(run)
-    assert hasattr(exp.model, "loss")                       # the LoMDM wrapper, heads restored
+    assert hasattr(exp.model, "g_phi") and exp.objective.describe()["name"] == "lomdm"  # heads restored
     for name in ("learned_ancestral", "learned_velocity"):
         res = evaluate(exp, {"name": name}, n=8)
         assert 0.0 <= res["cell_acc"] <= 1.0 and res["nfe"] >= 1
@@ -295,9 +297,8 @@ def test_learned_order_heads_get_their_own_learning_rate(tmp_path):
 
 
 def test_centered_normsig_ignores_a_common_shift_of_the_logits():
-    """center=True: k(v + c) == k(v) exactly; the SPEC form is not shift-invariant (σ saturates: a
+    """center=True: k(v + c) == k(v) exactly; the paper's form is not shift-invariant (σ saturates: a
     large common shift flattens every k to c1, the collapse the option prevents)."""
-    from anyorder.objectives.lomdm import exponents
 
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(3, 7, generator=gen, dtype=torch.float64)
@@ -306,7 +307,7 @@ def test_centered_normsig_ignores_a_common_shift_of_the_logits():
     k = exponents(v, answer, 0.7, 0.65, center=True)
     assert torch.allclose(exponents(v - 14.0, answer, 0.7, 0.65, center=True), k, atol=1e-12)
     assert k[answer].std() > 0.05
-    flat = exponents(v - 14.0, answer, 0.7, 0.65)  # SPEC form, saturated: every k ≈ c1
+    flat = exponents(v - 14.0, answer, 0.7, 0.65)  # the paper's form, saturated: every k ≈ c1
     assert (flat[answer] - 0.7).abs().max() < 1e-5
 
 

@@ -72,8 +72,10 @@ def test_config_errors_name_valid_choices():
         load_config(None, ["train.steps"])
     with pytest.raises(ValueError, match="unknown decoder 'marign'. Did you mean 'margin'"):
         build(load_config(None, ["decode=[marign]", "task.n_train=10", "task.n_eval=5"]))
-    with pytest.raises(TypeError, match="unknown options"):
+    with pytest.raises(ValueError, match="order 'random' got unknown option.s. 'blok_size'. Did you mean 'block_size'"):
         build(load_config(None, ["order.blok_size=4", "task.n_train=10", "task.n_eval=5"]))
+    with pytest.raises(ValueError, match="task 'sudoku' got unknown option.s. 'nclues'.*Valid options: .*n_clues"):
+        build(load_config(None, ["task.nclues=4", "task.n_train=10", "task.n_eval=5"]))
 
 
 def test_bad_config_leaves_no_run_dir(tmp_path):

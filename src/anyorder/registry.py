@@ -79,7 +79,9 @@ class Registry(Generic[T]):
         valid = options_of(cls)
         unknown = sorted(set(options) - valid) if valid is not None else []
         if unknown:
-            raise ValueError(f"{self.kind} {name!r} got unknown option(s) {', '.join(map(repr, unknown))}. "
+            close = difflib.get_close_matches(unknown[0], sorted(valid), n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{self.kind} {name!r} got unknown option(s) {', '.join(map(repr, unknown))}.{hint} "
                              f"Valid options: {', '.join(sorted(valid)) or '(none)'}")
         return cls(**options)
 
