@@ -25,6 +25,7 @@ DEFAULTS: Dict[str, Any] = {
     "task": {"name": "sudoku"},
     "order": {"name": "random"},
     "weighting": None,             # None = the order's default (elbo / clamp)
+    "objective": None,             # None = the one the task or the order names (anyorder.objectives)
     "model": {
         "d_model": 128, "n_layers": 4, "n_heads": 4, "mlp": "swiglu", "mlp_ratio": 4.0,
         "time_conditioning": False, "tie_embeddings": False, "rope_base": 10000.0,

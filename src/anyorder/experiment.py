@@ -61,7 +61,7 @@ def build(cfg: Dict[str, Any]) -> Experiment:
     load_plugins(cfg.get("plugins"))
     task = build_task(cfg["task"])
     order = build_order(cfg["order"])
-    objective = build_objective(task, order, cfg["weighting"])
+    objective = build_objective(task, order, cfg["weighting"], cfg.get("objective"))
     for d in cfg["decode"]:
         build_decoder(dict(d))
     torch.manual_seed(int(cfg["seed"]))

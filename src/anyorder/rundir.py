@@ -20,8 +20,8 @@ def run_dir_for(cfg) -> Path:
 def trajectory(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """The parts of a config that change what training computes."""
     c = json.loads(json.dumps(cfg))
-    for k in _NOT_TRAJECTORY:
-        c.pop(k, None)
+    for k in _NOT_TRAJECTORY + tuple(k for k, v in c.items() if v is None):
+        c.pop(k, None)  # a top-level default of None may be missing from an older run's config
     for k in _NOT_TRAJECTORY_TRAIN:
         c.get("train", {}).pop(k, None)
     return c

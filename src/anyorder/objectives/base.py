@@ -12,9 +12,10 @@ which order or task it holds; it asks the objective:
 - :meth:`Objective.likelihood`   the NELBO / exact NLL bound (``anyorder likelihood``);
 - :meth:`Objective.lr_scale`     per-parameter learning-rate factors (None: one lr).
 
-Which objective trains a run is named by the task (``Task.objective``, e.g. a continuous task)
-or else by the order (``Order.objective``): ``nelbo`` for every fixed order, ``lomdm`` for the
-learned one. A new objective is one file with ``@OBJECTIVES.register("name")``.
+Which objective trains a run is the config's ``objective`` if set, else the one the task names
+(``Task.objective``, e.g. a continuous task), else the order's (``Order.objective``): ``nelbo``
+for every fixed order, ``lomdm`` for the learned one. A new objective is one file with
+``@OBJECTIVES.register("name")`` (see examples/smoothed_objective.py).
 """
 from __future__ import annotations
 
@@ -75,10 +76,11 @@ class Objective:
         return {"name": getattr(self, "registered_name", type(self).__name__), "weighting": self.weighting}
 
 
-def objective_name(task, order) -> str:
-    """The objective a (task, order) pair trains with: the task's if it names one, else the order's."""
-    return getattr(task, "objective", None) or order.objective
+def objective_name(task, order, name: Optional[str] = None) -> str:
+    """The objective a (task, order) pair trains with: ``name`` if given (the config's
+    ``objective``), else the task's if it names one, else the order's."""
+    return name or getattr(task, "objective", None) or order.objective
 
 
-def build_objective(task, order, weighting: Optional[str] = None) -> Objective:
-    return OBJECTIVES.get(objective_name(task, order))(task, order, weighting)
+def build_objective(task, order, weighting: Optional[str] = None, name: Optional[str] = None) -> Objective:
+    return OBJECTIVES.get(objective_name(task, order, name))(task, order, weighting)
