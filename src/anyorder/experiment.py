@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 import yaml
 
+from .analysis.flops import count_step_flops
 from .config import dump, normalise
 from .decoding import build_decoder
 from .evaluation.decode import run_decoder  # noqa: F401  (part of this module's API)
@@ -87,8 +88,6 @@ def make_eval_fn(exp: Experiment):
 def step_flops(exp: Experiment, loss_fn, tcfg) -> int:
     """Training FLOPs of one optimizer step over all processes, counted on a real micro-step
     (the shapes, hence the FLOPs, are the same every step)."""
-    from .analysis.flops import count_step_flops
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     micro = count_step_flops(exp.model, lambda m: loss_fn(m, 0, 0, 0, world)[0])
     return micro * tcfg.grad_accum * world

@@ -3,7 +3,8 @@
 Efficient plan (default): the two-stream pass with block size 1 and every answer position
 masked, i.e. position i predicts x^i from a mask token at i and the clean x^{<i}. That is
 teacher forcing in the masked-diffusion parameterisation, so the *same weights* can be scored
-by the generic NELBO under the ε-AR schedule (SPEC §2) and must agree with it.
+by the generic NELBO under the ε-AR schedule (:class:`~anyorder.orders.schedules.EpsAR`: position
+i owns the time slice [(L−i)/L, (L−i+1)/L]) and must agree with it.
 ``plan="generic"`` trains with that noisy ε-AR estimator instead (for the OeMDM comparison).
 """
 from __future__ import annotations

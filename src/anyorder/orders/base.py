@@ -1,6 +1,6 @@
 """What an order is: a corruption for training, an attention rule, and a decoding policy.
 
-SPEC §3's mental model, in code. The answer (the non-prompt positions of a row) is read as a
+The mental model of an order, in code. The answer (the non-prompt positions of a row) is read as a
 matrix of blocks (rows of the matrix) × offsets (columns), via :class:`Layout`:
 
     aidx  = index of a position among the answer positions of its row (-1 for prompt)

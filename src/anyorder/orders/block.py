@@ -2,7 +2,7 @@
 
 Efficient plan (default): the vectorised ``[x_t ⊕ x_0]`` pass. Each (sequence, block) gets its
 own noise level t from a stratified draw; unlike BD3-LM (whose strata put all blocks of one
-sequence at nearly the same t, REFERENCE §1.1) the strata are shuffled across blocks, so one
+sequence at nearly the same t: Arriola et al., 2025, arXiv 2503.09573) the strata are shuffled across blocks, so one
 sequence sees diverse noise levels. Loss weight 1/t on masked tokens (each block's MDLM ELBO).
 ``plan="generic"`` uses the ε-block schedule under the single-stream block-causal mask.
 """

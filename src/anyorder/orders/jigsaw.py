@@ -1,9 +1,9 @@
-"""``jigsaw`` (seed 000's "BAD-AR"): blocks in an order chosen at inference, left to right inside.
+"""``jigsaw`` ("BAD-AR" of "On the Trainability of Masked Diffusion Language Models via Blockwise Locality" (2026)): blocks in an order chosen at inference, left to right inside.
 
 Training masks ceil(t·nb) whole blocks (at least one). Attention: prompt and unmasked blocks are
 visible to all; a masked block is causal inside and cannot see other masked blocks.
 
-``teacher_forced=True`` (default, SPEC's faithful interpretation): a two-stream pass where the
+``teacher_forced=True`` (default, our faithful reading of the paper): a two-stream pass where the
 masked token k of a block sees the *clean* tokens < k of its block, exactly what it sees at
 inference when the block is generated left to right. ``teacher_forced=False`` reproduces the
 released code: every token of a masked block is [MASK], so the causal mask inside the block

@@ -1,6 +1,6 @@
 """Boolean attention masks (True = query may attend to key), built from a :class:`Layout`.
 
-One function per rule of SPEC §3's table. Shapes are [B, Lq, Lk]. Every rule shares the
+One function per attention rule of the orders' table (README, "Orders"). Shapes are [B, Lq, Lk]. Every rule shares the
 prompt convention: prompt keys are visible to every query; prompt queries see only the
 prompt (so no answer token, masked or not, can leak into the prompt's representation).
 """

@@ -1,4 +1,4 @@
-"""Training passes that compute an order's objective exactly and cheaply (SPEC §2).
+"""Training passes that compute an order's objective exactly and cheaply.
 
 Sharp schedules (AR, blocks) make the generic Monte-Carlo NELBO estimate very noisy, so those
 orders train with a dedicated layout instead:

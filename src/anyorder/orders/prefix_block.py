@@ -1,4 +1,4 @@
-"""``prefix_block``: seed 004's "blockwise reverse-order training".
+"""``prefix_block``: "blockwise reverse-order training" of "Why mask diffusion does not work".
 
 For a block k: the clean prefix before k is visible, block k is partly masked, everything after
 block k is hidden; attention is bidirectional over prefix + block k. Training samples one block

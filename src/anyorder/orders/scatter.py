@@ -1,7 +1,7 @@
-"""``scatter`` (seed 000's "BOP-AR"): groups are columns (offset inside a block of S).
+"""``scatter`` ("BOP-AR" of "On the Trainability of Masked Diffusion Language Models via Blockwise Locality" (2026)): groups are columns (offset inside a block of S).
 
 Key j is visible to query i iff j is prompt or offset(j) <= offset(i). Training is random
-masking under that mask with seed 000's clamp(1/t, 0.1, 10) weighting by default; decoding
+masking under that mask with that paper's clamp(1/t, 0.1, 10) weighting by default; decoding
 goes column by column (offset 0 of every block first), in any order inside a column.
 """
 from __future__ import annotations

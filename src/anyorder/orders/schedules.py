@@ -1,6 +1,7 @@
-"""Per-position keep-probability schedules α_i(t) and their velocities A_i(t) (SPEC §1–2).
+"""Per-position keep-probability schedules α_i(t) and their velocities A_i(t).
 
-OeMDM's point (seed 002): MDLM, AR and block diffusion are one NELBO with different α_i(t).
+OeMDM's point ("Unifying Masked Diffusion Models with Various Generation Orders and
+Beyond", arXiv 2602.02112): MDLM, AR and block diffusion are one NELBO with different α_i(t).
 Each schedule maps ``t`` [B] and the answer index ``aidx`` [B, L] (with ``n`` answer positions
 per row) to ``alpha`` and ``velocity`` of shape [B, L], where
 ``velocity = -alpha'(t) / (1 - alpha(t))`` and ``rate = -alpha'(t)`` (the integrable quantity
@@ -72,7 +73,7 @@ class Polynomial(Schedule):
 class EpsBlock(Schedule):
     """Block diffusion as a schedule: block b (0-based, nb blocks) owns the window
     [(nb-b-1)/nb, (nb-b)/nb] and is linear inside it; ε mixes in a strictly decreasing 1 − t.
-    With block_size 1 this is SPEC §2's ε-AR schedule."""
+    With block_size 1 this is the ε-AR schedule (:class:`EpsAR`)."""
 
     def __init__(self, eps: float = 1e-3, block_size: int = 1):
         if not 0 <= eps < 1:
@@ -100,7 +101,7 @@ class EpsBlock(Schedule):
 
 @SCHEDULES.register("eps_ar")
 class EpsAR(EpsBlock):
-    """SPEC §2's ε-AR: position i owns [(L−i)/L, (L−i+1)/L]."""
+    """ε-AR, AR as a masking schedule: position i owns the time slice [(L−i)/L, (L−i+1)/L]."""
 
     def __init__(self, eps: float = 1e-3):
         super().__init__(eps=eps, block_size=1)
