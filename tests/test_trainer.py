@@ -212,14 +212,14 @@ def test_checkpoint_layout_and_atomicity(tmp_path, monkeypatch):
 
     # A crash while writing leaves the previous checkpoint untouched and no temp dir behind.
     before = {p.name: p.read_bytes() for p in ck.iterdir()}
-    real = ckpt_mod._write_json
+    real = ckpt_mod.write_json
 
     def boom(path, obj):
         if Path(path).name == "state.json":
             raise OSError("disk full (simulated)")
         real(path, obj)
 
-    monkeypatch.setattr(ckpt_mod, "_write_json", boom)
+    monkeypatch.setattr(ckpt_mod, "write_json", boom)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(ck, t.model, t.optimizer, t.ema, step=999)
     assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
