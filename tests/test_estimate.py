@@ -46,7 +46,7 @@ def test_estimate_of_a_tiny_sweep(tmp_path):
     assert rows["order=ar,seed=0"]["flops_per_step"] > 1.5 * rows["order=random,seed=0"]["flops_per_step"]
     cfg = dict(runs[0][1])
     exp = build(cfg)
-    tcfg = TrainConfig(seed=0, steps=1, batch_size=4)
+    tcfg = TrainConfig(seed=0, steps=1, batch_size=4, warmup_steps=0)
     assert rows["order=random,seed=0"]["flops_per_step"] == step_flops(exp, make_loss_fn(exp), tcfg)
     for r in rows.values():
         assert r["steps"] == 1000 and r["total_flops"] == 1000 * r["flops_per_step"]

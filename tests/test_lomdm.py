@@ -283,8 +283,9 @@ def test_learned_order_heads_get_their_own_learning_rate(tmp_path):
         "model.n_layers=1", "model.n_heads=2", "train.lr=0.001"])
     exp = build(cfg)
     scale = 0.003 / 0.001
-    tr = Trainer(exp.model, make_loss_fn(exp), TrainConfig(steps=2, batch_size=2, lr=0.001, progress=False),
-                 tmp_path / "r", lr_scale=lambda n: scale if exp.model.is_head(n) else 1.0)
+    tcfg = TrainConfig(steps=2, batch_size=2, lr=0.001, warmup_steps=0, progress=False)
+    tr = Trainer(exp.model, make_loss_fn(exp), tcfg, tmp_path / "r",
+                 lr_scale=lambda n: scale if exp.model.is_head(n) else 1.0)
     tr.fit()
     lrs = sorted({round(g["lr"] / g["lr_scale"], 12) for g in tr.optimizer.param_groups})
     assert len(lrs) == 1                                   # one schedule, scaled per group
