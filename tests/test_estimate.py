@@ -137,7 +137,7 @@ def test_paper_task_settings():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["linear_regression", "star_graph", "sudoku"])
 def test_paper_presets_train_one_cpu_step(name):
-    """One real training step of every distinct task config at paper width/depth (CPU; ~10-60 s each)."""
+    """One real training step of every distinct task config at paper width/depth (on the CPU)."""
     res = estimate(_one_run_per_task(PAPER / f"{name}.yaml"), cpu_steps=1, max_data=256)
     for r in res["runs"]:
         assert r["cpu_steps"] == 1 and math.isfinite(r["cpu_loss"]) and r["flops_per_step"] > 1e11

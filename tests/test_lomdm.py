@@ -1,4 +1,5 @@
-"""LoMDM (SPEC §4): the issue's acceptance tests for the learned order."""
+"""LoMDM: the learned generation order (a per-position polynomial schedule whose exponent a head
+predicts, trained jointly with the model) end to end: losses, gradients, decoders, training."""
 import itertools
 from types import SimpleNamespace
 
@@ -296,7 +297,7 @@ def test_learned_order_heads_get_their_own_learning_rate(tmp_path):
 
 
 def test_centered_normsig_ignores_a_common_shift_of_the_logits():
-    """center=True: k(v + c) == k(v) exactly; the SPEC form is not shift-invariant (σ saturates: a
+    """center=True: k(v + c) == k(v) exactly; the uncentered NormSig is not shift-invariant (σ saturates: a
     large common shift flattens every k to c1, the collapse the option prevents)."""
     from anyorder.objectives.lomdm import exponents
 
@@ -307,7 +308,7 @@ def test_centered_normsig_ignores_a_common_shift_of_the_logits():
     k = exponents(v, answer, 0.7, 0.65, center=True)
     assert torch.allclose(exponents(v - 14.0, answer, 0.7, 0.65, center=True), k, atol=1e-12)
     assert k[answer].std() > 0.05
-    flat = exponents(v - 14.0, answer, 0.7, 0.65)  # SPEC form, saturated: every k ≈ c1
+    flat = exponents(v - 14.0, answer, 0.7, 0.65)  # uncentered NormSig, saturated: every k ≈ c1
     assert (flat[answer] - 0.7).abs().max() < 1e-5
 
 

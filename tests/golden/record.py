@@ -1,6 +1,6 @@
 """Record (or check) the numbers every refactor must leave bit-identical.
 
-Tiny runs of every order (incl. the learned one), linear regression and the seed-004 toy, the
+Tiny runs of every order (incl. the learned one), linear regression and the marginals-vs-joint toy, the
 outputs of every decoder on fixed models, and likelihood bounds. Each number is what the public
 API returns; each tensor is a sha256 of its bytes. Timings are dropped.
 
