@@ -1,4 +1,5 @@
-"""LoMDM (learned order, arXiv 2602.02112): the network, its objective, its decoders."""
+"""LoMDM: the learned generation order (a per-position polynomial schedule whose exponent a head
+predicts, trained jointly with the model) end to end: losses, gradients, decoders, training."""
 import itertools
 from types import SimpleNamespace
 
@@ -285,8 +286,9 @@ def test_learned_order_heads_get_their_own_learning_rate(tmp_path):
         "model.n_layers=1", "model.n_heads=2", "train.lr=0.001"])
     exp = build(cfg)
     scale = 0.003 / 0.001
-    tr = Trainer(exp.model, make_loss_fn(exp), TrainConfig(steps=2, batch_size=2, lr=0.001, progress=False),
-                 tmp_path / "r", lr_scale=lambda n: scale if exp.model.is_head(n) else 1.0)
+    tcfg = TrainConfig(steps=2, batch_size=2, lr=0.001, warmup_steps=0, progress=False)
+    tr = Trainer(exp.model, make_loss_fn(exp), tcfg, tmp_path / "r",
+                 lr_scale=lambda n: scale if exp.model.is_head(n) else 1.0)
     tr.fit()
     lrs = sorted({round(g["lr"] / g["lr_scale"], 12) for g in tr.optimizer.param_groups})
     assert len(lrs) == 1                                   # one schedule, scaled per group
@@ -297,7 +299,7 @@ def test_learned_order_heads_get_their_own_learning_rate(tmp_path):
 
 
 def test_centered_normsig_ignores_a_common_shift_of_the_logits():
-    """center=True: k(v + c) == k(v) exactly; the paper's form is not shift-invariant (σ saturates: a
+    """center=True: k(v + c) == k(v) exactly; the uncentered NormSig is not shift-invariant (σ saturates: a
     large common shift flattens every k to c1, the collapse the option prevents)."""
 
     gen = torch.Generator().manual_seed(0)
@@ -307,7 +309,7 @@ def test_centered_normsig_ignores_a_common_shift_of_the_logits():
     k = exponents(v, answer, 0.7, 0.65, center=True)
     assert torch.allclose(exponents(v - 14.0, answer, 0.7, 0.65, center=True), k, atol=1e-12)
     assert k[answer].std() > 0.05
-    flat = exponents(v - 14.0, answer, 0.7, 0.65)  # the paper's form, saturated: every k ≈ c1
+    flat = exponents(v - 14.0, answer, 0.7, 0.65)  # uncentered NormSig, saturated: every k ≈ c1
     assert (flat[answer] - 0.7).abs().max() < 1e-5
 
 

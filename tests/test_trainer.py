@@ -212,14 +212,14 @@ def test_checkpoint_layout_and_atomicity(tmp_path, monkeypatch):
 
     # A crash while writing leaves the previous checkpoint untouched and no temp dir behind.
     before = {p.name: p.read_bytes() for p in ck.iterdir()}
-    real = ckpt_mod._write_json
+    real = ckpt_mod.write_json
 
     def boom(path, obj):
         if Path(path).name == "state.json":
             raise OSError("disk full (simulated)")
         real(path, obj)
 
-    monkeypatch.setattr(ckpt_mod, "_write_json", boom)
+    monkeypatch.setattr(ckpt_mod, "write_json", boom)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(ck, t.model, t.optimizer, t.ema, step=999)
     assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
@@ -337,10 +337,24 @@ def test_all_reduce_mean_single_process():
     ],
 )
 def test_config_validation(kw, pattern):
-    base = dict(steps=20, batch_size=4)
+    base = dict(steps=20, batch_size=4, warmup_steps=0)  # the default warm-up (50) exceeds 20 steps
     base.update(kw)
     with pytest.raises(ValueError, match=pattern):
         TrainConfig(**base)
+
+
+def test_config_defaults_are_the_experiment_config_defaults():
+    from anyorder.config import DEFAULTS, load_config
+    from anyorder.experiment import train_config
+
+    tcfg, flops_budget = train_config(load_config())
+    assert tcfg == TrainConfig() and flops_budget is None
+    assert list(DEFAULTS["train"]) == [  # the order configs are dumped to YAML in
+        "steps", "batch_size", "grad_accum", "lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio",
+        "grad_clip", "ema", "precision", "eval_every", "checkpoint_every", "log_every", "tensorboard", "wandb",
+        "wandb_project", "progress", "flops_budget",
+    ]
+    assert DEFAULTS["train"]["betas"] == [0.9, 0.95]  # a list: YAML has no tuples
 
 
 def test_config_normalises_yaml_values():

@@ -8,6 +8,7 @@ class that name selects; those are checked when the class is built.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 from pathlib import Path
@@ -15,6 +16,22 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from .model.transformer import ModelConfig
+from .train.config import TrainConfig
+
+
+def _field_defaults(cls) -> Dict[str, Any]:
+    """A dataclass's field defaults by name, in field order; tuples as lists (YAML has no tuples)."""
+    return {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+            for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+# the model options a config sets, in this order (vocab_size, mask_id, max_len and the extra
+# embeddings come from the task)
+_MODEL_KEYS = ("d_model", "n_layers", "n_heads", "mlp", "mlp_ratio", "time_conditioning", "tie_embeddings", "rope_base")
+_MODEL_DEFAULTS = _field_defaults(ModelConfig)
+
+# The defaults of the model and train sections are those of ModelConfig and TrainConfig.
 DEFAULTS: Dict[str, Any] = {
     "name": "run",
     "out_dir": "runs",
@@ -26,16 +43,11 @@ DEFAULTS: Dict[str, Any] = {
     "order": {"name": "random"},
     "weighting": None,             # None = the order's default (elbo / clamp)
     "objective": None,             # None = the one the task or the order names (anyorder.objectives)
-    "model": {
-        "d_model": 128, "n_layers": 4, "n_heads": 4, "mlp": "swiglu", "mlp_ratio": 4.0,
-        "time_conditioning": False, "tie_embeddings": False, "rope_base": 10000.0,
-    },
+    "model": {k: _MODEL_DEFAULTS[k] for k in _MODEL_KEYS},
     "train": {
-        "steps": 1000, "batch_size": 64, "grad_accum": 1, "lr": 1e-3, "weight_decay": 0.0,
-        "betas": [0.9, 0.95], "warmup_steps": 50, "min_lr_ratio": 0.1, "grad_clip": 1.0,
-        "ema": 0.0, "precision": "fp32", "eval_every": 0, "checkpoint_every": 0, "log_every": 50,
-        "tensorboard": False, "wandb": False, "wandb_project": "anyorder", "progress": True,
-        # train to a FLOP budget instead: steps = floor(flops_budget / counted FLOPs per step)
+        **{k: v for k, v in _field_defaults(TrainConfig).items() if k != "seed"},  # seed: top level
+        # train to a FLOP budget instead: steps = floor(flops_budget / counted FLOPs per step). Not a
+        # TrainConfig field: the experiment resolves it into ``steps`` before the TrainConfig is built.
         "flops_budget": None,
     },
     "eval": {"n": 256, "batch_size": 256},

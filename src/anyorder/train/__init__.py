@@ -1,19 +1,20 @@
-"""Training: config, lr schedule, checkpoints, loggers, torchrun helpers and the Trainer loop."""
-from .checkpoint import (
-    CheckpointMismatchError,
-    capture_rng_state,
-    find_checkpoint,
-    load_checkpoint,
-    load_weights,
-    restore_rng_state,
-    save_checkpoint,
-    save_weights,
+"""Training: config, lr schedule, checkpoints, RNG state, loggers, torchrun helpers and the Trainer loop."""
+from .checkpoint import find_checkpoint, load_checkpoint, load_weights, save_checkpoint, save_weights
+from .config import PRECISIONS, TrainConfig
+from .distributed import (
+    DistInfo,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    cleanup,
+    init_distributed,
+    is_distributed,
     unwrap,
 )
-from .config import PRECISIONS, TrainConfig
-from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, cleanup, init_distributed, is_distributed
 from .ema import EMA
+from .files import CheckpointMismatchError
 from .loggers import JsonlLogger, Loggers, TensorBoardLogger, WandbLogger, build_loggers
+from .rng import capture_rng_state, restore_rng_state
 from .schedule import lr_multiplier
 from .trainer import EvalFn, LossFn, Trainer
 

@@ -1,4 +1,4 @@
-"""Checkpoints: a directory of safetensors + JSON files, replaced atomically.
+"""Checkpoints: a directory of safetensors + JSON files, replaced atomically; plain weight files.
 
 Layout of ``<run_dir>/checkpoint/``::
 
@@ -8,9 +8,6 @@ Layout of ``<run_dir>/checkpoint/``::
     optimizer.json         param_groups hyper-parameters (+ any non-tensor state, parameter names)
     rng.safetensors        RNG states of every rank (torch CPU/CUDA, python, numpy)
     state.json             step, tokens_seen, flops, best metrics, config + hash, versions, RNG scalars
-
-safetensors rather than ``torch.save``: no pickle (loading cannot run code), and the files are
-readable from any framework. The cost is that non-tensor state has to be split out into JSON.
 
 Atomicity: everything is written into a fresh ``ckpt.tmp-XXXX`` directory next to the target and
 fsynced; only then is it renamed onto ``checkpoint/``. POSIX cannot rename a directory onto a
@@ -22,20 +19,20 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import random
 import shutil
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
-import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .distributed import unwrap
+from .files import CheckpointMismatchError, check_compatible, fsync_dir, load_tensors, save_tensors, write_json
+from .provenance import versions
+from .rng import capture_rng_state, restore_rng_state, rng_from_files, rng_to_files
 
 PathLike = Union[str, os.PathLike]
 
@@ -50,138 +47,6 @@ TMP_PREFIX = "ckpt.tmp-"
 OLD_PREFIX = "ckpt.old-"
 
 
-class CheckpointMismatchError(ValueError):
-    """The tensors in a checkpoint do not fit the model/optimizer they are being loaded into."""
-
-
-# ----------------------------------------------------------------------------- small utilities
-def unwrap(model: nn.Module) -> nn.Module:
-    """The raw module under DistributedDataParallel / DataParallel (whose keys carry 'module.')."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
-
-
-def versions() -> Dict[str, str]:
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    # directory fsync makes the renames themselves durable; not supported everywhere (Windows)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)  # str(): Paths etc. in run_info
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _shape(t: torch.Tensor) -> Tuple[int, ...]:
-    return tuple(t.shape)
-
-
-# ----------------------------------------------------------------------------- tensor files
-def _prepare_tensors(state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """CPU, contiguous tensors safetensors will accept, plus an alias map for tied weights.
-
-    safetensors refuses tensors that share memory. Tied weights (e.g. an embedding reused as the
-    output projection) appear in a state_dict under two names with the same storage: we store the
-    first name only and record ``alias -> stored name`` in the file metadata.
-    """
-    tensors: Dict[str, torch.Tensor] = {}
-    aliases: Dict[str, str] = {}
-    seen_views: Dict[tuple, str] = {}
-    seen_storage: set = set()
-    for name, t in state.items():
-        if not torch.is_tensor(t):
-            raise TypeError(f"state entry {name!r} is a {type(t).__name__}, not a tensor")
-        t = t.detach()
-        if t.numel() > 0:
-            ptr = t.untyped_storage().data_ptr()
-            view = (t.device, ptr, t.storage_offset(), _shape(t), t.stride(), t.dtype)
-            if view in seen_views:
-                aliases[name] = seen_views[view]
-                continue
-            if (t.device, ptr) in seen_storage:
-                t = t.clone()  # overlapping but different view: store its own copy
-            seen_views[view] = name
-            seen_storage.add((t.device, ptr))
-        tensors[name] = t.to("cpu").contiguous()
-    return tensors, aliases
-
-
-def _save_tensors(path: Path, state: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
-    tensors, aliases = _prepare_tensors(state)
-    meta = {"format": "pt"}
-    if aliases:
-        meta["aliases"] = json.dumps(aliases, sort_keys=True)
-    if metadata:
-        meta.update(metadata)
-    save_file(tensors, str(path), metadata=meta)
-    _fsync_file(path)
-
-
-def _load_tensors(path: Path) -> Dict[str, torch.Tensor]:
-    tensors = load_file(str(path), device="cpu")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    for alias, target in json.loads(meta.get("aliases", "{}")).items():
-        tensors[alias] = tensors[target]
-    return tensors
-
-
-def _check_compatible(
-    loaded: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], what: str, path: Path
-) -> None:
-    """Raise a CheckpointMismatchError listing missing/unexpected keys and shape mismatches."""
-    missing = [k for k in expected if k not in loaded]
-    unexpected = [k for k in loaded if k not in expected]
-    shapes = [
-        (k, _shape(loaded[k]), _shape(expected[k]))
-        for k in expected
-        if k in loaded and _shape(loaded[k]) != _shape(expected[k])
-    ]
-    if not (missing or unexpected or shapes):
-        return
-
-    def listing(items: List[str], limit: int = 10) -> str:
-        more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
-        return ", ".join(items[:limit]) + more
-
-    parts = []
-    if shapes:
-        parts.append(
-            "shape mismatch: "
-            + listing([f"{k}: checkpoint {list(a)} vs {what} {list(b)}" for k, a, b in shapes])
-        )
-    if missing:
-        parts.append(f"missing from the checkpoint: {listing(missing)}")
-    if unexpected:
-        parts.append(f"unexpected in the checkpoint (not in the {what}): {listing(unexpected)}")
-    raise CheckpointMismatchError(
-        f"{path} does not match the {what}: " + "; ".join(parts) + ". The checkpoint was saved from an "
-        f"incompatible config (different architecture or sizes); build the {what} with the config it "
-        "was trained with."
-    )
-
-
 # ----------------------------------------------------------------------------- plain weights
 def save_weights(model: nn.Module, path: PathLike) -> Path:
     """Write ``model.state_dict()`` to a single safetensors file (atomically, via a temp file)."""
@@ -190,7 +55,7 @@ def save_weights(model: nn.Module, path: PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
     os.close(fd)
     try:
-        _save_tensors(Path(tmp), unwrap(model).state_dict())
+        save_tensors(Path(tmp), unwrap(model).state_dict())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -209,80 +74,10 @@ def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
     if not path.exists():
         raise FileNotFoundError(f"no weights file at {path}")
     model = unwrap(model)
-    tensors = _load_tensors(path)
-    _check_compatible(tensors, model.state_dict(), "model", path)
+    tensors = load_tensors(path)
+    check_compatible(tensors, model.state_dict(), "model", path)
     model.load_state_dict(tensors)
     return model
-
-
-# ----------------------------------------------------------------------------- RNG state
-def capture_rng_state() -> Dict[str, Any]:
-    """Every global RNG a training step might draw from (dropout, random masks, numpy, python)."""
-    state: Dict[str, Any] = {
-        "torch_cpu": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
-    # only if CUDA was actually used: get_rng_state_all would otherwise initialise every device
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch_cpu"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available():
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-        else:
-            warnings.warn(
-                f"checkpoint has CUDA RNG states for {len(cuda)} devices but {torch.cuda.device_count()} "
-                "are visible; CUDA RNG not restored, so the resumed run is not bit-exact"
-            )
-
-
-def _rng_to_files(states: List[Dict[str, Any]]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    tensors: Dict[str, torch.Tensor] = {}
-    scalars: Dict[str, Any] = {}
-    for rank, st in enumerate(states):
-        p = f"rank{rank}"
-        tensors[f"{p}.torch_cpu"] = st["torch_cpu"]
-        py_version, py_internal, py_gauss = st["python"]
-        tensors[f"{p}.python"] = torch.tensor(py_internal, dtype=torch.int64)
-        np_name, np_keys, np_pos, np_has_gauss, np_cached = st["numpy"]
-        tensors[f"{p}.numpy"] = torch.from_numpy(np.asarray(np_keys).astype(np.int64))
-        for i, c in enumerate(st.get("cuda") or []):
-            tensors[f"{p}.cuda.{i}"] = c
-        scalars[p] = {
-            "python_version": py_version,
-            "python_gauss": py_gauss,
-            "numpy_name": np_name,
-            "numpy_pos": int(np_pos),
-            "numpy_has_gauss": int(np_has_gauss),
-            "numpy_cached_gaussian": float(np_cached),
-            "cuda_devices": len(st.get("cuda") or []),
-        }
-    return tensors, scalars
-
-
-def _rng_from_files(tensors: Mapping[str, torch.Tensor], scalars: Mapping[str, Any], rank: int) -> Optional[Dict[str, Any]]:
-    p = f"rank{rank}"
-    if p not in scalars:
-        return None
-    s = scalars[p]
-    internal = tuple(int(x) for x in tensors[f"{p}.python"].tolist())
-    keys = tensors[f"{p}.numpy"].numpy().astype(np.uint32)
-    state: Dict[str, Any] = {
-        "torch_cpu": tensors[f"{p}.torch_cpu"],
-        "python": (s["python_version"], internal, s["python_gauss"]),
-        "numpy": (s["numpy_name"], keys, s["numpy_pos"], s["numpy_has_gauss"], s["numpy_cached_gaussian"]),
-    }
-    if s.get("cuda_devices"):
-        state["cuda"] = [tensors[f"{p}.cuda.{i}"] for i in range(s["cuda_devices"])]
-    return state
 
 
 # ----------------------------------------------------------------------------- optimizer state
@@ -307,7 +102,7 @@ def _optimizer_to_files(
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, ckpt_dir: Path) -> None:
     meta = json.loads((ckpt_dir / OPTIMIZER_JSON).read_text())
-    tensors = _load_tensors(ckpt_dir / OPTIMIZER_FILE)
+    tensors = load_tensors(ckpt_dir / OPTIMIZER_FILE)
     if meta.get("class") and meta["class"] != type(optimizer).__name__:
         raise CheckpointMismatchError(
             f"{ckpt_dir / OPTIMIZER_JSON} holds {meta['class']} state but the optimizer is "
@@ -341,7 +136,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, ckpt_dir: Path) -> None:
     bad = []
     for idx, st in state.items():
         for name, v in st.items():
-            if torch.is_tensor(v) and v.dim() > 0 and _shape(v) != _shape(params[idx]):
+            if torch.is_tensor(v) and v.dim() > 0 and tuple(v.shape) != tuple(params[idx].shape):
                 label = names[idx] if idx < len(names) else str(idx)
                 bad.append(f"state.{idx}.{name} ({label}): checkpoint {list(v.shape)} vs parameter {list(params[idx].shape)}")
     if bad:
@@ -412,16 +207,16 @@ def save_checkpoint(
     model = unwrap(model)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent))
     try:
-        _save_tensors(tmp / MODEL_FILE, model.state_dict())
+        save_tensors(tmp / MODEL_FILE, model.state_dict())
         if ema is not None:
-            _save_tensors(tmp / EMA_FILE, ema.state_dict())
+            save_tensors(tmp / EMA_FILE, ema.state_dict())
         if optimizer is not None:
             names = _param_names(model, optimizer)
             tensors, meta = _optimizer_to_files(optimizer, names)
-            _save_tensors(tmp / OPTIMIZER_FILE, tensors)
-            _write_json(tmp / OPTIMIZER_JSON, meta)
-        rng_tensors, rng_scalars = _rng_to_files(rng_states if rng_states is not None else [capture_rng_state()])
-        _save_tensors(tmp / RNG_FILE, rng_tensors)
+            save_tensors(tmp / OPTIMIZER_FILE, tensors)
+            write_json(tmp / OPTIMIZER_JSON, meta)
+        rng_tensors, rng_scalars = rng_to_files(rng_states if rng_states is not None else [capture_rng_state()])
+        save_tensors(tmp / RNG_FILE, rng_tensors)
 
         if config is not None and hasattr(config, "to_dict"):
             config_dict, config_hash = config.to_dict(), config.hash()
@@ -442,18 +237,18 @@ def save_checkpoint(
             "rng": rng_scalars,
             "extra": extra or {},
         }
-        _write_json(tmp / STATE_FILE, state)
-        _fsync_dir(tmp)
+        write_json(tmp / STATE_FILE, state)
+        fsync_dir(tmp)
 
         if ckpt_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=OLD_PREFIX, dir=parent))
             os.replace(ckpt_dir, old)  # rename onto an empty dir is allowed
             os.replace(tmp, ckpt_dir)
-            _fsync_dir(parent)
+            fsync_dir(parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, ckpt_dir)
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -481,14 +276,14 @@ def load_checkpoint(
     state = json.loads((ckpt_dir / STATE_FILE).read_text())
     model = unwrap(model)
 
-    tensors = _load_tensors(ckpt_dir / MODEL_FILE)
-    _check_compatible(tensors, model.state_dict(), "model", ckpt_dir / MODEL_FILE)
+    tensors = load_tensors(ckpt_dir / MODEL_FILE)
+    check_compatible(tensors, model.state_dict(), "model", ckpt_dir / MODEL_FILE)
     model.load_state_dict(tensors)
 
     if ema is not None:
         if (ckpt_dir / EMA_FILE).exists():
-            ema_tensors = _load_tensors(ckpt_dir / EMA_FILE)
-            _check_compatible(ema_tensors, ema.state_dict(), "EMA model", ckpt_dir / EMA_FILE)
+            ema_tensors = load_tensors(ckpt_dir / EMA_FILE)
+            check_compatible(ema_tensors, ema.state_dict(), "EMA model", ckpt_dir / EMA_FILE)
             ema.load_state_dict(ema_tensors)
         else:
             warnings.warn(f"{ckpt_dir} has no EMA weights; the EMA starts from the loaded model weights")
@@ -501,7 +296,7 @@ def load_checkpoint(
             warnings.warn(f"{ckpt_dir} has no optimizer state; the optimizer starts fresh")
 
     if restore_rng and (ckpt_dir / RNG_FILE).exists():
-        rng = _rng_from_files(_load_tensors(ckpt_dir / RNG_FILE), state.get("rng", {}), rank)
+        rng = rng_from_files(load_tensors(ckpt_dir / RNG_FILE), state.get("rng", {}), rank)
         if rng is None:
             warnings.warn(
                 f"{ckpt_dir} has no RNG state for rank {rank} (saved with world size "
@@ -520,14 +315,10 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> Optional
 
 
 __all__ = [
-    "CheckpointMismatchError",
-    "capture_rng_state",
+    "CHECKPOINT_DIR",
     "find_checkpoint",
     "load_checkpoint",
     "load_weights",
-    "restore_rng_state",
     "save_checkpoint",
     "save_weights",
-    "unwrap",
-    "versions",
 ]

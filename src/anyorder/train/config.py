@@ -1,8 +1,9 @@
 """Training hyper-parameters.
 
-One flat dataclass so a YAML file or the CLI maps onto it with ``TrainConfig(**d)``. Everything is
-validated up front: a typo'd precision or a negative lr should fail before any compute is spent,
-with a message that names the field and what would have been accepted.
+One flat dataclass so a YAML file or the CLI maps onto it with ``TrainConfig(**d)``; its field
+defaults are the only training defaults (the ``train:`` section of ``anyorder.config.DEFAULTS`` is
+read from them). Everything is validated up front: a typo'd precision or a negative lr should fail
+before any compute is spent, with a message that names the field and what would have been accepted.
 """
 from __future__ import annotations
 
@@ -25,20 +26,21 @@ _OBSERVATION_FIELDS = frozenset(
 
 @dataclass
 class TrainConfig:
-    steps: int
-    batch_size: int  # per process, per micro-step
+    # ``seed`` comes from an experiment config's top-level ``seed``, the rest from its ``train:`` section
+    steps: int = 1000
+    batch_size: int = 64  # per process, per micro-step
     grad_accum: int = 1
-    lr: float = 3e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
     betas: Tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 0
+    warmup_steps: int = 50  # must not exceed steps
     min_lr_ratio: float = 0.1  # cosine decays from lr to lr * min_lr_ratio
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     ema: float = 0.0  # EMA decay; 0 = off
     precision: str = "fp32"  # "fp32" | "bf16" (torch.autocast bf16 on the device type)
     eval_every: int = 0  # 0 = only at the end (if an eval_fn is given)
     checkpoint_every: int = 0  # 0 = only at the end
-    log_every: int = 10  # 0 = only at the end
+    log_every: int = 50  # 0 = only at the end
     seed: int = 0
     tensorboard: bool = False
     wandb: bool = False

@@ -11,6 +11,7 @@ from typing import Union
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -114,4 +115,12 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return t.to(out_device)
 
 
-__all__ = ["DistInfo", "init_distributed", "is_distributed", "barrier", "cleanup", "all_reduce_mean", "all_reduce_sum"]
+def unwrap(model: nn.Module) -> nn.Module:
+    """The raw module under DistributedDataParallel / DataParallel (whose keys carry 'module.')."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+__all__ = ["DistInfo", "init_distributed", "is_distributed", "barrier", "cleanup", "all_reduce_mean", "all_reduce_sum",
+           "unwrap"]

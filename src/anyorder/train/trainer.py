@@ -21,69 +21,29 @@ A step is ``grad_accum`` micro-steps, then clip, AdamW, EMA. Step ``s`` (0-based
 from __future__ import annotations
 
 import contextlib
-import json
-import math
-import os
-import random
-import socket
 import sys
 import time
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from .checkpoint import (
-    CHECKPOINT_DIR,
-    capture_rng_state,
-    find_checkpoint,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-    unwrap,
-    versions,
-)
+from .checkpoint import CHECKPOINT_DIR, STATE_FILE, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .distributed import all_reduce_mean, all_reduce_sum, barrier, init_distributed
+from .distributed import all_reduce_sum, barrier, init_distributed, unwrap
 from .ema import EMA
 from .loggers import Loggers, build_loggers, require_backends
+from .metrics import LogWindow, eval_line, progress_postfix, train_line, update_best
+from .provenance import write_run_json
+from .rng import capture_rng_state, forked_rng, gather_rng_states, seed_all
 from .schedule import lr_multiplier
 
 LossFn = Callable[[nn.Module, int, int, int, int], Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, Any]]]]
 EvalFn = Callable[[nn.Module], Mapping[str, float]]
-
-RUN_FILE = "run.json"
-
-# Eval metrics whose name contains one of these are "higher is better"; everything else (loss,
-# perplexity, NLL, error rates, ...) is "lower is better" when tracking the best value.
-_HIGHER_IS_BETTER = ("acc", "f1", "score", "match", "reward", "bleu", "rouge", "precision", "recall")
-
-
-def _higher_is_better(name: str) -> bool:
-    n = name.lower()
-    return any(h in n for h in _HIGHER_IS_BETTER)
-
-
-@contextlib.contextmanager
-def _forked_rng():
-    """Run a block without consuming the global RNG streams (so eval cannot shift training)."""
-    state = capture_rng_state()
-    try:
-        yield
-    finally:
-        restore_rng_state(state)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 class Trainer:
@@ -153,7 +113,7 @@ class Trainer:
         self._in_update = False  # True while parameters are being modified (unsafe to checkpoint)
         self._saving = False
         self._rng_after_step: Optional[Dict[str, Any]] = None
-        self._reset_window()
+        self._window = LogWindow(self.device, self.tokens_seen)
 
     # ------------------------------------------------------------------ public
     @property
@@ -168,7 +128,9 @@ class Trainer:
         resumed_from = self._resume_or_seed()
         self._rng_after_step = capture_rng_state()
         if self.is_main:
-            self._write_run_json(resumed_from)
+            write_run_json(self.run_dir, cfg, self.dist, resumed_from=resumed_from, run_info=self.run_info,
+                           num_params=sum(p.numel() for p in self.model.parameters()),
+                           flops_per_step=self.flops_per_step)
         # Always truncate metrics.jsonl to the current step: lines past it came from a crashed run
         # whose work is being redone.
         self.loggers = build_loggers(
@@ -189,7 +151,7 @@ class Trainer:
         )
         t_start = time.perf_counter()
         tokens_at_start = self.tokens_seen
-        self._reset_window()
+        self._window.reset(self.tokens_seen)
         self.train_model.train()
         try:
             while self.step < cfg.steps:
@@ -235,31 +197,27 @@ class Trainer:
             was_training = target.training
             target.eval()
             try:
-                with _forked_rng(), self._autocast():
+                with forked_rng(), self._autocast():
                     raw = self.eval_fn(target)
             finally:
                 target.train(was_training)
             results = {k: float(v) for k, v in dict(raw or {}).items()}
             if self.flops_per_step is not None:  # cumulative training FLOPs at this evaluation (C(τ))
                 results["flops"] = float(self.flops_per_step * self.step)
-            for k, v in results.items():
-                prev = self.best.get(k)
-                better = prev is None or (v > prev["value"] if _higher_is_better(k) else v < prev["value"])
-                if better and math.isfinite(v):
-                    self.best[k] = {"value": v, "step": self.step}
+            update_best(self.best, results, self.step)
             self.loggers.log(self.step, results, event="eval")
             self.last_eval = results
             if not self.cfg.progress:
-                print(f"eval step {self.step}: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()), flush=True)
+                print(eval_line(self.step, results), flush=True)
         barrier()
-        self._window_excluded += time.perf_counter() - t0
+        self._window.excluded += time.perf_counter() - t0
         return results
 
     def save(self) -> Path:
         """Checkpoint the current step (collective: every rank must call it)."""
         t0 = time.perf_counter()
         self._sync_tokens()
-        rng_states = self._gather_rng_states()
+        rng_states = gather_rng_states(self.world_size)
         if self.is_main:
             self._saving = True
             try:
@@ -267,7 +225,7 @@ class Trainer:
             finally:
                 self._saving = False
         barrier()  # nobody moves on (or reads the checkpoint) before it is complete
-        self._window_excluded += time.perf_counter() - t0
+        self._window.excluded += time.perf_counter() - t0
         return self.checkpoint_dir
 
     # ------------------------------------------------------------------ one step
@@ -294,9 +252,7 @@ class Trainer:
                 loss, metrics = self._unpack(out)
                 # mean over micro-steps, so the gradient does not scale with grad_accum
                 (loss / cfg.grad_accum).backward()
-            self._win_loss = self._win_loss + loss.detach().float()
-            self._win_micro += 1
-            step_tokens += self._accumulate(metrics)
+            step_tokens += self._window.add_micro(loss, metrics)
 
         self._in_update = True
         if cfg.grad_clip > 0:
@@ -313,10 +269,7 @@ class Trainer:
         self._in_update = False
         # The RNG state at a step boundary, for a checkpoint taken on Ctrl-C mid-step.
         self._rng_after_step = capture_rng_state()
-
-        self._win_steps += 1
-        self._win_grad = self._win_grad + grad_norm.detach().float()
-        self._win_lr = lr
+        self._window.add_step(grad_norm, lr)
 
     def _unpack(self, out: Any) -> Tuple[torch.Tensor, Mapping[str, Any]]:
         if isinstance(out, tuple) and len(out) == 2:
@@ -330,37 +283,7 @@ class Trainer:
             )
         return loss.reshape(()), metrics or {}
 
-    def _accumulate(self, metrics: Mapping[str, Any]) -> int:
-        """Add numeric metrics to the log window; returns the micro-batch's token count."""
-        tokens = 0
-        for k, v in metrics.items():
-            if k == "tokens":
-                tokens = int(v)
-                continue
-            if torch.is_tensor(v):
-                if v.numel() != 1:
-                    continue
-                v = v.detach().float().reshape(())
-            elif not isinstance(v, (int, float)) or isinstance(v, bool):
-                continue
-            self._win_sums[k] = self._win_sums.get(k, 0.0) + v
-            self._win_counts[k] = self._win_counts.get(k, 0) + 1
-        return tokens
-
     # ------------------------------------------------------------------ logging
-    def _reset_window(self) -> None:
-        # Sums stay on the device between log steps: no host sync (no .item()) inside the loop.
-        self._win_loss: Any = torch.zeros((), device=self.device)
-        self._win_grad: Any = torch.zeros((), device=self.device)
-        self._win_micro = 0
-        self._win_steps = 0
-        self._win_lr = 0.0
-        self._win_sums: Dict[str, Any] = {}
-        self._win_counts: Dict[str, int] = {}
-        self._win_tokens0 = self.tokens_seen  # pending is 0 here: every reset follows a sync
-        self._win_t0 = time.perf_counter()
-        self._window_excluded = 0.0  # eval/checkpoint time inside the window, not training time
-
     def _sync_tokens(self) -> None:
         """Sum every rank's pending token count into tokens_seen (collective)."""
         pending = torch.tensor(self._pending_tokens, dtype=torch.float64, device=self.device)
@@ -368,43 +291,17 @@ class Trainer:
         self._pending_tokens = 0
 
     def _log(self, pbar) -> None:
-        if self._win_steps == 0:
+        if self._window.steps == 0:
             return
         self._sync_tokens()
-        loss = all_reduce_mean(self._win_loss / self._win_micro).item()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        dt = max(time.perf_counter() - self._win_t0 - self._window_excluded, 1e-9)
-        tokens = self.tokens_seen - self._win_tokens0
-        metrics: Dict[str, Any] = {
-            k: (v.item() if torch.is_tensor(v) else v) / self._win_counts[k] for k, v in self._win_sums.items()
-        }
-        metrics.update(
-            loss=loss,
-            lr=self._win_lr,
-            grad_norm=(self._win_grad / self._win_steps).item(),
-            step_time=dt / self._win_steps,
-            tokens_seen=self.tokens_seen,
-        )
-        if tokens > 0:
-            metrics["tokens_per_s"] = tokens / dt
-        if self.flops_per_step is not None:
-            metrics["flops"] = self.flops_per_step * self.step
+        metrics = self._window.summary(self.tokens_seen, self.step, self.flops_per_step)
         self.last_metrics = metrics
         if self.is_main:
             self.loggers.log(self.step, metrics, event="train")
-            post = {"loss": f"{loss:.4g}"}
-            if tokens > 0:
-                post["tok/s"] = f"{metrics['tokens_per_s']:.3g}"
-            pbar.set_postfix(post, refresh=False)
+            pbar.set_postfix(progress_postfix(metrics), refresh=False)
             if not self.cfg.progress:
-                extra = f" tok/s {metrics['tokens_per_s']:.3g}" if tokens > 0 else ""
-                print(
-                    f"step {self.step}/{self.cfg.steps} loss {loss:.4g} lr {self._win_lr:.3g} "
-                    f"grad_norm {metrics['grad_norm']:.3g} step_time {metrics['step_time'] * 1e3:.1f}ms{extra}",
-                    flush=True,
-                )
-        self._reset_window()
+                print(train_line(self.step, self.cfg.steps, metrics), flush=True)
+        self._window.reset(self.tokens_seen)  # pending is 0 here: _sync_tokens just summed it
 
     # ------------------------------------------------------------------ checkpoints
     def _write_checkpoint(self, rng_states, tokens_seen: int) -> None:
@@ -421,15 +318,6 @@ class Trainer:
             rng_states=rng_states,
             extra={"run_info": self.run_info},
         )
-
-    def _gather_rng_states(self):
-        # Each rank has its own dropout/masking stream; all of them are needed for an exact resume.
-        state = capture_rng_state()
-        if self.world_size == 1:
-            return [state]
-        gathered = [None] * self.world_size
-        torch.distributed.all_gather_object(gathered, state)
-        return gathered
 
     def _save_on_interrupt(self) -> None:
         """Ctrl-C: keep the work done so far. No collectives here -- other ranks may be gone."""
@@ -454,13 +342,10 @@ class Trainer:
             find_checkpoint(self.run_dir)  # may repair an interrupted checkpoint swap
         barrier()
         ckpt = self.checkpoint_dir
-        if not (ckpt / "state.json").exists():
+        if not (ckpt / STATE_FILE).exists():
             # Seed here, not at import: the global RNG drives dropout/masking. The rank offset gives
             # each process its own stream.
-            seed = self.cfg.seed + self.rank
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
+            seed_all(self.cfg.seed + self.rank)
             self.step = 0
             return None
 
@@ -488,45 +373,6 @@ class Trainer:
         if self.step > self.cfg.steps:
             warnings.warn(f"checkpoint is at step {self.step}, past cfg.steps={self.cfg.steps}; nothing to do")
         return self.step
-
-    def _write_run_json(self, resumed_from: Optional[int]) -> None:
-        path = self.run_dir / RUN_FILE
-        now = time.time()
-        if path.exists() and resumed_from is not None:
-            # Written once at the first start; a resume only appends a note. (Without a checkpoint
-            # the run starts over, and so does run.json.)
-            info = json.loads(path.read_text())
-            info.setdefault("resumes", []).append(
-                {
-                    "time": now,
-                    "time_iso": datetime.fromtimestamp(now, timezone.utc).isoformat(),
-                    "step": resumed_from,
-                    "hostname": socket.gethostname(),
-                    "world_size": self.world_size,
-                    "config": self.cfg.to_dict(),
-                }
-            )
-        else:
-            info = {
-                "run_info": self.run_info,
-                "config": self.cfg.to_dict(),
-                "config_hash": self.cfg.hash(),
-                "seed": self.cfg.seed,
-                "versions": versions(),
-                "hostname": socket.gethostname(),
-                "cpu_count": os.cpu_count(),
-                "cuda_device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
-                "device": str(self.device),
-                "world_size": self.world_size,
-                "backend": self.dist.backend,
-                "num_params": sum(p.numel() for p in self.model.parameters()),
-                "flops_per_step": self.flops_per_step,
-                "start_time": now,
-                "start_time_iso": datetime.fromtimestamp(now, timezone.utc).isoformat(),
-                "argv": sys.argv,
-                "resumed_from": resumed_from,
-            }
-        _write_json_atomic(path, info)
 
 
 __all__ = ["Trainer", "LossFn", "EvalFn"]
