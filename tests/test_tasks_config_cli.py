@@ -166,7 +166,7 @@ def test_cli_train_under_torchrun_two_processes(tmp_path):
 
 
 def test_learned_order_under_torchrun_matches_single_process_accumulation(tmp_path):
-    """LoMDM under DDP (2 CPU processes): its loss goes through forward, so the gradients are
+    """LoMDM under DDP (2 CPU processes): the Trainer runs its loss inside a DDP-wrapped LossStep, so the gradients are
     all-reduced; the result equals one process accumulating the two ranks' batches."""
     import torch
     from safetensors.torch import load_file

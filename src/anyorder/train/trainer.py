@@ -3,9 +3,10 @@
 Contract with the caller -- the reason exact resumption needs no data-loader state:
 
 ``loss_fn(model, step, micro, rank, world_size) -> (loss, metrics)``
-    builds its own batch deterministically from (seed, step, micro, rank), runs ONE forward pass
-    through ``model`` (call ``model(...)``, not a sub-module: under DDP the forward is what arms the
-    gradient all-reduce) and returns a scalar loss plus a dict of extra metrics. ``metrics["tokens"]``
+    builds its own batch deterministically from (seed, step, micro, rank), runs the bare ``model``
+    in any way it likes (several passes, sub-modules, heads) and returns a scalar loss plus a dict
+    of extra metrics. Under DDP the whole ``loss_fn`` runs inside the ``forward`` of one small
+    wrapper module (:class:`LossStep`), so DDP arms its gradient all-reduce whatever the loss calls. ``metrics["tokens"]``
     (int, tokens in this micro-batch) feeds tokens/s and ``tokens_seen``; other numeric entries are
     averaged and logged (the main process's values). Global RNG draws (dropout, random masking) are
     fine: the RNG state of every rank is checkpointed.
@@ -44,6 +45,20 @@ from .schedule import lr_multiplier
 
 LossFn = Callable[[nn.Module, int, int, int, int], Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, Any]]]]
 EvalFn = Callable[[nn.Module], Mapping[str, float]]
+
+
+class LossStep(nn.Module):
+    """One micro-step's loss as a module: ``forward(step, micro, rank, world)`` runs
+    ``loss_fn(model, ...)``. DDP wraps this, not the model, so a loss that calls sub-modules or
+    several passes (e.g. LoMDM's heads) still goes through the forward DDP instruments."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, step: int, micro: int, rank: int, world_size: int):
+        return self.loss_fn(self.model, step, micro, rank, world_size)
 
 
 class Trainer:
@@ -96,12 +111,11 @@ class Trainer:
 
         # The EMA copy is made before DDP wrapping so it is a plain module.
         self.ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
+        # Under DDP the loss runs inside LossStep.forward: DDP all-reduces the gradients of whatever
+        # the loss touched. One process calls loss_fn on the model directly.
+        self.train_step: nn.Module = LossStep(self.model, loss_fn)
         if self.world_size > 1:
-            self.train_model: nn.Module = DDP(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-        else:
-            self.train_model = self.model
+            self.train_step = DDP(self.train_step, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
         self.step = 0
         self.tokens_seen = 0
@@ -152,7 +166,7 @@ class Trainer:
         t_start = time.perf_counter()
         tokens_at_start = self.tokens_seen
         self._window.reset(self.tokens_seen)
-        self.train_model.train()
+        self.model.train()
         try:
             while self.step < cfg.steps:
                 self._train_step()
@@ -241,14 +255,14 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
-        ddp = isinstance(self.train_model, DDP)
+        ddp = isinstance(self.train_step, DDP)
         step_tokens = 0
         for micro in range(cfg.grad_accum):
             # Gradients are all-reduced only on the last micro-step; earlier ones just accumulate.
             sync = micro == cfg.grad_accum - 1
-            with self.train_model.no_sync() if (ddp and not sync) else contextlib.nullcontext():
+            with self.train_step.no_sync() if (ddp and not sync) else contextlib.nullcontext():
                 with self._autocast():
-                    out = self.loss_fn(self.train_model, step, micro, self.rank, self.world_size)
+                    out = self.train_step(step, micro, self.rank, self.world_size)
                 loss, metrics = self._unpack(out)
                 # mean over micro-steps, so the gradient does not scale with grad_accum
                 (loss / cfg.grad_accum).backward()
