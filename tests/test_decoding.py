@@ -114,7 +114,7 @@ def test_unknown_decoder_suggests(tiny_model):
 def test_user_decoder_registration(tiny_model):
     @DECODERS.register("right_to_left_test")
     class RightToLeft(Decoder):
-        def scores(self, probs, x0, layout, gens):
+        def scores(self, probs, proposal, layout, gens):
             return layout.aidx.double()
 
     x, answer = _prompts(B=1)

@@ -59,15 +59,15 @@ class CommittableSampling:
             return super().propose(logits, st)
         logp = F.log_softmax(logits.double(), dim=-1)
         cand = st.masked & st.order.allowed(st.masked, st.layout, logp)
-        x0 = st.x.clone()
+        proposal = st.x.clone()
         V = logits.shape[-1]
-        for b in range(len(x0)):
+        for b in range(len(proposal)):
             idx = cand[b].nonzero().squeeze(-1)
             if len(idx) == 0:
                 continue
             lp = logp[b, idx] if self.temperature == 1 else F.log_softmax(logits[b, idx].double() / self.temperature, -1)
-            x0[b, idx] = (lp + gumbel_noise((len(idx), V), [st.gens[b]])[0]).argmax(-1)
-        return logp, logp.exp(), x0
+            proposal[b, idx] = (lp + gumbel_noise((len(idx), V), [st.gens[b]])[0]).argmax(-1)
+        return logp, logp.exp(), proposal
 
 
 def sampling_decoder(spec: Dict[str, object]):

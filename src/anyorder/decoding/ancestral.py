@@ -61,7 +61,7 @@ class AncestralDecoder(Decoder):
                 fresh = forward(x, masked)
                 logits = fresh if logits is None else torch.where(need[:, None, None], fresh, logits)
                 st.nfe += need.long()
-            logp, probs, x0 = self.propose(logits, st)
+            logp, probs, proposal = self.propose(logits, st)
             allowed = self.allowed(st, logp)
             win = st.current_window()
             grid_pos = torch.where(win != grid_win, torch.zeros_like(grid_pos), grid_pos)  # a new window
@@ -71,7 +71,7 @@ class AncestralDecoder(Decoder):
                                    1.0 / (T - grid_pos).clamp_min(1).double())
             u = torch.stack([torch.rand(L, generator=g, dtype=torch.float64) for g in st.gens])
             commit = allowed & (u < p_unmask.unsqueeze(-1)) & active.unsqueeze(-1)
-            st.commit(commit, x0, probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1))
+            st.commit(commit, proposal, probs.gather(-1, proposal.unsqueeze(-1)).squeeze(-1))
             stale = commit.any(-1)
             grid_pos = grid_pos + 1
             st.advance(active)

@@ -41,8 +41,8 @@ class BeamDecoder(Decoder):
         super().__init__(k=k, **kw)
         self.width = check_range("width", width, 1, kind=int)
 
-    def fill(self, st, commit, logp, x0):
-        tokens, conf = super().fill(st, commit, logp, x0)
+    def fill(self, st, commit, logp, proposal):
+        tokens, conf = super().fill(st, commit, logp, proposal)
         if int(commit.sum(-1).max()) <= 1:
             return tokens, conf
         B, L = st.x.shape

@@ -69,7 +69,7 @@ class LearnedAncestralDecoder(Decoder):
                 logits = fl if logits is None else torch.where(need[:, None, None], fl, logits)
                 k_hat = fk if k_hat is None else torch.where(need[:, None], fk, k_hat)
                 st.nfe += need.long()
-            logp, probs, x0 = self.propose(logits, st)
+            logp, probs, proposal = self.propose(logits, st)
             allowed = self.allowed(st, logp)
             t = (1 - i / T.double()).clamp_min(0)                   # [B]
             s = (1 - (i + 1) / T.double()).clamp_min(0)
@@ -77,7 +77,7 @@ class LearnedAncestralDecoder(Decoder):
             p_unmask = torch.where(s.unsqueeze(-1) <= 0, torch.ones_like(k_hat), 1 - ratio ** k_hat)
             u = torch.stack([torch.rand(L, generator=g, dtype=torch.float64) for g in st.gens])
             commit = allowed & (u < p_unmask) & active.unsqueeze(-1)
-            st.commit(commit, x0, probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1))
+            st.commit(commit, proposal, probs.gather(-1, proposal.unsqueeze(-1)).squeeze(-1))
             stale = commit.any(-1)
             i += 1
             st.advance(active)
@@ -102,8 +102,8 @@ class LearnedVelocityDecoder(Decoder):
     def step(self, st, forward) -> None:
         active = st.masked.any(-1)
         logits, k_hat = forward(st.x, st.masked)
-        logp, probs, x0 = self.propose(logits, st)
+        logp, probs, proposal = self.propose(logits, st)
         allowed = self.allowed(st, logp)
         commit = self.select(k_hat, allowed, self.counts(st, allowed)) & active.unsqueeze(-1)
-        st.commit(commit, *self.fill(st, commit, logp, x0))
+        st.commit(commit, *self.fill(st, commit, logp, proposal))
         st.nfe += active.long()

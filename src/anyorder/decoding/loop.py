@@ -13,14 +13,17 @@ current block; Jigsaw: the block its probe picked, left to right; Scatter: the c
 the decoder decides *which* and *how many*. A new decoder subclasses :class:`Decoder` and
 overrides one of the hooks, from the smallest to the largest:
 
-    scores(probs, x0, layout, gens)      which positions first (or just set ``score``)
-    windows(layout)                      the semi-AR windows (scatter_offsets: the columns)
-    allowed(state, logp)                 where (jigsaw_entropy: the lowest-entropy block)
-    counts(state, allowed)               how many this step
-    choose(state, probs, x0, allowed)    the commit set itself (threshold)
-    fill(state, commit, logp, x0)        the tokens written there (beam)
-    step(state, forward)                 one whole step (random_init)
-    run(state, forward)                  the whole loop (ancestral, remask, edit)
+    scores(probs, proposal, layout, gens)     which positions first (or just set ``score``)
+    windows(layout)                           the semi-AR windows (scatter_offsets: the columns)
+    allowed(state, logp)                      where (jigsaw_entropy: the lowest-entropy block)
+    counts(state, allowed)                    how many this step
+    choose(state, probs, proposal, allowed)   the commit set itself (threshold)
+    fill(state, commit, logp, proposal)       the tokens written there (beam)
+    step(state, forward)                      one whole step (random_init)
+    run(state, forward)                       the whole loop (ancestral, remask, edit)
+
+``proposal`` [B, L] is the token the step proposes at every position (greedy or sampled);
+a hook decides where, and how many of, the proposals are committed.
 
 Everything a decode carries from step to step lives in a :class:`DecodeState`; its
 ``commit``/``remask`` keep the trace right (``finalize_step`` = step of the last commit).
@@ -173,8 +176,8 @@ class Decoder:
         return forward
 
     # -- pieces a subclass may override -------------------------------------------------
-    def scores(self, probs, x0, layout, gens) -> torch.Tensor:
-        return SCORES.get(self.score)(probs, x0, layout, gens)
+    def scores(self, probs, proposal, layout, gens) -> torch.Tensor:
+        return SCORES.get(self.score)(probs, proposal, layout, gens)
 
     def select(self, score: torch.Tensor, allowed: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         """The n highest-scoring allowed positions per row (ties: leftmost first)."""
@@ -200,14 +203,14 @@ class Decoder:
         """[B] how many tokens each row commits this step."""
         return self._counts(st.masked, st.window, st.current_window(), st.cur_window, st.plan, allowed, st.n_windows)
 
-    def choose(self, st: DecodeState, probs, x0, allowed) -> torch.Tensor:
+    def choose(self, st: DecodeState, probs, proposal, allowed) -> torch.Tensor:
         """[B, L] bool: the positions committed this step."""
-        return self.select(self.scores(probs, x0, st.layout, st.gens), allowed, self.counts(st, allowed))
+        return self.select(self.scores(probs, proposal, st.layout, st.gens), allowed, self.counts(st, allowed))
 
-    def fill(self, st: DecodeState, commit, logp, x0):
+    def fill(self, st: DecodeState, commit, logp, proposal):
         """The tokens written at ``commit`` and their confidence: the proposals, by default
         (beam search replaces them by the jointly best combination)."""
-        return x0, logp.exp().gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+        return proposal, logp.exp().gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
 
     # -- the loop -------------------------------------------------------------------------
     def start(self, model, order: Order, x: torch.Tensor, answer: torch.Tensor,
@@ -265,10 +268,10 @@ class Decoder:
         x, masked = st.x, st.masked
         active = masked.any(-1)
         logits = forward(x, masked)
-        logp, probs, x0 = self.propose(logits, st)
+        logp, probs, proposal = self.propose(logits, st)
         allowed = self.allowed(st, logp)
-        commit = self.choose(st, probs, x0, allowed) & active.unsqueeze(-1)
-        st.commit(commit, *self.fill(st, commit, logp, x0))
+        commit = self.choose(st, probs, proposal, allowed) & active.unsqueeze(-1)
+        st.commit(commit, *self.fill(st, commit, logp, proposal))
         st.nfe += active.long()
 
     def _counts(self, masked, window, win, cur_window, plan, allowed, n_windows) -> torch.Tensor:

@@ -67,8 +67,8 @@ class RandomInitDecoder(Decoder):
         fill, noise = self.random_fill(st)
         xf, mf = torch.where(fill, noise, st.x), st.masked & ~fill
         logits = self.probe_forward(st)(xf, mf)       # a state that is undone right after
-        logp, probs, x0 = self.propose(logits, st)
+        logp, probs, proposal = self.propose(logits, st)
         allowed = self.allowed(st, logp, masked=mf)
-        commit = self.choose(st, probs, x0, allowed) & active.unsqueeze(-1)
-        st.commit(commit, *self.fill(st, commit, logp, x0))  # on the real x: the fills are gone
+        commit = self.choose(st, probs, proposal, allowed) & active.unsqueeze(-1)
+        st.commit(commit, *self.fill(st, commit, logp, proposal))  # on the real x: the fills are gone
         st.nfe += active.long()

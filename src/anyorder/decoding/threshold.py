@@ -48,6 +48,6 @@ class ThresholdDecoder(Decoder):
         self.tau = check_range("tau", tau, 0.0, 1.0, lo_open=True)
         self.max_per_step = None if max_per_step is None else check_range("max_per_step", max_per_step, 1, kind=int)
 
-    def choose(self, st, probs, x0, allowed):
-        conf = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    def choose(self, st, probs, proposal, allowed):
+        conf = probs.gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
         return threshold_commit(conf, allowed, self.tau, self.max_per_step)
