@@ -15,7 +15,7 @@ interface, so every decoder, order rule, trace and diagnostic here runs on it un
 Attention (``attention=``):
   ``"full"``   the model's own attention, which for LLaDA/Dream is bidirectional. Only orders
                that ask for no restriction (``attn_mask`` None or all True) can run: ``random``
-               with any decoder, semi-AR windows (``decoder.block_size``) and the
+               with any decoder, semi-AR windows (``decoder.window``) and the
                ``left_to_right`` score included. A restrictive mask raises a ValueError.
   ``"mask4d"`` every forward passes an explicit additive 4-D ``attention_mask`` [B, 1, L, L]
                (0 = attend, dtype-min = blocked), all zeros when the order has no mask, so the
@@ -87,7 +87,7 @@ class HFMaskedDiffusionLM(nn.Module):
                 raise ValueError(
                     "this Hugging Face model is wrapped with attention='full' (its own bidirectional "
                     "attention), but the order asks for a restrictive attention mask. Decode with order "
-                    "'random' (any decoder; semi-AR via decoder.block_size, left to right via the "
+                    "'random' (any decoder; semi-AR via decoder.window, left to right via the "
                     "'left_to_right' decoder), or wrap with attention='mask4d' if the model's forward "
                     "accepts a 4-D attention_mask.")
             return {}

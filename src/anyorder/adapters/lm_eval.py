@@ -321,7 +321,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m anyorder.adapters.lm_eval",
                                 description="lm-evaluation-harness with an anyorder decoder; prints accuracy next to AFP and Kendall tau")
     p.add_argument("--model_args", required=True, help="e.g. pretrained=GSAI-ML/LLaDA-8B-Instruct,trust_remote_code=true,"
-                                                      "dtype=bf16,device=cuda,decoder=top_prob,decoder.steps=256,decoder.block_size=32")
+                                                      "dtype=bf16,device=cuda,decoder=top_prob,decoder.steps=256,decoder.window=32")
     p.add_argument("--tasks", required=True, help="comma-separated task names")
     p.add_argument("--include_path", default=None, help="folder of extra task YAMLs")
     p.add_argument("--only_include_path", action="store_true",

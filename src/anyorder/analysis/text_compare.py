@@ -94,7 +94,7 @@ def natural_decoder(order, seq_len: int, steps: Optional[int] = None) -> Dict[st
     elif name == "block":
         n_blocks = -(-L // order.block_size)
         spec = {"name": "ancestral", "steps": max(1, -(-T // n_blocks)) * n_blocks,
-                "block_size": order.block_size, "cache": True}
+                "window": order.block_size, "cache": True}
     elif name == "scatter":
         spec = {"name": "scatter_offsets", "steps_per_offset": max(1, T // order.block_size), "score": "random",
                 "cache": True}

@@ -18,7 +18,7 @@ one), not ``T``; a whole forward call is skipped when no row changed. ``skip_unc
 switches the cache off (one pass per step), for comparison.
 
 Options: ``steps`` (the grid, default: the answer length, so each step unmasks one token in
-expectation; with ``block_size`` the grid restarts in every semi-AR window with
+expectation; with ``window`` the grid restarts in every semi-AR window with
 steps / #windows steps), ``skip_unchanged`` (default True), the sampling options.
 """
 from __future__ import annotations

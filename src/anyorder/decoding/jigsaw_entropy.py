@@ -37,9 +37,9 @@ class JigsawEntropyDecoder(Decoder):
     score = "left_to_right"
 
     def __init__(self, blocks: Optional[int] = None, **kw):
-        if kw.get("steps") is not None or kw.get("block_size") is not None or kw.get("score") is not None:
+        if kw.get("steps") is not None or kw.get("window") is not None or kw.get("score") is not None:
             raise ValueError("decoder 'jigsaw_entropy' picks its own blocks and goes left to right in them; "
-                             "it takes decoder.blocks (block length) and decoder.k, not steps/block_size/score")
+                             "it takes decoder.blocks (block length) and decoder.k, not steps/window/score")
         super().__init__(**kw)
         self.blocks = None if blocks is None else check_range("blocks", blocks, 1, kind=int)
 

@@ -43,8 +43,8 @@ class LearnedAncestralDecoder(Decoder):
     def __init__(self, skip_unchanged: bool = True, **kw):
         if kw.get("k") is not None:
             raise ValueError("decoder 'learned_ancestral' unmasks by the time grid; give decoder.steps, not decoder.k")
-        if kw.get("block_size") is not None:
-            raise ValueError("decoder 'learned_ancestral' runs one grid over the whole answer; drop decoder.block_size")
+        if kw.get("window") is not None:
+            raise ValueError("decoder 'learned_ancestral' runs one grid over the whole answer; drop decoder.window")
         if kw.get("cache"):
             raise ValueError("decoder 'learned_ancestral' has no KV cache (bidirectional order); drop decoder.cache")
         super().__init__(**kw)

@@ -32,6 +32,7 @@ beam, jigsaw_entropy, scatter_offsets) are built on these hooks.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -130,14 +131,15 @@ class Decoder:
     k:           tokens committed per step (default 1 when ``steps`` is not given)
     steps:       total steps; split evenly over semi-AR windows, and inside a window the tokens
                  are split evenly over its steps, remainder first (LLaDA's schedule)
-    block_size:  semi-AR window length over the answer (None: the whole answer at once)
+    window:      semi-AR window length over the answer (None: the whole answer at once); LLaDA's
+                 ``block_length``. Not an order's ``block_size`` (the order's group size)
     temperature, top_k, top_p: token sampling (0 = greedy)
     seed:        row b uses generator seed ``seed + b`` unless ``row_seeds`` is given to decode()
     """
 
     score: str = "top_prob"
 
-    def __init__(self, k: Optional[int] = None, steps: Optional[int] = None, block_size: Optional[int] = None,
+    def __init__(self, k: Optional[int] = None, steps: Optional[int] = None, window: Optional[int] = None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  score: Optional[str] = None, cache: bool = False):
         if k is not None and steps is not None:
@@ -146,8 +148,8 @@ class Decoder:
             raise ValueError(f"decoder.k must be >= 1, got {k}")
         if steps is not None and int(steps) < 1:
             raise ValueError(f"decoder.steps must be >= 1, got {steps}")
-        if block_size is not None and int(block_size) < 1:
-            raise ValueError(f"decoder.block_size must be >= 1, got {block_size}")
+        if window is not None and int(window) < 1:
+            raise ValueError(f"decoder.window must be >= 1, got {window}")
         if not 0 < top_p <= 1:
             raise ValueError(f"decoder.top_p must be in (0, 1], got {top_p}")
         if score is not None:
@@ -155,7 +157,7 @@ class Decoder:
             self.score = score
         self.k = None if k is None else int(k)
         self.steps = None if steps is None else int(steps)
-        self.block_size = None if block_size is None else int(block_size)
+        self.window = None if window is None else int(window)
         self.temperature, self.top_k, self.top_p, self.seed = float(temperature), int(top_k), float(top_p), int(seed)
         self.cache = bool(cache)
 
@@ -230,7 +232,7 @@ class Decoder:
         n_windows = torch.where(answer, window + 1, 0).max(-1).values
         if self.steps is not None and int(n_windows.max()) > 0 and self.steps % int(n_windows.max()) != 0:
             raise ValueError(f"decoder.steps={self.steps} must be a multiple of the number of semi-AR "
-                             f"blocks ({int(n_windows.max())})")
+                             f"windows ({int(n_windows.max())})")
         return DecodeState(
             model=model, order=order, layout=layout, extra=extra, x=x, masked=masked, answer=answer, gens=gens,
             window=window, n_windows=n_windows, plan=[[] for _ in range(B)],
@@ -241,8 +243,8 @@ class Decoder:
 
     def windows(self, layout: Layout) -> torch.Tensor:
         """[B, L] semi-AR window of each answer position (-1 on prompt): contiguous runs of
-        ``block_size`` answer positions, or one window for the whole answer."""
-        window_size = self.block_size or int(layout.n_answer.max().clamp_min(1))
+        ``window`` answer positions, or one window for the whole answer."""
+        window_size = self.window or int(layout.n_answer.max().clamp_min(1))
         return torch.where(layout.answer, layout.aidx // window_size, -1)
 
     @torch.no_grad()
@@ -325,12 +327,15 @@ def check_range(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False
 
 
 def build_decoder(spec) -> Decoder:
-    """``"margin"`` or ``{"name": "top_prob", "k": 2, "temperature": 0.7}``."""
+    """``"margin"`` or ``{"name": "top_prob", "k": 2, "temperature": 0.7}``.
+
+    ``block_size`` is read as a deprecated alias of ``window`` (run directories saved before the
+    rename have it in their ``decode`` specs), with a :class:`DeprecationWarning`."""
     if isinstance(spec, Decoder):
         return spec
     if isinstance(spec, str):
         return DECODERS.get(spec)()
-    spec = dict(spec)
+    spec = _renamed_options(dict(spec))
     cls = DECODERS.get(spec.pop("name"))
     try:
         return cls(**spec)
@@ -340,6 +345,23 @@ def build_decoder(spec) -> Decoder:
         valid = [p for c in cls.__mro__ for p in inspect.signature(c.__init__).parameters
                  if c is not object and p not in ("self", "kw", "kwargs")]
         raise ValueError(f"decoder {cls.registered_name!r}: {e}. Valid options: {', '.join(sorted(set(valid)))}") from None
+
+
+_RENAMED = {"block_size": "window"}  # old decoder option -> new
+
+
+def _renamed_options(spec: dict) -> dict:
+    """``spec`` with deprecated option names replaced by their new names (warning once per use)."""
+    for old, new in _RENAMED.items():
+        if old not in spec:
+            continue
+        if new in spec:
+            raise ValueError(f"decoder {spec.get('name')!r}: give decoder.{new}, not both decoder.{new} and "
+                             f"decoder.{old} (its deprecated name)")
+        warnings.warn(f"decoder option {old!r} is deprecated: use {new!r} (the semi-AR window length)",
+                      DeprecationWarning, stacklevel=3)
+        spec[new] = spec.pop(old)
+    return spec
 
 
 def decode(model, order: Order, x, answer, decoder="top_prob", extra=None, row_seeds=None) -> DecodeResult:

@@ -20,7 +20,7 @@ since in between the answer was decoded without it), ``confidence`` its probabil
 in ``decoder.last_info["remasked"]``.
 
 Options: ``k`` (default 2), ``n_remask`` in [0, k-1] (default 1), ``remask_until`` in [0, 1]
-(default 0.75), ``score``, ``block_size`` and the sampling options.
+(default 0.75), ``score``, ``window`` and the sampling options.
 """
 from __future__ import annotations
 

@@ -24,9 +24,9 @@ class ScatterOffsetsDecoder(Decoder):
     """Offset by offset (Scatter's columns), steps_per_offset steps per column, best score first."""
 
     def __init__(self, steps_per_offset: int = 1, stride: Optional[int] = None, **kw):
-        if any(kw.get(o) is not None for o in ("k", "steps", "block_size")):
+        if any(kw.get(o) is not None for o in ("k", "steps", "window")):
             raise ValueError("decoder 'scatter_offsets' schedules by column: give decoder.steps_per_offset "
-                             "(and decoder.stride), not k/steps/block_size")
+                             "(and decoder.stride), not k/steps/window")
         super().__init__(**kw)
         self.steps_per_offset = check_range("steps_per_offset", steps_per_offset, 1, kind=int)
         self.stride = None if stride is None else check_range("stride", stride, 1, kind=int)

@@ -6,7 +6,7 @@ least ``tau``; if none reaches ``tau``, commit the single most confident one. So
 of tokens per step adapts to how sure the model is: many where the answer is determined,
 one at a time where it is not. Equality passes, as in Fast-dLLM's ``get_transfer_index``.
 
-Options: ``tau`` in (0, 1] (default 0.9, Fast-dLLM's scripts), ``block_size`` (semi-AR
+Options: ``tau`` in (0, 1] (default 0.9, Fast-dLLM's scripts), ``window`` (semi-AR
 windows, Fast-dLLM decodes block by block), ``max_per_step`` (an optional cap), plus the
 sampling options. ``k``/``steps`` do not apply: the threshold sets the count.
 """
