@@ -202,8 +202,31 @@ class Decoder:
         return torch.where(in_win.any(-1, keepdim=True), in_win, allowed)
 
     def counts(self, st: DecodeState, allowed: torch.Tensor) -> torch.Tensor:
-        """[B] how many tokens each row commits this step."""
-        return self._counts(st.masked, st.window, st.current_window(), st.cur_window, st.plan, allowed, st.n_windows)
+        """[B] how many tokens each row commits this step: ``k``, or with ``steps`` LLaDA's even
+        split of each window over steps / #windows steps."""
+        if self.steps is None:
+            return torch.clamp(allowed.sum(-1), max=self.k or 1)
+        return self.split_counts(st, allowed, self.steps // st.n_windows.clamp_min(1))
+
+    def split_counts(self, st: DecodeState, allowed: torch.Tensor, steps_per_window: torch.Tensor,
+                     at_least: int = 0) -> torch.Tensor:
+        """[B] this step's entry of the plan of each row's current window: when a row enters a
+        window, its masked positions there are split over ``steps_per_window[b]`` steps by
+        :func:`even_split`; a row whose order committed fewer than planned takes 1 per extra
+        step. At least ``at_least``, at most what is allowed now."""
+        n_allowed = allowed.sum(-1)
+        win = st.current_window()
+        out = torch.zeros(st.x.shape[0], dtype=torch.long)
+        for b in range(st.x.shape[0]):
+            if not st.masked[b].any():
+                continue
+            if int(win[b]) != int(st.cur_window[b]):  # entering a new window: plan it
+                st.cur_window[b] = win[b]
+                m = int((st.masked[b] & (st.window[b] == win[b])).sum())
+                st.plan[b] = even_split(m, int(steps_per_window[b]))
+            want = st.plan[b].pop(0) if st.plan[b] else 1
+            out[b] = min(max(want, at_least), int(n_allowed[b]))
+        return out
 
     def choose(self, st: DecodeState, probs, proposal, allowed) -> torch.Tensor:
         """[B, L] bool: the positions committed this step."""
@@ -276,24 +299,12 @@ class Decoder:
         st.commit(commit, *self.fill(st, commit, logp, proposal))
         st.nfe += active.long()
 
-    def _counts(self, masked, window, win, cur_window, plan, allowed, n_windows) -> torch.Tensor:
-        B = masked.shape[0]
-        n_allowed = allowed.sum(-1)
-        if self.steps is None:
-            return torch.clamp(n_allowed, max=self.k or 1)
-        out = torch.zeros(B, dtype=torch.long)
-        for b in range(B):
-            if not masked[b].any():
-                continue
-            if int(win[b]) != int(cur_window[b]):  # entering a new window: LLaDA's even split
-                cur_window[b] = win[b]
-                m = int((masked[b] & (window[b] == win[b])).sum())
-                spb = self.steps // max(int(n_windows[b]), 1)
-                base, r = divmod(m, spb)
-                plan[b] = [base + 1 if i < r else base for i in range(spb)]
-            want = plan[b].pop(0) if plan[b] else 1  # an order that commits fewer may need extra steps
-            out[b] = min(want, int(n_allowed[b]))
-        return out
+
+def even_split(n: int, steps: int) -> List[int]:
+    """``n`` tokens over ``steps`` steps as evenly as possible, the remainder first (LLaDA's
+    ``get_num_transfer_tokens``; Nie et al., 2025, arXiv 2502.09992): 10 over 4 is 3, 3, 2, 2."""
+    base, r = divmod(n, steps)
+    return [base + 1 if i < r else base for i in range(steps)]
 
 
 def _score_decoder(name: str, doc: str):

@@ -35,16 +35,4 @@ class ScatterOffsetsDecoder(Decoder):
         return layout.offset if self.stride is None else torch.where(layout.answer, layout.aidx % self.stride, -1)
 
     def counts(self, st, allowed):
-        win = st.current_window()
-        out = torch.zeros(st.x.shape[0], dtype=torch.long)
-        for b in range(st.x.shape[0]):
-            if not st.masked[b].any():
-                continue
-            if int(win[b]) != int(st.cur_window[b]):                    # a new column: split it
-                st.cur_window[b] = win[b]
-                m = int((st.masked[b] & (st.window[b] == win[b])).sum())
-                base, r = divmod(m, self.steps_per_offset)
-                st.plan[b] = [base + 1 if i < r else base for i in range(self.steps_per_offset)]
-            want = st.plan[b].pop(0) if st.plan[b] else 1
-            out[b] = min(max(want, 1), int(allowed[b].sum()))
-        return out
+        return self.split_counts(st, allowed, torch.full((st.x.shape[0],), self.steps_per_offset), at_least=1)
