@@ -203,6 +203,6 @@ def bench_decode_cache(d_model: int = 256, n_layers: int = 6, prompt_len: int = 
 
 
 def bench_sudoku_gen(count: int = 100_000) -> Dict[str, object]:
-    from .tasks.sudoku_core import bench_generation
+    from .tasks.sudoku_gen import bench_generation
 
     return {**bench_generation(size=9, count=count, n_clues=30, seed=0), "machine": _machine()}
