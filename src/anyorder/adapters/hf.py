@@ -5,8 +5,9 @@ anyorder's decoding loop calls ``model(x, attn_mask=..., extra=...)`` and reads
 interface, so every decoder, order rule, trace and diagnostic here runs on it unchanged:
 
 - logits are read as ``model(input_ids).logits`` (a plain tuple output's first element works too);
-- ``shift_logits=True`` applies Dream's/MGDM's shift ``cat(logits[:, :1], logits[:, :-1])``
-  (REFERENCE §6): those models are AR-initialised and predict token i from hidden state i-1;
+- ``shift_logits=True`` applies the shift ``cat(logits[:, :1], logits[:, :-1])`` of Dream
+  (Ye et al., 2025, arXiv 2508.15487) and MGDM (Ye et al., 2024, arXiv 2410.14157): those
+  models are AR-initialised and predict token i from hidden state i-1;
 - the mask column is set to -inf (and, with ``vocab_limit``, the padded ids of an embedding
   table larger than the tokenizer), so a decoder can never commit [MASK];
 - logits come back as float32 on the device of the ``tokens`` the caller passed: the decoding

@@ -1,4 +1,5 @@
-"""``ancestral``: MDLM's ancestral sampler with the "skip the forward pass" cache (REFERENCE §2).
+"""``ancestral``: MDLM's ancestral sampler (Sahoo et al., 2024, arXiv 2406.07524) with its
+"skip the forward pass" cache.
 
 Time runs down a grid of ``T`` steps, t_i = 1 - i/T, s = t_i - 1/T (the linear schedule
 alpha_t = 1 - t). Between t and s every masked position independently unmasks with the

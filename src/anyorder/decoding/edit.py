@@ -1,4 +1,6 @@
-"""``edit``: Generate-then-Edit (seed 003; SPEC §5 -- the paper's exact rule is not public).
+"""``edit``: Generate-then-Edit, proposed in "Parallelism and Generation Order in Masked
+Diffusion Language Models: Limits Today, Potential Tomorrow". That paper does not publish its
+exact rule; this is the rule implemented here:
 
 1. **Draft**: a parallel decode, ``k`` tokens per step (default 4) or, with ``tau``, the
    ``threshold`` rule. Fast, but tokens committed in the same step were drawn from

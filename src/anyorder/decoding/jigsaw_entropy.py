@@ -1,4 +1,5 @@
-"""``jigsaw_entropy``: Jigsaw's block order made an explicit decoder (seed 000's "BAD-AR").
+"""``jigsaw_entropy``: Jigsaw's block order made an explicit decoder ("BAD-AR" in
+"On the Trainability of Masked Diffusion Language Models via Blockwise Locality" (2026)).
 
 The answer is read as blocks of ``blocks`` positions (default: the order's block size, 4 for
 ``jigsaw``). Rule, per row and step:

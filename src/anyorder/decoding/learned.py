@@ -1,4 +1,5 @@
-"""LoMDM's decoders (SPEC §4): sampling with the learned reverse schedule α̂_ψ = 1 − t^{k̂}.
+"""LoMDM's decoders: sampling with the learned reverse schedule α̂_ψ = 1 − t^{k̂} of
+"Unifying Masked Diffusion Models with Various Generation Orders and Beyond" (arXiv 2602.02112).
 
 - ``learned_ancestral``: time runs down a grid of T steps (t = 1 − i/T, s = t − 1/T); between
   t and s every masked position i unmasks independently with the posterior probability of its

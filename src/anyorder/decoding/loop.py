@@ -1,11 +1,12 @@
-"""One decoding loop for every order (SPEC §5).
+"""One decoding loop for every order.
 
     repeat until no masked answer position is left:
         forward pass under the order's attention for the current state
         propose a token for every position (greedy or float64 Gumbel-max)
         allowed  = masked ∩ what the order permits now ∩ the current semi-AR window
         score the allowed positions (random / top_prob / margin / entropy / left_to_right)
-        commit the n best, n from the commit schedule (k per step, or LLaDA's even split)
+        commit the n best, n from the commit schedule (k per step, or LLaDA's even split:
+            Nie et al., 2025, arXiv 2502.09992)
         record, per committed position, the step and its confidence (the trace)
 
 The order decides *where* it is legal to commit (AR: the leftmost hole; block diffusion: the

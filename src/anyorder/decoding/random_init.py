@@ -1,4 +1,5 @@
-"""``random_init`` (seed 004, §3.3 "A random initialization strategy inspired by SEDD").
+"""``random_init``: "A random initialization strategy inspired by SEDD", §3.3 of
+"Why mask diffusion does not work".
 
 Each step, per row:
 1. fill a fraction ``ratio`` of the still-masked answer positions (floor(ratio * m), at most
@@ -11,7 +12,7 @@ Each step, per row:
 4. re-mask the random fills (they never reach the output or the trace).
 Repeat until the answer is complete. ``ratio = 0`` is the plain score decoder, exactly.
 
-The seed expects this to be inefficient (one forward per step as usual, and only the masks'
+That paper expects this to be inefficient (one forward per step as usual, and only the masks'
 outputs are used) and the ratio to matter: it sets how much of the context is noise.
 Positions and tokens are drawn from each row's own generator.
 """

@@ -27,7 +27,8 @@ def top_prob(probs, proposal, layout, gens):
 
 @SCORES.register("margin")
 def margin(probs, proposal, layout, gens):
-    """Top-1 minus top-2 probability (Kim et al. 2025)."""
+    """Top-1 minus top-2 probability (Kim et al., 2025, "Train for the worst, plan for the best",
+    arXiv 2502.06768)."""
     top2 = probs.topk(2, dim=-1).values
     return top2[..., 0] - top2[..., 1]
 

@@ -1,4 +1,5 @@
-"""``threshold`` (Fast-dLLM, REFERENCE §4): commit every confident token, at least one per step.
+"""``threshold`` (Fast-dLLM: Wu et al., 2025, arXiv 2505.22618): commit every confident token,
+at least one per step.
 
 Rule, per row and step: among the positions the order (and the semi-AR window) allows,
 commit every one whose confidence -- the model's probability of the proposed token -- is at

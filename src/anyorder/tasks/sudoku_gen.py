@@ -19,9 +19,9 @@ from .sudoku_core import _check_size, _grid_size, _run, count_solutions, is_vali
 # Smallest clue count for which a uniquely solvable puzzle exists: 4 for 4x4 and 17 for
 # 9x9 (McGuire et al. 2012). Requests below these can never succeed.
 MIN_CLUES = {4: 4, 9: 17}
-# Default number of base puzzles a dataset is expanded from by symmetries. Generating a
-# 9x9 base costs tens of milliseconds in pure Python; each base has ~10^12 symmetric
-# variants, so 64 bases give plenty of distinct puzzles quickly.
+# Default number of base puzzles a dataset is expanded from by symmetries. A 9x9 base is
+# costly to generate in pure Python (a solver search per removed clue), a symmetric
+# variant is cheap, and each base has ~10^12 of them: 64 bases give plenty of puzzles.
 DEFAULT_N_BASE = {4: 256, 9: 64}
 
 
@@ -178,7 +178,7 @@ def generate_dataset(size: int, count: int, n_clues: int, seed: int,
     rng = np.random.default_rng(seed)
     # Tries per base before giving up on reaching exactly n_clues. 9x9 greedy removal
     # hits 22 clues in ~3.5% of tries (one base needed 202 tries in a run of 64), 21
-    # in ~0.3%, and 20 or fewer practically never; 1000 tries cost ~15 s on 9x9.
+    # in ~0.3%, and 20 or fewer practically never; 1000 tries bound the time one base takes.
     max_tries = 1000
     base_p, base_s = _generate_bases(n, n_base, n_clues, rng, max_tries)
 
