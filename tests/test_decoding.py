@@ -137,6 +137,9 @@ def test_user_decoder_registration(tiny_model):
         def scores(self, probs, proposal, layout, gens):
             return layout.aidx.double()
 
-    x, answer = _prompts(B=1)
-    r = build_decoder("right_to_left_test").decode(tiny_model, build_order("random"), x, answer)
-    assert r.trace.kendall_tau().tolist() == [-1.0]
+    try:
+        x, answer = _prompts(B=1)
+        r = build_decoder("right_to_left_test").decode(tiny_model, build_order("random"), x, answer)
+        assert r.trace.kendall_tau().tolist() == [-1.0]
+    finally:  # unregister: later tests (the golden record) decode with every registered decoder
+        DECODERS._items.pop("right_to_left_test", None)
