@@ -40,6 +40,6 @@ class RightToLeft(Order):
 class MostUncertainLast(Decoder):
     """Commit the highest-margin positions first (a one-line variation of a built-in score)."""
 
-    def scores(self, probs, x0, layout, gens):
+    def scores(self, probs, proposal, layout, gens):
         top2 = probs.topk(2, dim=-1).values
         return top2[..., 0] - top2[..., 1]

@@ -88,7 +88,7 @@ def prompts(B=4, P=5, G=6, seed=0):
     return masked_batch(ids, G, MASK)
 
 
-DECODERS = [{"name": "top_prob"}, {"name": "margin", "k": 2}, {"name": "entropy", "steps": 4, "block_size": 3},
+DECODERS = [{"name": "top_prob"}, {"name": "margin", "k": 2}, {"name": "entropy", "steps": 4, "window": 3},
             {"name": "random", "temperature": 1.0, "top_p": 0.9}, {"name": "left_to_right"}]
 
 
@@ -152,7 +152,7 @@ def test_hf_batched_equals_row_by_row(which):
                                 attention="full" if which == "bert" else "mask4d")
     x, answer = prompts(B=3, seed=1)
     seeds = [7, 8, 9]
-    for spec in [{"name": "top_prob", "temperature": 1.0, "k": 2}, {"name": "margin", "steps": 4, "block_size": 3}]:
+    for spec in [{"name": "top_prob", "temperature": 1.0, "k": 2}, {"name": "margin", "steps": 4, "window": 3}]:
         dec = build_decoder(spec)
         assert_batched_equals_row_by_row(
             lambda xx, aa, s: dec.decode(model, build_order("random"), xx, aa, row_seeds=s), x, answer, seeds)

@@ -278,7 +278,7 @@ def test_random_init_with_ratio_zero_is_the_score_decoder(tiny_model):
 
 # ---- batched == row by row ---------------------------------------------------------------
 CASES = [("random", {"name": "threshold", "tau": 0.3, "temperature": 1.0}),
-         ("block", {"name": "threshold", "tau": 0.2, "block_size": 4}),
+         ("block", {"name": "threshold", "tau": 0.2, "window": 4}),
          ("random", {"name": "ancestral", "steps": 6, "temperature": 1.0}),
          ("block", {"name": "ancestral", "temperature": 0.8, "top_p": 0.9}),
          ("random", {"name": "remask", "k": 3, "n_remask": 2, "temperature": 1.0}),
@@ -317,7 +317,7 @@ def test_batched_equals_row_by_row(tiny_model, order_name, spec):
     ({"name": "beam", "temperature": 1.0}, "temperature must be 0"),
     ({"name": "beam", "width": 0}, r"decoder.width must be in \[1, inf\]"),
     ({"name": "scatter_offsets", "steps_per_offset": 0}, r"decoder.steps_per_offset must be in \[1, inf\]"),
-    ({"name": "jigsaw_entropy", "block_size": 4}, "decoder.blocks"),
+    ({"name": "jigsaw_entropy", "window": 4}, "decoder.blocks"),
     ({"name": "threshold", "taus": 0.9}, "Valid options: .*max_per_step.*tau"),
 ])
 def test_bad_options_name_the_valid_range(spec, msg):

@@ -19,7 +19,7 @@ def _prompts(B=4, L=14, prompt=4, seed=0, mask_id=8):
 @pytest.mark.parametrize("order_name", ["random", "ar", "block", "prefix_block", "jigsaw", "scatter"])
 @pytest.mark.parametrize("decoder", [{"name": "top_prob", "temperature": 1.0, "k": 2},
                                      {"name": "random", "temperature": 0.7, "top_p": 0.9},
-                                     {"name": "margin", "steps": 6, "block_size": 5, "temperature": 1.0}])
+                                     {"name": "margin", "steps": 6, "window": 5, "temperature": 1.0}])
 def test_batched_equals_row_by_row(tiny_model, order_name, decoder):
     x, answer = _prompts()
     order = build_order(order_name)
@@ -71,11 +71,31 @@ def test_commit_schedules_and_afp(tiny_model):
     r = build_decoder({"name": "top_prob", "steps": 5}).decode(tiny_model, order, x, answer)  # 3,3,2,2,2
     steps = r.trace.finalize_step[0][answer[0]]
     assert sorted(torch.bincount(steps).tolist(), reverse=True) == [3, 3, 2, 2, 2]
-    r = build_decoder({"name": "top_prob", "steps": 4, "block_size": 6}).decode(tiny_model, order, x, answer)
+    r = build_decoder({"name": "top_prob", "steps": 4, "window": 6}).decode(tiny_model, order, x, answer)
     fs = r.trace.finalize_step[0][answer[0]]
-    assert fs[:6].max() < fs[6:].min()                                # semi-AR: block 0 before block 1
-    with pytest.raises(ValueError, match="multiple of the number of semi-AR blocks"):
-        build_decoder({"name": "top_prob", "steps": 5, "block_size": 6}).decode(tiny_model, order, x, answer)
+    assert fs[:6].max() < fs[6:].min()                                # semi-AR: window 0 before window 1
+    with pytest.raises(ValueError, match="multiple of the number of semi-AR windows"):
+        build_decoder({"name": "top_prob", "steps": 5, "window": 6}).decode(tiny_model, order, x, answer)
+
+
+@pytest.mark.parametrize("spec", [{"name": "entropy", "steps": 6}, {"name": "margin", "temperature": 1.0},
+                                  {"name": "ancestral", "steps": 6, "temperature": 1.0}])
+def test_block_size_is_a_deprecated_alias_of_window(tiny_model, spec):
+    """Run directories saved before the rename have ``decode: [{..., block_size: N}]``: they decode
+    exactly as ``window: N``, with a DeprecationWarning that names the new key."""
+    x, answer = _prompts(B=3, L=16, prompt=4)
+    order = build_order({"name": "block", "block_size": 4})
+    new = build_decoder({**spec, "window": 4}).decode(tiny_model, order, x, answer, row_seeds=[1, 2, 3])
+    with pytest.warns(DeprecationWarning, match="'window'"):
+        old_dec = build_decoder({**spec, "block_size": 4})
+    assert old_dec.window == 4
+    old = old_dec.decode(tiny_model, order, x, answer, row_seeds=[1, 2, 3])
+    assert torch.equal(new.tokens, old.tokens)
+    assert torch.equal(new.trace.finalize_step, old.trace.finalize_step)
+    assert torch.equal(new.trace.confidence, old.trace.confidence)
+    assert torch.equal(new.trace.nfe, old.trace.nfe)
+    with pytest.raises(ValueError, match="decoder.window.*decoder.block_size"):
+        build_decoder({**spec, "window": 4, "block_size": 4})
 
 
 def test_orders_constrain_where_decoders_commit(tiny_model):
@@ -114,9 +134,12 @@ def test_unknown_decoder_suggests(tiny_model):
 def test_user_decoder_registration(tiny_model):
     @DECODERS.register("right_to_left_test")
     class RightToLeft(Decoder):
-        def scores(self, probs, x0, layout, gens):
+        def scores(self, probs, proposal, layout, gens):
             return layout.aidx.double()
 
-    x, answer = _prompts(B=1)
-    r = build_decoder("right_to_left_test").decode(tiny_model, build_order("random"), x, answer)
-    assert r.trace.kendall_tau().tolist() == [-1.0]
+    try:
+        x, answer = _prompts(B=1)
+        r = build_decoder("right_to_left_test").decode(tiny_model, build_order("random"), x, answer)
+        assert r.trace.kendall_tau().tolist() == [-1.0]
+    finally:  # unregister: later tests (the golden record) decode with every registered decoder
+        DECODERS._items.pop("right_to_left_test", None)

@@ -15,7 +15,7 @@ ORDERS = ["ar", {"name": "block", "block_size": 1}, {"name": "block", "block_siz
           {"name": "prefix_block", "block_size": 4}, "random"]
 DECODERS = [{"name": "top_prob"},                                                      # greedy
             {"name": "top_prob", "temperature": 1.0, "k": 2},                          # sampled
-            {"name": "margin", "steps": 8, "block_size": 4, "temperature": 1.0}]       # semi-AR windows
+            {"name": "margin", "steps": 8, "window": 4, "temperature": 1.0}]       # semi-AR windows
 
 
 def _ragged(B=4, L=18, prompt=3, seed=0):

@@ -1,17 +1,18 @@
-"""Tests for anyorder.tasks.sudoku_core: parsing, solver, generator, symmetries, datasets."""
+"""Tests for anyorder.tasks.sudoku_core (parsing, solver, metrics) and sudoku_gen (generator,
+symmetries, datasets)."""
 import itertools
 
 import numpy as np
 import pytest
 
 try:
-    from anyorder.tasks import sudoku_core as S
+    from anyorder.tasks import sudoku_core as S, sudoku_gen as G
 except ImportError:  # package not installed: import from the src layout directly
     import pathlib
     import sys
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
-    from anyorder.tasks import sudoku_core as S
+    from anyorder.tasks import sudoku_core as S, sudoku_gen as G
 
 # Arto Inkala's 2012 "world's hardest sudoku" and its (unique) solution.
 HARD = (
@@ -146,7 +147,7 @@ def test_candidates_count_matches_brute_force():
 def test_generated_9x9_puzzles_unique_with_target_clues(seed):
     rng = np.random.default_rng(seed)
     for _ in range(3):
-        p, s = S.generate_puzzle(9, 30, rng)
+        p, s = G.generate_puzzle(9, 30, rng)
         assert p.dtype == np.int8 and p.shape == (81,)
         assert int((p > 0).sum()) == 30
         assert S.count_solutions(p, limit=2) == 1
@@ -158,7 +159,7 @@ def test_generator_stops_at_minimal_puzzle():
     rng = np.random.default_rng(5)
     clue_counts = []
     for size in (4, 9):
-        p, s = S.generate_puzzle(size, 0, rng)
+        p, s = G.generate_puzzle(size, 0, rng)
         assert S.count_solutions(p) == 1 and S.is_valid_solution(p, s)
         # Minimal: removing any remaining clue makes the solution non-unique.
         for cell in np.flatnonzero(p):
@@ -169,17 +170,17 @@ def test_generator_stops_at_minimal_puzzle():
     assert clue_counts[0] >= 4
     assert 17 <= clue_counts[1] <= 30
     # The 4x4 generator reaches the true minimum of 4 clues regularly.
-    got = [int((S.generate_puzzle(4, 0, rng)[0] > 0).sum()) for _ in range(50)]
+    got = [int((G.generate_puzzle(4, 0, rng)[0] > 0).sum()) for _ in range(50)]
     assert min(got) == 4 and max(got) <= 6
 
 
 # ----------------------------------------------------------------------------- symmetries
 def test_symmetries_preserve_uniqueness_and_validity():
     rng = np.random.default_rng(0)
-    bases = [S.generate_puzzle(9, 26, rng) for _ in range(3)]
+    bases = [G.generate_puzzle(9, 26, rng) for _ in range(3)]
     bp = np.stack([b[0] for b in bases])
     bs = np.stack([b[1] for b in bases])
-    tp, ts = S.random_symmetries(bp, bs, 50, rng)
+    tp, ts = G.random_symmetries(bp, bs, 50, rng)
     assert tp.shape == (50, 81) and ts.shape == (50, 81) and tp.dtype == np.int8
     assert len(np.unique(tp, axis=0)) == 50
     assert ((tp > 0).sum(axis=1) == 26).all()
@@ -188,7 +189,7 @@ def test_symmetries_preserve_uniqueness_and_validity():
         assert S.is_valid_solution(p, s) and _valid_grid_brute(s, 9)
     # The orbit of a 4x4 grid under these symmetries reaches many of the 288 grids.
     g = S.parse_grid(GRID4, 4)[None]
-    tp, ts = S.random_symmetries(g, g, 2000, rng)
+    tp, ts = G.random_symmetries(g, g, 2000, rng)
     assert np.array_equal(tp, ts)
     assert all(_valid_grid_brute(x, 4) for x in tp)
     assert len(np.unique(tp, axis=0)) > 50
@@ -198,28 +199,28 @@ def test_symmetries_include_transpose_and_relabel():
     # A grid whose first row is 1..n: every output's first row or column tells us which
     # operations happened; check both relabelled and transposed outputs occur.
     g = S.parse_grid(GRID4, 4)[None]
-    tp, _ = S.random_symmetries(g, g, 500, np.random.default_rng(1))
+    tp, _ = G.random_symmetries(g, g, 500, np.random.default_rng(1))
     grids = tp.reshape(-1, 4, 4)
     assert len({tuple(x[0]) for x in grids}) > 12  # many digit labellings of row 0
     # Clues only in row 0: an output keeps them in one row, or in one column if transposed.
     row0 = g.copy()
     row0[0, 4:] = 0
-    tp, _ = S.random_symmetries(row0, g, 400, np.random.default_rng(2))
+    tp, _ = G.random_symmetries(row0, g, 400, np.random.default_rng(2))
     mask = tp.reshape(-1, 4, 4) > 0
     in_one_row = (mask.sum(axis=2) == 4).any(axis=1)
     in_one_col = (mask.sum(axis=1) == 4).any(axis=1)
     assert (in_one_row ^ in_one_col).all()
     assert 120 < in_one_col.sum() < 280  # transposed about half the time
     with pytest.raises(ValueError):
-        S.random_symmetries(g, g[:, :15], 3, np.random.default_rng(0))
+        G.random_symmetries(g, g[:, :15], 3, np.random.default_rng(0))
 
 
 # ----------------------------------------------------------------------------- datasets
 def test_dataset_deterministic_distinct_and_unique():
-    p1, s1 = S.generate_dataset(9, 2000, n_clues=30, seed=3, n_base=8)
-    p2, s2 = S.generate_dataset(9, 2000, n_clues=30, seed=3, n_base=8)
+    p1, s1 = G.generate_dataset(9, 2000, n_clues=30, seed=3, n_base=8)
+    p2, s2 = G.generate_dataset(9, 2000, n_clues=30, seed=3, n_base=8)
     assert np.array_equal(p1, p2) and np.array_equal(s1, s2)
-    p3, _ = S.generate_dataset(9, 2000, n_clues=30, seed=4, n_base=8)
+    p3, _ = G.generate_dataset(9, 2000, n_clues=30, seed=4, n_base=8)
     assert not np.array_equal(p1, p3)
     assert p1.shape == (2000, 81) and p1.dtype == np.int8 and s1.dtype == np.int8
     assert len(np.unique(p1, axis=0)) == 2000
@@ -230,7 +231,7 @@ def test_dataset_deterministic_distinct_and_unique():
 
 
 def test_4x4_dataset_few_hundred():
-    p, s = S.generate_dataset(4, 500, n_clues=6, seed=0)
+    p, s = G.generate_dataset(4, 500, n_clues=6, seed=0)
     assert p.shape == (500, 16)
     assert len(np.unique(p, axis=0)) == 500
     assert ((p > 0).sum(axis=1) == 6).all()
@@ -240,39 +241,39 @@ def test_4x4_dataset_few_hundred():
 
 def test_4x4_exact_sizes_of_finite_spaces():
     # 15 clues = a full grid minus one cell: exactly 288 * 16 = 4608 distinct puzzles.
-    p, _ = S.generate_dataset(4, 4608, n_clues=15, seed=0)
+    p, _ = G.generate_dataset(4, 4608, n_clues=15, seed=0)
     assert len(np.unique(p, axis=0)) == 4608
     with pytest.raises(ValueError) as e:
-        S.generate_dataset(4, 4609, n_clues=15, seed=0)
+        G.generate_dataset(4, 4609, n_clues=15, seed=0)
     assert "found only 4608" in str(e.value) and "4609" in str(e.value)
     with pytest.raises(ValueError, match="found only 288"):
-        S.generate_dataset(4, 300, n_clues=16, seed=0)
+        G.generate_dataset(4, 300, n_clues=16, seed=0)
 
 
 def test_impossible_settings_raise():
     with pytest.raises(ValueError, match="at least 17 clues"):
-        S.generate_dataset(9, 10, n_clues=16, seed=0)
+        G.generate_dataset(9, 10, n_clues=16, seed=0)
     with pytest.raises(ValueError, match="at least 4 clues"):
-        S.generate_dataset(4, 10, n_clues=3, seed=0)
+        G.generate_dataset(4, 10, n_clues=3, seed=0)
     with pytest.raises(ValueError, match="exceeds the 81 cells"):
-        S.generate_dataset(9, 10, n_clues=82, seed=0)
+        G.generate_dataset(9, 10, n_clues=82, seed=0)
     with pytest.raises(ValueError, match="exceeds the 16 cells"):
-        S.generate_dataset(4, 10, n_clues=17, seed=0)
+        G.generate_dataset(4, 10, n_clues=17, seed=0)
     with pytest.raises(ValueError, match="count must be >= 1"):
-        S.generate_dataset(4, 0, n_clues=8, seed=0)
+        G.generate_dataset(4, 0, n_clues=8, seed=0)
     with pytest.raises(ValueError, match="must be 4 .* or 9"):
-        S.generate_dataset(16, 10, n_clues=100, seed=0)
+        G.generate_dataset(16, 10, n_clues=100, seed=0)
 
 
 @pytest.mark.slow
 def test_unreachable_clue_count_raises_after_bounded_tries():
     # 18 clues is feasible in principle but greedy removal practically never gets there.
     with pytest.raises(ValueError, match="could not generate a 9x9 puzzle with 18 clues"):
-        S.generate_dataset(9, 1, n_clues=18, seed=0)
+        G.generate_dataset(9, 1, n_clues=18, seed=0)
 
 
 def test_bench_generation_small():
-    r = S.bench_generation(size=4, count=300, n_clues=6, seed=0, verify_sample=100)
+    r = G.bench_generation(size=4, count=300, n_clues=6, seed=0, verify_sample=100)
     assert set(r) == {"size", "count", "seconds", "puzzles_per_s", "n_base",
                       "verified_unique_sample", "verify_seconds"}
     assert r["count"] == 300 and r["verified_unique_sample"] == 100
@@ -281,7 +282,7 @@ def test_bench_generation_small():
 
 # ----------------------------------------------------------------------------- metrics
 def test_cell_and_puzzle_accuracy():
-    p, s = S.generate_dataset(4, 20, n_clues=8, seed=1)
+    p, s = G.generate_dataset(4, 20, n_clues=8, seed=1)
     assert S.cell_accuracy(s, s) == 1.0
     assert S.cell_accuracy(s, s, puzzle=p) == 1.0
     # Predicting the puzzle itself (blanks = 0): every clue right, every blank wrong.

@@ -117,7 +117,7 @@ def test_sampling_only_where_committable_draws_from_the_softmax():
 def test_natural_decoders_per_order():
     assert natural_decoder(build_order("random"), 128)["name"] == "ancestral"
     blk = natural_decoder(build_order({"name": "block", "block_size": 16}), 128, steps=64)
-    assert (blk["name"], blk["block_size"], blk["steps"]) == ("ancestral", 16, 64)
+    assert (blk["name"], blk["window"], blk["steps"]) == ("ancestral", 16, 64)
     blk8 = natural_decoder(build_order({"name": "block", "block_size": 8}), 128, steps=20)
     assert blk8["steps"] == 32  # rounded up to a multiple of the 16 blocks
     sc = natural_decoder(build_order({"name": "scatter", "block_size": 4}), 128)

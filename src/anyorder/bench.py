@@ -120,7 +120,7 @@ def bench_decode(d_model: int = 256, n_layers: int = 6, seq_len: int = 128, prom
     n_answer = seq_len - prompt_len
     cases = [("random", {"name": "top_prob"}), ("random", {"name": "margin"}), ("random", {"name": "entropy"}),
              ("random", {"name": "random"}), ("random", {"name": "left_to_right"}),
-             ("random", {"name": "top_prob", "k": 4}), ("random", {"name": "top_prob", "steps": n_answer // 8, "block_size": 32}),
+             ("random", {"name": "top_prob", "k": 4}), ("random", {"name": "top_prob", "steps": n_answer // 8, "window": 32}),
              ("random", {"name": "top_prob", "temperature": 1.0, "top_p": 0.9}),
              ("ar", {"name": "left_to_right"}), ({"name": "block", "block_size": 8}, {"name": "top_prob"}),
              ({"name": "block", "block_size": 8}, {"name": "top_prob", "k": 2})]
@@ -207,7 +207,7 @@ def bench_decode_cache(d_model: int = 256, n_layers: int = 6, prompt_len: int = 
 
 
 def bench_sudoku_gen(count: int = 100_000) -> Dict[str, object]:
-    from .tasks.sudoku_core import bench_generation
+    from .tasks.sudoku_gen import bench_generation
 
     return {**bench_generation(size=9, count=count, n_clues=30, seed=0), "machine": _machine()}
 

@@ -25,7 +25,7 @@ from typing import List, Optional
 
 def _decoder_spec(args) -> dict:
     spec = {"name": args.decoder}
-    for key in ("k", "steps", "block_size", "temperature", "top_k", "top_p", "seed"):
+    for key in ("k", "steps", "window", "temperature", "top_k", "top_p", "seed"):
         val = getattr(args, key, None)
         if val is not None:
             spec[key] = val
@@ -43,7 +43,7 @@ def _add_decoder_args(p):
     p.add_argument("--decoder", default=None, help="decoder name (see `anyorder decoders`)")
     p.add_argument("--k", type=int, default=None, help="tokens committed per step")
     p.add_argument("--steps", type=int, default=None, help="total decoding steps (LLaDA's even split)")
-    p.add_argument("--block-size", dest="block_size", type=int, default=None, help="semi-AR block length")
+    p.add_argument("--window", type=int, default=None, help="semi-AR window length (LLaDA's block_length)")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-k", dest="top_k", type=int, default=None)
     p.add_argument("--top-p", dest="top_p", type=float, default=None)

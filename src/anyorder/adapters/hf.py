@@ -5,8 +5,9 @@ anyorder's decoding loop calls ``model(x, attn_mask=..., extra=...)`` and reads
 interface, so every decoder, order rule, trace and diagnostic here runs on it unchanged:
 
 - logits are read as ``model(input_ids).logits`` (a plain tuple output's first element works too);
-- ``shift_logits=True`` applies Dream's/MGDM's shift ``cat(logits[:, :1], logits[:, :-1])``
-  (REFERENCE §6): those models are AR-initialised and predict token i from hidden state i-1;
+- ``shift_logits=True`` applies the shift ``cat(logits[:, :1], logits[:, :-1])`` of Dream
+  (Ye et al., 2025, arXiv 2508.15487) and MGDM (Ye et al., 2024, arXiv 2410.14157): those
+  models are AR-initialised and predict token i from hidden state i-1;
 - the mask column is set to -inf (and, with ``vocab_limit``, the padded ids of an embedding
   table larger than the tokenizer), so a decoder can never commit [MASK];
 - logits come back as float32 on the device of the ``tokens`` the caller passed: the decoding
@@ -15,7 +16,7 @@ interface, so every decoder, order rule, trace and diagnostic here runs on it un
 Attention (``attention=``):
   ``"full"``   the model's own attention, which for LLaDA/Dream is bidirectional. Only orders
                that ask for no restriction (``attn_mask`` None or all True) can run: ``random``
-               with any decoder, semi-AR windows (``decoder.block_size``) and the
+               with any decoder, semi-AR windows (``decoder.window``) and the
                ``left_to_right`` score included. A restrictive mask raises a ValueError.
   ``"mask4d"`` every forward passes an explicit additive 4-D ``attention_mask`` [B, 1, L, L]
                (0 = attend, dtype-min = blocked), all zeros when the order has no mask, so the
@@ -87,7 +88,7 @@ class HFMaskedDiffusionLM(nn.Module):
                 raise ValueError(
                     "this Hugging Face model is wrapped with attention='full' (its own bidirectional "
                     "attention), but the order asks for a restrictive attention mask. Decode with order "
-                    "'random' (any decoder; semi-AR via decoder.block_size, left to right via the "
+                    "'random' (any decoder; semi-AR via decoder.window, left to right via the "
                     "'left_to_right' decoder), or wrap with attention='mask4d' if the model's forward "
                     "accepts a 4-D attention_mask.")
             return {}

@@ -1,7 +1,9 @@
 """lm-evaluation-harness adapter: standard benchmarks with any anyorder decoder, plus AFP and τ.
 
-Seed 003's study in one command: a task's accuracy next to how the model decoded it — Average
-Finalization Parallelism and Kendall's τ_b of the finalisation order, averaged per task.
+The measurement of "Parallelism and Generation Order in Masked Diffusion Language Models:
+Limits Today, Potential Tomorrow" in one command: a task's accuracy next to how the model
+decoded it — Average Finalization Parallelism and Kendall's τ_b of the finalisation order,
+averaged per task.
 
 Two layers:
 
@@ -10,7 +12,8 @@ Two layers:
   prompts together (no padding, so a batch decodes exactly as its rows one by one; row i uses
   seed ``seed + i``, i its index in the request list), cuts the answer at the first stop token
   (EOS) and at the task's ``until`` strings, and records per request the trace's AFP, τ_b and NFE.
-  ``loglikelihood`` is the random-masking ELBO estimated by Monte Carlo (LLaDA's estimator).
+  ``loglikelihood`` is the random-masking ELBO estimated by Monte Carlo (LLaDA's estimator: Nie
+  et al., 2025, arXiv 2502.09992).
 - :class:`AnyOrderLM`, registered in lm_eval's model registry as ``"anyorder"`` when lm_eval is
   installed; :func:`evaluate` runs ``lm_eval.simple_evaluate`` and adds the per-task stats;
   ``python -m anyorder.adapters.lm_eval --model_args ... --tasks ...`` prints the table.
@@ -285,8 +288,8 @@ def evaluate(lm, tasks: Sequence[str], include_path: Optional[str] = None, inclu
              **simple_evaluate_kwargs) -> dict:
     """``lm_eval.simple_evaluate`` on an :class:`AnyOrderLM`, plus ``out["anyorder"]``: per-task
     AFP / τ_b / NFE (``per_task``) and one record per request (``requests``).
-    ``include_defaults=False`` skips indexing the harness's own tasks (about 7 s on a 2-core CPU)
-    when every task comes from ``include_path``."""
+    ``include_defaults=False`` skips indexing the harness's own tasks (a slow start) when every
+    task comes from ``include_path``."""
     if not HAVE_LM_EVAL:
         raise ImportError("lm-evaluation-harness is not installed: pip install 'anyorder[lm_eval]'")
     from lm_eval import simple_evaluate
@@ -321,7 +324,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m anyorder.adapters.lm_eval",
                                 description="lm-evaluation-harness with an anyorder decoder; prints accuracy next to AFP and Kendall tau")
     p.add_argument("--model_args", required=True, help="e.g. pretrained=GSAI-ML/LLaDA-8B-Instruct,trust_remote_code=true,"
-                                                      "dtype=bf16,device=cuda,decoder=top_prob,decoder.steps=256,decoder.block_size=32")
+                                                      "dtype=bf16,device=cuda,decoder=top_prob,decoder.steps=256,decoder.window=32")
     p.add_argument("--tasks", required=True, help="comma-separated task names")
     p.add_argument("--include_path", default=None, help="folder of extra task YAMLs")
     p.add_argument("--only_include_path", action="store_true",

@@ -59,15 +59,15 @@ class CommittableSampling:
             return super().propose(logits, st)
         logp = F.log_softmax(logits.double(), dim=-1)
         cand = st.masked & st.order.allowed(st.masked, st.layout, logp)
-        x0 = st.x.clone()
+        proposal = st.x.clone()
         V = logits.shape[-1]
-        for b in range(len(x0)):
+        for b in range(len(proposal)):
             idx = cand[b].nonzero().squeeze(-1)
             if len(idx) == 0:
                 continue
             lp = logp[b, idx] if self.temperature == 1 else F.log_softmax(logits[b, idx].double() / self.temperature, -1)
-            x0[b, idx] = (lp + gumbel_noise((len(idx), V), [st.gens[b]])[0]).argmax(-1)
-        return logp, logp.exp(), x0
+            proposal[b, idx] = (lp + gumbel_noise((len(idx), V), [st.gens[b]])[0]).argmax(-1)
+        return logp, logp.exp(), proposal
 
 
 def sampling_decoder(spec: Dict[str, object]):
@@ -94,7 +94,7 @@ def natural_decoder(order, seq_len: int, steps: Optional[int] = None) -> Dict[st
     elif name == "block":
         n_blocks = -(-L // order.block_size)
         spec = {"name": "ancestral", "steps": max(1, -(-T // n_blocks)) * n_blocks,
-                "block_size": order.block_size, "cache": True}
+                "window": order.block_size, "cache": True}
     elif name == "scatter":
         spec = {"name": "scatter_offsets", "steps_per_offset": max(1, T // order.block_size), "score": "random",
                 "cache": True}

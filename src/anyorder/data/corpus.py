@@ -1,4 +1,4 @@
-"""Real English text as documents, with deterministic splits (SPEC §7 "Text").
+"""Real English text as documents, with deterministic splits.
 
 Three corpora ship inside PyPI packages and install offline (~14 MB of text together):
 

@@ -1,4 +1,5 @@
-"""``ancestral``: MDLM's ancestral sampler with the "skip the forward pass" cache (REFERENCE §2).
+"""``ancestral``: MDLM's ancestral sampler (Sahoo et al., 2024, arXiv 2406.07524) with its
+"skip the forward pass" cache.
 
 Time runs down a grid of ``T`` steps, t_i = 1 - i/T, s = t_i - 1/T (the linear schedule
 alpha_t = 1 - t). Between t and s every masked position independently unmasks with the
@@ -18,7 +19,7 @@ one), not ``T``; a whole forward call is skipped when no row changed. ``skip_unc
 switches the cache off (one pass per step), for comparison.
 
 Options: ``steps`` (the grid, default: the answer length, so each step unmasks one token in
-expectation; with ``block_size`` the grid restarts in every semi-AR window with
+expectation; with ``window`` the grid restarts in every semi-AR window with
 steps / #windows steps), ``skip_unchanged`` (default True), the sampling options.
 """
 from __future__ import annotations
@@ -46,9 +47,19 @@ class AncestralDecoder(Decoder):
         win = st.current_window()
         return (st.answer & (st.window == win.unsqueeze(-1))).sum(-1).clamp_min(1)
 
+    def unmask_probability(self, st, grid_pos: torch.Tensor, T: torch.Tensor, aux) -> torch.Tensor:
+        """[B, 1] or [B, L] probability that a masked position unmasks at grid step ``grid_pos``
+        of ``T`` [B]: (t - s)/t = 1/(T - i) on the linear schedule, 1 from the last grid step on.
+        ``aux`` holds the forward's outputs after the logits (none here)."""
+        p = torch.where(grid_pos >= T - 1, torch.ones(len(T), dtype=torch.float64),
+                        1.0 / (T - grid_pos).clamp_min(1).double())
+        return p.unsqueeze(-1)
+
     def run(self, st, forward) -> None:
+        """The grid loop with the skip cache. ``forward`` returns the logits, or a tuple whose
+        first element is the logits (the others are reused alongside and passed on as ``aux``)."""
         B, L = st.x.shape
-        logits = None
+        out = None                                       # the last forward outputs of every row
         stale = torch.ones(B, dtype=torch.bool)          # row changed since its last forward pass
         grid_pos = torch.zeros(B, dtype=torch.long)      # steps taken on the current window's grid
         grid_win = torch.full((B,), -1, dtype=torch.long)
@@ -56,22 +67,22 @@ class AncestralDecoder(Decoder):
             st.check_limit()
             active = st.masked.any(-1)
             need = (stale | torch.tensor(not self.skip_unchanged)) & active
-            if logits is None or need.any():
-                x, masked = st.x, st.masked
-                fresh = forward(x, masked)
-                logits = fresh if logits is None else torch.where(need[:, None, None], fresh, logits)
+            if out is None or need.any():
+                fresh = forward(st.x, st.masked)
+                fresh = (fresh,) if torch.is_tensor(fresh) else tuple(fresh)
+                out = fresh if out is None else tuple(
+                    torch.where(need.view(B, *[1] * (f.dim() - 1)), f, o) for f, o in zip(fresh, out))
                 st.nfe += need.long()
-            logp, probs, x0 = self.propose(logits, st)
+            logits, *aux = out
+            logp, probs, proposal = self.propose(logits, st)
             allowed = self.allowed(st, logp)
             win = st.current_window()
             grid_pos = torch.where(win != grid_win, torch.zeros_like(grid_pos), grid_pos)  # a new window
             grid_win = win
-            T = self.grid_length(st)
-            p_unmask = torch.where(grid_pos >= T - 1, torch.ones(B, dtype=torch.float64),
-                                   1.0 / (T - grid_pos).clamp_min(1).double())
+            p_unmask = self.unmask_probability(st, grid_pos, self.grid_length(st), aux)
             u = torch.stack([torch.rand(L, generator=g, dtype=torch.float64) for g in st.gens])
-            commit = allowed & (u < p_unmask.unsqueeze(-1)) & active.unsqueeze(-1)
-            st.commit(commit, x0, probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1))
+            commit = allowed & (u < p_unmask) & active.unsqueeze(-1)
+            st.commit(commit, proposal, probs.gather(-1, proposal.unsqueeze(-1)).squeeze(-1))
             stale = commit.any(-1)
             grid_pos = grid_pos + 1
             st.advance(active)

@@ -1,8 +1,9 @@
 """``beam``: commit the jointly most probable combination of the tokens committed together.
 
-Seed 004's toy: given ``_ _ C D _`` the marginals are P(A) = 0.55, P(B) = 0.69, so committing
-both masks in one step from the marginals picks AB (joint 0.34) although the joint mode is A'B
-(0.35). Seed 004 suggests beam search. Rule, per row and step:
+The toy of "Why mask diffusion does not work": given ``_ _ C D _`` the marginals are
+P(A) = 0.55, P(B) = 0.69, so committing both masks in one step from the marginals picks AB
+(joint 0.34) although the joint mode is A'B (0.35). That paper suggests beam search. Rule, per
+row and step:
 
 1. choose *which* positions to commit exactly as the score decoders do (``k`` per step or
    ``steps``, ``score``, the order's ``allowed``, semi-AR windows);
@@ -41,8 +42,8 @@ class BeamDecoder(Decoder):
         super().__init__(k=k, **kw)
         self.width = check_range("width", width, 1, kind=int)
 
-    def fill(self, st, commit, logp, x0):
-        tokens, conf = super().fill(st, commit, logp, x0)
+    def fill(self, st, commit, logp, proposal):
+        tokens, conf = super().fill(st, commit, logp, proposal)
         if int(commit.sum(-1).max()) <= 1:
             return tokens, conf
         B, L = st.x.shape

@@ -1,4 +1,6 @@
-"""``edit``: Generate-then-Edit (seed 003; SPEC §5 -- the paper's exact rule is not public).
+"""``edit``: Generate-then-Edit, proposed in "Parallelism and Generation Order in Masked
+Diffusion Language Models: Limits Today, Potential Tomorrow". That paper does not publish its
+exact rule; this is the rule implemented here:
 
 1. **Draft**: a parallel decode, ``k`` tokens per step (default 4) or, with ``tau``, the
    ``threshold`` rule. Fast, but tokens committed in the same step were drawn from
@@ -62,13 +64,13 @@ class EditDecoder(Decoder):
         st.limit += (self.rounds + 1) * st.x.shape[1]  # room for the regeneration steps
         return st
 
-    def choose(self, st, probs, x0, allowed):
+    def choose(self, st, probs, proposal, allowed):
         if st.info.get("phase") == "edit":
             n = allowed.sum(-1).clamp(max=self.edit_k)
-            return self.select(self.scores(probs, x0, st.layout, st.gens), allowed, n)
+            return self.select(self.scores(probs, proposal, st.layout, st.gens), allowed, n)
         if self.tau is not None:
-            return threshold_commit(probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1), allowed, self.tau)
-        return super().choose(st, probs, x0, allowed)
+            return threshold_commit(probs.gather(-1, proposal.unsqueeze(-1)).squeeze(-1), allowed, self.tau)
+        return super().choose(st, probs, proposal, allowed)
 
     def rescore(self, st, rows: torch.Tensor):
         """Leave-one-out (or G-group) re-scoring of every answer token of ``rows``:

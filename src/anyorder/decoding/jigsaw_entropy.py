@@ -1,4 +1,5 @@
-"""``jigsaw_entropy``: Jigsaw's block order made an explicit decoder (seed 000's "BAD-AR").
+"""``jigsaw_entropy``: Jigsaw's block order made an explicit decoder ("BAD-AR" in
+"On the Trainability of Masked Diffusion Language Models via Blockwise Locality" (2026)).
 
 The answer is read as blocks of ``blocks`` positions (default: the order's block size, 4 for
 ``jigsaw``). Rule, per row and step:
@@ -13,21 +14,12 @@ Jigsaw's policy on a random-order model (``blocks=4`` on 4×4 Sudoku: one grid r
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
+from ..orders.jigsaw import probe_block
 from .loop import DECODERS, Decoder, check_range
-
-
-def block_mean_entropy(logp: torch.Tensor, masked: torch.Tensor, block: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    """[B, n_blocks] mean entropy of the masked positions of each block (+inf if none)."""
-    ent = -(logp.exp() * logp.clamp_min(-1e30)).sum(-1)            # 0 * -inf guarded
-    blk = block.clamp_min(0)
-    s = torch.zeros(masked.shape[0], n_blocks, dtype=torch.float64).scatter_add_(1, blk, torch.where(masked, ent, 0.0))
-    c = torch.zeros(masked.shape[0], n_blocks, dtype=torch.long).scatter_add_(1, blk, masked.long())
-    return torch.where(c > 0, s / c.clamp_min(1), torch.full_like(s, math.inf))
 
 
 @DECODERS.register("jigsaw_entropy")
@@ -37,9 +29,9 @@ class JigsawEntropyDecoder(Decoder):
     score = "left_to_right"
 
     def __init__(self, blocks: Optional[int] = None, **kw):
-        if kw.get("steps") is not None or kw.get("block_size") is not None or kw.get("score") is not None:
+        if kw.get("steps") is not None or kw.get("window") is not None or kw.get("score") is not None:
             raise ValueError("decoder 'jigsaw_entropy' picks its own blocks and goes left to right in them; "
-                             "it takes decoder.blocks (block length) and decoder.k, not steps/block_size/score")
+                             "it takes decoder.blocks (block length) and decoder.k, not steps/window/score")
         super().__init__(**kw)
         self.blocks = None if blocks is None else check_range("blocks", blocks, 1, kind=int)
 
@@ -51,14 +43,7 @@ class JigsawEntropyDecoder(Decoder):
         ok = st.order.allowed(masked, st.layout, logp) & masked
         block = self.block_of(st.layout)
         nb = int(block.max().clamp_min(0)) + 1
-        blk = block.clamp_min(0)
-        n_masked = torch.zeros(masked.shape[0], nb, dtype=torch.long).scatter_add_(1, blk, masked.long())
-        n_total = torch.zeros(masked.shape[0], nb, dtype=torch.long).scatter_add_(1, blk, st.answer.long())
-        has_ok = torch.zeros(masked.shape[0], nb, dtype=torch.long).scatter_add_(1, blk, ok.long()) > 0
-        mean_ent = block_mean_entropy(logp, masked, block, nb)
-        started = (n_masked > 0) & (n_masked < n_total)
-        key = torch.where(started, torch.full_like(mean_ent, -math.inf), mean_ent)   # finish a started block
-        key = torch.where(has_ok, key, torch.full_like(key, math.inf))
-        chosen = key.argmin(-1)                                                      # leftmost on ties
+        has_ok = torch.zeros(masked.shape[0], nb, dtype=torch.long).scatter_add_(1, block.clamp_min(0), ok.long()) > 0
+        chosen = probe_block(logp, masked, st.answer, block, nb, candidate=has_ok)   # a block with an allowed position
         st.info.setdefault("block_order", []).append(torch.where(masked.any(-1), chosen, -1))
         return ok & (block == chosen.unsqueeze(-1))

@@ -1,4 +1,5 @@
-"""LoMDM's decoders (SPEC §4): sampling with the learned reverse schedule α̂_ψ = 1 − t^{k̂}.
+"""LoMDM's decoders: sampling with the learned reverse schedule α̂_ψ = 1 − t^{k̂} of
+"Unifying Masked Diffusion Models with Various Generation Orders and Beyond" (arXiv 2602.02112).
 
 - ``learned_ancestral``: time runs down a grid of T steps (t = 1 − i/T, s = t − 1/T); between
   t and s every masked position i unmasks independently with the posterior probability of its
@@ -8,7 +9,8 @@
 
   with k̂ computed by g_ψ from the current z (same backbone pass as the logits). At s = 0 the
   probability is 1, so the grid ends with nothing masked. A row whose input did not change
-  reuses its logits and k̂ (MDLM's cache: neither depends on t), so NFE ≤ T.
+  reuses its logits and k̂ (MDLM's cache: neither depends on t), so NFE ≤ T. It is
+  ``ancestral``'s loop (one window) with this unmasking probability.
 - ``learned_velocity``: the commit-by-score loop (k per step or LLaDA's ``steps`` split)
   ranking masked positions by the learned velocity Â = k̂/t — within a step t is shared by the
   row, so this is the order of k̂: highest first (ties: leftmost).
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from .ancestral import AncestralDecoder
 from .loop import DECODERS, DecodeResult, Decoder
 
 
@@ -36,52 +39,32 @@ def forward_with_exponent(model, order, layout, answer, extra=None):
 
 
 @DECODERS.register("learned_ancestral")
-class LearnedAncestralDecoder(Decoder):
+class LearnedAncestralDecoder(AncestralDecoder):
     """Ancestral sampling with the learned per-position schedule: a masked position unmasks
     between t and s with probability 1 − (s/t)^{k̂_i}."""
 
     def __init__(self, skip_unchanged: bool = True, **kw):
         if kw.get("k") is not None:
             raise ValueError("decoder 'learned_ancestral' unmasks by the time grid; give decoder.steps, not decoder.k")
-        if kw.get("block_size") is not None:
-            raise ValueError("decoder 'learned_ancestral' runs one grid over the whole answer; drop decoder.block_size")
+        if kw.get("window") is not None:
+            raise ValueError("decoder 'learned_ancestral' runs one grid over the whole answer; drop decoder.window")
         if kw.get("cache"):
             raise ValueError("decoder 'learned_ancestral' has no KV cache (bidirectional order); drop decoder.cache")
-        super().__init__(**kw)
-        self.skip_unchanged = bool(skip_unchanged)
+        super().__init__(skip_unchanged=skip_unchanged, **kw)
 
     @torch.no_grad()
     def decode(self, model, order, x, answer, extra=None, row_seeds=None, max_steps=None):
         st = self.start(model, order, x, answer, extra, row_seeds, max_steps)
-        forward = forward_with_exponent(model, order, st.layout, st.answer, extra)
-        B, L = st.x.shape
-        # grid length per row: steps, or the answer length (one token per step in expectation)
-        T = torch.full((B,), self.steps, dtype=torch.long) if self.steps else st.answer.sum(-1).clamp_min(1)
-        logits = k_hat = None
-        stale = torch.ones(B, dtype=torch.bool)
-        i = 0
-        while st.masked.any():
-            st.check_limit()
-            active = st.masked.any(-1)
-            need = (stale | torch.tensor(not self.skip_unchanged)) & active
-            if logits is None or need.any():
-                fl, fk = forward(st.x, st.masked)
-                logits = fl if logits is None else torch.where(need[:, None, None], fl, logits)
-                k_hat = fk if k_hat is None else torch.where(need[:, None], fk, k_hat)
-                st.nfe += need.long()
-            logp, probs, x0 = self.propose(logits, st)
-            allowed = self.allowed(st, logp)
-            t = (1 - i / T.double()).clamp_min(0)                   # [B]
-            s = (1 - (i + 1) / T.double()).clamp_min(0)
-            ratio = (s / t.clamp_min(1e-12)).unsqueeze(-1)
-            p_unmask = torch.where(s.unsqueeze(-1) <= 0, torch.ones_like(k_hat), 1 - ratio ** k_hat)
-            u = torch.stack([torch.rand(L, generator=g, dtype=torch.float64) for g in st.gens])
-            commit = allowed & (u < p_unmask) & active.unsqueeze(-1)
-            st.commit(commit, x0, probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1))
-            stale = commit.any(-1)
-            i += 1
-            st.advance(active)
+        self.run(st, forward_with_exponent(model, order, st.layout, st.answer, extra))
         return DecodeResult(st.x, st.trace())
+
+    def unmask_probability(self, st, grid_pos, T, aux):
+        """1 − (s/t)^{k̂} with t = 1 − i/T, s = t − 1/T; 1 once s reaches 0."""
+        (k_hat,) = aux
+        t = (1 - grid_pos / T.double()).clamp_min(0)            # [B]
+        s = (1 - (grid_pos + 1) / T.double()).clamp_min(0)
+        ratio = (s / t.clamp_min(1e-12)).unsqueeze(-1)
+        return torch.where(s.unsqueeze(-1) <= 0, torch.ones_like(k_hat), 1 - ratio ** k_hat)
 
 
 @DECODERS.register("learned_velocity")
@@ -102,8 +85,8 @@ class LearnedVelocityDecoder(Decoder):
     def step(self, st, forward) -> None:
         active = st.masked.any(-1)
         logits, k_hat = forward(st.x, st.masked)
-        logp, probs, x0 = self.propose(logits, st)
+        logp, probs, proposal = self.propose(logits, st)
         allowed = self.allowed(st, logp)
         commit = self.select(k_hat, allowed, self.counts(st, allowed)) & active.unsqueeze(-1)
-        st.commit(commit, *self.fill(st, commit, logp, x0))
+        st.commit(commit, *self.fill(st, commit, logp, proposal))
         st.nfe += active.long()

@@ -1,11 +1,12 @@
-"""One decoding loop for every order (SPEC §5).
+"""One decoding loop for every order.
 
     repeat until no masked answer position is left:
         forward pass under the order's attention for the current state
         propose a token for every position (greedy or float64 Gumbel-max)
         allowed  = masked ∩ what the order permits now ∩ the current semi-AR window
         score the allowed positions (random / top_prob / margin / entropy / left_to_right)
-        commit the n best, n from the commit schedule (k per step, or LLaDA's even split)
+        commit the n best, n from the commit schedule (k per step, or LLaDA's even split:
+            Nie et al., 2025, arXiv 2502.09992)
         record, per committed position, the step and its confidence (the trace)
 
 The order decides *where* it is legal to commit (AR: the leftmost hole; block diffusion: the
@@ -13,14 +14,17 @@ current block; Jigsaw: the block its probe picked, left to right; Scatter: the c
 the decoder decides *which* and *how many*. A new decoder subclasses :class:`Decoder` and
 overrides one of the hooks, from the smallest to the largest:
 
-    scores(probs, x0, layout, gens)      which positions first (or just set ``score``)
-    windows(layout)                      the semi-AR windows (scatter_offsets: the columns)
-    allowed(state, logp)                 where (jigsaw_entropy: the lowest-entropy block)
-    counts(state, allowed)               how many this step
-    choose(state, probs, x0, allowed)    the commit set itself (threshold)
-    fill(state, commit, logp, x0)        the tokens written there (beam)
-    step(state, forward)                 one whole step (random_init)
-    run(state, forward)                  the whole loop (ancestral, remask, edit)
+    scores(probs, proposal, layout, gens)     which positions first (or just set ``score``)
+    windows(layout)                           the semi-AR windows (scatter_offsets: the columns)
+    allowed(state, logp)                      where (jigsaw_entropy: the lowest-entropy block)
+    counts(state, allowed)                    how many this step
+    choose(state, probs, proposal, allowed)   the commit set itself (threshold)
+    fill(state, commit, logp, proposal)       the tokens written there (beam)
+    step(state, forward)                      one whole step (random_init)
+    run(state, forward)                       the whole loop (ancestral, remask, edit)
+
+``proposal`` [B, L] is the token the step proposes at every position (greedy or sampled);
+a hook decides where, and how many of, the proposals are committed.
 
 Everything a decode carries from step to step lives in a :class:`DecodeState`; its
 ``commit``/``remask`` keep the trace right (``finalize_step`` = step of the last commit).
@@ -29,6 +33,7 @@ beam, jigsaw_entropy, scatter_offsets) are built on these hooks.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -127,14 +132,15 @@ class Decoder:
     k:           tokens committed per step (default 1 when ``steps`` is not given)
     steps:       total steps; split evenly over semi-AR windows, and inside a window the tokens
                  are split evenly over its steps, remainder first (LLaDA's schedule)
-    block_size:  semi-AR window length over the answer (None: the whole answer at once)
+    window:      semi-AR window length over the answer (None: the whole answer at once); LLaDA's
+                 ``block_length``. Not an order's ``block_size`` (the order's group size)
     temperature, top_k, top_p: token sampling (0 = greedy)
     seed:        row b uses generator seed ``seed + b`` unless ``row_seeds`` is given to decode()
     """
 
     score: str = "top_prob"
 
-    def __init__(self, k: Optional[int] = None, steps: Optional[int] = None, block_size: Optional[int] = None,
+    def __init__(self, k: Optional[int] = None, steps: Optional[int] = None, window: Optional[int] = None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  score: Optional[str] = None, cache: bool = False):
         if k is not None and steps is not None:
@@ -143,8 +149,8 @@ class Decoder:
             raise ValueError(f"decoder.k must be >= 1, got {k}")
         if steps is not None and int(steps) < 1:
             raise ValueError(f"decoder.steps must be >= 1, got {steps}")
-        if block_size is not None and int(block_size) < 1:
-            raise ValueError(f"decoder.block_size must be >= 1, got {block_size}")
+        if window is not None and int(window) < 1:
+            raise ValueError(f"decoder.window must be >= 1, got {window}")
         if not 0 < top_p <= 1:
             raise ValueError(f"decoder.top_p must be in (0, 1], got {top_p}")
         if score is not None:
@@ -152,7 +158,7 @@ class Decoder:
             self.score = score
         self.k = None if k is None else int(k)
         self.steps = None if steps is None else int(steps)
-        self.block_size = None if block_size is None else int(block_size)
+        self.window = None if window is None else int(window)
         self.temperature, self.top_k, self.top_p, self.seed = float(temperature), int(top_k), float(top_p), int(seed)
         self.cache = bool(cache)
 
@@ -173,8 +179,8 @@ class Decoder:
         return forward
 
     # -- pieces a subclass may override -------------------------------------------------
-    def scores(self, probs, x0, layout, gens) -> torch.Tensor:
-        return SCORES.get(self.score)(probs, x0, layout, gens)
+    def scores(self, probs, proposal, layout, gens) -> torch.Tensor:
+        return SCORES.get(self.score)(probs, proposal, layout, gens)
 
     def select(self, score: torch.Tensor, allowed: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         """The n highest-scoring allowed positions per row (ties: leftmost first)."""
@@ -197,17 +203,40 @@ class Decoder:
         return torch.where(in_win.any(-1, keepdim=True), in_win, allowed)
 
     def counts(self, st: DecodeState, allowed: torch.Tensor) -> torch.Tensor:
-        """[B] how many tokens each row commits this step."""
-        return self._counts(st.masked, st.window, st.current_window(), st.cur_window, st.plan, allowed, st.n_windows)
+        """[B] how many tokens each row commits this step: ``k``, or with ``steps`` LLaDA's even
+        split of each window over steps / #windows steps."""
+        if self.steps is None:
+            return torch.clamp(allowed.sum(-1), max=self.k or 1)
+        return self.split_counts(st, allowed, self.steps // st.n_windows.clamp_min(1))
 
-    def choose(self, st: DecodeState, probs, x0, allowed) -> torch.Tensor:
+    def split_counts(self, st: DecodeState, allowed: torch.Tensor, steps_per_window: torch.Tensor,
+                     at_least: int = 0) -> torch.Tensor:
+        """[B] this step's entry of the plan of each row's current window: when a row enters a
+        window, its masked positions there are split over ``steps_per_window[b]`` steps by
+        :func:`even_split`; a row whose order committed fewer than planned takes 1 per extra
+        step. At least ``at_least``, at most what is allowed now."""
+        n_allowed = allowed.sum(-1)
+        win = st.current_window()
+        out = torch.zeros(st.x.shape[0], dtype=torch.long)
+        for b in range(st.x.shape[0]):
+            if not st.masked[b].any():
+                continue
+            if int(win[b]) != int(st.cur_window[b]):  # entering a new window: plan it
+                st.cur_window[b] = win[b]
+                m = int((st.masked[b] & (st.window[b] == win[b])).sum())
+                st.plan[b] = even_split(m, int(steps_per_window[b]))
+            want = st.plan[b].pop(0) if st.plan[b] else 1
+            out[b] = min(max(want, at_least), int(n_allowed[b]))
+        return out
+
+    def choose(self, st: DecodeState, probs, proposal, allowed) -> torch.Tensor:
         """[B, L] bool: the positions committed this step."""
-        return self.select(self.scores(probs, x0, st.layout, st.gens), allowed, self.counts(st, allowed))
+        return self.select(self.scores(probs, proposal, st.layout, st.gens), allowed, self.counts(st, allowed))
 
-    def fill(self, st: DecodeState, commit, logp, x0):
+    def fill(self, st: DecodeState, commit, logp, proposal):
         """The tokens written at ``commit`` and their confidence: the proposals, by default
         (beam search replaces them by the jointly best combination)."""
-        return x0, logp.exp().gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+        return proposal, logp.exp().gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
 
     # -- the loop -------------------------------------------------------------------------
     def start(self, model, order: Order, x: torch.Tensor, answer: torch.Tensor,
@@ -227,7 +256,7 @@ class Decoder:
         n_windows = torch.where(answer, window + 1, 0).max(-1).values
         if self.steps is not None and int(n_windows.max()) > 0 and self.steps % int(n_windows.max()) != 0:
             raise ValueError(f"decoder.steps={self.steps} must be a multiple of the number of semi-AR "
-                             f"blocks ({int(n_windows.max())})")
+                             f"windows ({int(n_windows.max())})")
         return DecodeState(
             model=model, order=order, layout=layout, extra=extra, x=x, masked=masked, answer=answer, gens=gens,
             window=window, n_windows=n_windows, plan=[[] for _ in range(B)],
@@ -238,8 +267,8 @@ class Decoder:
 
     def windows(self, layout: Layout) -> torch.Tensor:
         """[B, L] semi-AR window of each answer position (-1 on prompt): contiguous runs of
-        ``block_size`` answer positions, or one window for the whole answer."""
-        window_size = self.block_size or int(layout.n_answer.max().clamp_min(1))
+        ``window`` answer positions, or one window for the whole answer."""
+        window_size = self.window or int(layout.n_answer.max().clamp_min(1))
         return torch.where(layout.answer, layout.aidx // window_size, -1)
 
     @torch.no_grad()
@@ -265,30 +294,18 @@ class Decoder:
         x, masked = st.x, st.masked
         active = masked.any(-1)
         logits = forward(x, masked)
-        logp, probs, x0 = self.propose(logits, st)
+        logp, probs, proposal = self.propose(logits, st)
         allowed = self.allowed(st, logp)
-        commit = self.choose(st, probs, x0, allowed) & active.unsqueeze(-1)
-        st.commit(commit, *self.fill(st, commit, logp, x0))
+        commit = self.choose(st, probs, proposal, allowed) & active.unsqueeze(-1)
+        st.commit(commit, *self.fill(st, commit, logp, proposal))
         st.nfe += active.long()
 
-    def _counts(self, masked, window, win, cur_window, plan, allowed, n_windows) -> torch.Tensor:
-        B = masked.shape[0]
-        n_allowed = allowed.sum(-1)
-        if self.steps is None:
-            return torch.clamp(n_allowed, max=self.k or 1)
-        out = torch.zeros(B, dtype=torch.long)
-        for b in range(B):
-            if not masked[b].any():
-                continue
-            if int(win[b]) != int(cur_window[b]):  # entering a new window: LLaDA's even split
-                cur_window[b] = win[b]
-                m = int((masked[b] & (window[b] == win[b])).sum())
-                spb = self.steps // max(int(n_windows[b]), 1)
-                base, r = divmod(m, spb)
-                plan[b] = [base + 1 if i < r else base for i in range(spb)]
-            want = plan[b].pop(0) if plan[b] else 1  # an order that commits fewer may need extra steps
-            out[b] = min(want, int(n_allowed[b]))
-        return out
+
+def even_split(n: int, steps: int) -> List[int]:
+    """``n`` tokens over ``steps`` steps as evenly as possible, the remainder first (LLaDA's
+    ``get_num_transfer_tokens``; Nie et al., 2025, arXiv 2502.09992): 10 over 4 is 3, 3, 2, 2."""
+    base, r = divmod(n, steps)
+    return [base + 1 if i < r else base for i in range(steps)]
 
 
 def _score_decoder(name: str, doc: str):
@@ -322,12 +339,15 @@ def check_range(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False
 
 
 def build_decoder(spec) -> Decoder:
-    """``"margin"`` or ``{"name": "top_prob", "k": 2, "temperature": 0.7}``."""
+    """``"margin"`` or ``{"name": "top_prob", "k": 2, "temperature": 0.7}``.
+
+    ``block_size`` is read as a deprecated alias of ``window`` (run directories saved before the
+    rename have it in their ``decode`` specs), with a :class:`DeprecationWarning`."""
     if isinstance(spec, Decoder):
         return spec
     if isinstance(spec, str):
         return DECODERS.get(spec)()
-    spec = dict(spec)
+    spec = _renamed_options(dict(spec))
     cls = DECODERS.get(spec.pop("name"))
     try:
         return cls(**spec)
@@ -337,6 +357,23 @@ def build_decoder(spec) -> Decoder:
         valid = [p for c in cls.__mro__ for p in inspect.signature(c.__init__).parameters
                  if c is not object and p not in ("self", "kw", "kwargs")]
         raise ValueError(f"decoder {cls.registered_name!r}: {e}. Valid options: {', '.join(sorted(set(valid)))}") from None
+
+
+_RENAMED = {"block_size": "window"}  # old decoder option -> new
+
+
+def _renamed_options(spec: dict) -> dict:
+    """``spec`` with deprecated option names replaced by their new names (warning once per use)."""
+    for old, new in _RENAMED.items():
+        if old not in spec:
+            continue
+        if new in spec:
+            raise ValueError(f"decoder {spec.get('name')!r}: give decoder.{new}, not both decoder.{new} and "
+                             f"decoder.{old} (its deprecated name)")
+        warnings.warn(f"decoder option {old!r} is deprecated: use {new!r} (the semi-AR window length)",
+                      DeprecationWarning, stacklevel=3)
+        spec[new] = spec.pop(old)
+    return spec
 
 
 def decode(model, order: Order, x, answer, decoder="top_prob", extra=None, row_seeds=None) -> DecodeResult:

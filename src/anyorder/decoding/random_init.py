@@ -1,4 +1,5 @@
-"""``random_init`` (seed 004, §3.3 "A random initialization strategy inspired by SEDD").
+"""``random_init``: "A random initialization strategy inspired by SEDD", §3.3 of
+"Why mask diffusion does not work".
 
 Each step, per row:
 1. fill a fraction ``ratio`` of the still-masked answer positions (floor(ratio * m), at most
@@ -11,7 +12,7 @@ Each step, per row:
 4. re-mask the random fills (they never reach the output or the trace).
 Repeat until the answer is complete. ``ratio = 0`` is the plain score decoder, exactly.
 
-The seed expects this to be inefficient (one forward per step as usual, and only the masks'
+That paper expects this to be inefficient (one forward per step as usual, and only the masks'
 outputs are used) and the ratio to matter: it sets how much of the context is noise.
 Positions and tokens are drawn from each row's own generator.
 """
@@ -67,8 +68,8 @@ class RandomInitDecoder(Decoder):
         fill, noise = self.random_fill(st)
         xf, mf = torch.where(fill, noise, st.x), st.masked & ~fill
         logits = self.probe_forward(st)(xf, mf)       # a state that is undone right after
-        logp, probs, x0 = self.propose(logits, st)
+        logp, probs, proposal = self.propose(logits, st)
         allowed = self.allowed(st, logp, masked=mf)
-        commit = self.choose(st, probs, x0, allowed) & active.unsqueeze(-1)
-        st.commit(commit, *self.fill(st, commit, logp, x0))  # on the real x: the fills are gone
+        commit = self.choose(st, probs, proposal, allowed) & active.unsqueeze(-1)
+        st.commit(commit, *self.fill(st, commit, logp, proposal))  # on the real x: the fills are gone
         st.nfe += active.long()

@@ -1,4 +1,5 @@
-"""``remask`` (ReMDM-style, REFERENCE §5): committed tokens may be re-masked and re-decoded.
+"""``remask`` (after ReMDM: Wang et al., 2025, arXiv 2503.00307): committed tokens may be
+re-masked and re-decoded.
 
 Rule, per row and step: commit ``k`` tokens as the score decoders do (default ``top_prob``,
 k = 2); then, while less than ``remask_until`` of the answer is committed, put [MASK] back on
@@ -13,14 +14,15 @@ window the masked fraction falls by k - n_remask per step instead of k, then pla
 finishes. Termination: a row never re-masks more than (tokens committed this step) - 1, so
 every step makes net progress >= 1 and a row of n answer tokens ends in at most n steps.
 
-Trace: ``finalize_step`` is the step of the *last* commit of a position (SPEC §5: the last
-change; a re-masked token committed again counts as changed even if its value is the same,
-since in between the answer was decoded without it), ``confidence`` its probability then.
+Trace: ``finalize_step`` is the step of the *last* commit of a position (a position is
+finalised by its last change; a re-masked token committed again counts as changed even if its
+value is the same, since in between the answer was decoded without it), ``confidence`` its
+probability then.
 ``DecodeResult.trace`` is the usual :class:`Trace`; the number of re-masked tokens per row is
 in ``decoder.last_info["remasked"]``.
 
 Options: ``k`` (default 2), ``n_remask`` in [0, k-1] (default 1), ``remask_until`` in [0, 1]
-(default 0.75), ``score``, ``block_size`` and the sampling options.
+(default 0.75), ``score``, ``window`` and the sampling options.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Token sampling: temperature, top-k / top-p, and Gumbel-max in float64 log space.
 
-Low-precision Gumbel noise lowers the effective temperature (arXiv 2409.02908; ReMDM's fix,
-REFERENCE §5), so noise is always float64 and added to float64 log-probabilities. Each batch
+Low-precision Gumbel noise lowers the effective temperature (Zheng et al., 2024, arXiv
+2409.02908; ReMDM's code samples in float64 for this reason: Wang et al., 2025, arXiv
+2503.00307), so noise is always float64 and added to float64 log-probabilities. Each batch
 row draws from its own generator: a row's sample never depends on which other rows share its
 batch (batched decoding == row-by-row decoding).
 """

@@ -24,9 +24,9 @@ class ScatterOffsetsDecoder(Decoder):
     """Offset by offset (Scatter's columns), steps_per_offset steps per column, best score first."""
 
     def __init__(self, steps_per_offset: int = 1, stride: Optional[int] = None, **kw):
-        if any(kw.get(o) is not None for o in ("k", "steps", "block_size")):
+        if any(kw.get(o) is not None for o in ("k", "steps", "window")):
             raise ValueError("decoder 'scatter_offsets' schedules by column: give decoder.steps_per_offset "
-                             "(and decoder.stride), not k/steps/block_size")
+                             "(and decoder.stride), not k/steps/window")
         super().__init__(**kw)
         self.steps_per_offset = check_range("steps_per_offset", steps_per_offset, 1, kind=int)
         self.stride = None if stride is None else check_range("stride", stride, 1, kind=int)
@@ -35,16 +35,4 @@ class ScatterOffsetsDecoder(Decoder):
         return layout.offset if self.stride is None else torch.where(layout.answer, layout.aidx % self.stride, -1)
 
     def counts(self, st, allowed):
-        win = st.current_window()
-        out = torch.zeros(st.x.shape[0], dtype=torch.long)
-        for b in range(st.x.shape[0]):
-            if not st.masked[b].any():
-                continue
-            if int(win[b]) != int(st.cur_window[b]):                    # a new column: split it
-                st.cur_window[b] = win[b]
-                m = int((st.masked[b] & (st.window[b] == win[b])).sum())
-                base, r = divmod(m, self.steps_per_offset)
-                st.plan[b] = [base + 1 if i < r else base for i in range(self.steps_per_offset)]
-            want = st.plan[b].pop(0) if st.plan[b] else 1
-            out[b] = min(max(want, 1), int(allowed[b].sum()))
-        return out
+        return self.split_counts(st, allowed, torch.full((st.x.shape[0],), self.steps_per_offset), at_least=1)

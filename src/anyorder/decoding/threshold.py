@@ -1,4 +1,5 @@
-"""``threshold`` (Fast-dLLM, REFERENCE §4): commit every confident token, at least one per step.
+"""``threshold`` (Fast-dLLM: Wu et al., 2025, arXiv 2505.22618): commit every confident token,
+at least one per step.
 
 Rule, per row and step: among the positions the order (and the semi-AR window) allows,
 commit every one whose confidence -- the model's probability of the proposed token -- is at
@@ -6,7 +7,7 @@ least ``tau``; if none reaches ``tau``, commit the single most confident one. So
 of tokens per step adapts to how sure the model is: many where the answer is determined,
 one at a time where it is not. Equality passes, as in Fast-dLLM's ``get_transfer_index``.
 
-Options: ``tau`` in (0, 1] (default 0.9, Fast-dLLM's scripts), ``block_size`` (semi-AR
+Options: ``tau`` in (0, 1] (default 0.9, Fast-dLLM's scripts), ``window`` (semi-AR
 windows, Fast-dLLM decodes block by block), ``max_per_step`` (an optional cap), plus the
 sampling options. ``k``/``steps`` do not apply: the threshold sets the count.
 """
@@ -48,6 +49,6 @@ class ThresholdDecoder(Decoder):
         self.tau = check_range("tau", tau, 0.0, 1.0, lo_open=True)
         self.max_per_step = None if max_per_step is None else check_range("max_per_step", max_per_step, 1, kind=int)
 
-    def choose(self, st, probs, x0, allowed):
-        conf = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    def choose(self, st, probs, proposal, allowed):
+        conf = probs.gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
         return threshold_commit(conf, allowed, self.tau, self.max_per_step)

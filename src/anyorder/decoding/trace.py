@@ -1,4 +1,5 @@
-"""What happened during a decode, and the two numbers seed 003 reads off it.
+"""What happened during a decode, and the two numbers read off it in "Parallelism and
+Generation Order in Masked Diffusion Language Models: Limits Today, Potential Tomorrow".
 
 ``finalize_step[b, i]`` is the step at which position i took its final value (-1 on prompt);
 ``confidence[b, i]`` the model's probability of that value then.

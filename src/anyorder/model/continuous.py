@@ -1,4 +1,5 @@
-"""The transformer of model/transformer.py with a continuous read-in and read-out (SPEC §7).
+"""The transformer of model/transformer.py with a continuous read-in and read-out, for in-context
+linear regression (Garg et al., 2022, arXiv 2208.01066).
 
 Same blocks, RMSNorm and RoPE as the token model (reused, not copied); only the ends differ:
 
@@ -8,7 +9,7 @@ Same blocks, RMSNorm and RoPE as the token model (reused, not copied); only the 
 - a learned 2-entry slot-type embedding (x slot / y slot). Garg's GPT-2 needs none because its
   learned absolute positions tell x from y; RoPE only sees relative offsets, and with
   bidirectional attention a slot could not otherwise tell its own parity. ``type_embedding=False``
-  turns it off (the strict SPEC read-in);
+  turns it off (Garg et al.'s read-in alone);
 - read-out ``Linear(width, 1)``: one scalar prediction of y per slot.
 
 Attention masks and RoPE positions come from the order's plan exactly as for the token model.

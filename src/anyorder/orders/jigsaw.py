@@ -71,21 +71,30 @@ class JigsawOrder(Order):
         return masks.jigsaw(layout, self._finished_blocks(masked, layout))
 
     def allowed(self, masked, layout, logp):
-        B, L = masked.shape
         m = masked & layout.answer
-        nbmax = int(layout.n_blocks.max())
-        blk = layout.block.clamp_min(0)
-        # a block is "in progress" if it has both committed and masked answer tokens
-        n_masked = torch.zeros(B, nbmax, dtype=torch.long).scatter_add_(1, blk, m.long())
-        n_total = torch.zeros(B, nbmax, dtype=torch.long).scatter_add_(1, blk, layout.answer.long())
-        started = (n_masked > 0) & (n_masked < n_total)
-        # probe: mean entropy of masked tokens per block, lowest first among open blocks
-        ent = -(logp.exp() * logp.clamp_min(-1e30)).sum(-1).double()
-        ent_sum = torch.zeros(B, nbmax, dtype=torch.float64).scatter_add_(1, blk, torch.where(m, ent, 0.0))
-        mean_ent = torch.where(n_masked > 0, ent_sum / n_masked.clamp_min(1), torch.full_like(ent_sum, math.inf))
-        mean_ent = torch.where(started, torch.full_like(mean_ent, -math.inf), mean_ent)
-        chosen = mean_ent.argmin(-1)                                       # [B]
+        chosen = probe_block(logp, m, layout.answer, layout.block, int(layout.n_blocks.max()))  # [B]
         in_block = m & (layout.block == chosen.unsqueeze(-1))
         big = torch.iinfo(torch.long).max
         first = torch.where(in_block, layout.aidx, torch.full_like(layout.aidx, big)).min(-1, keepdim=True).values
         return in_block & (layout.aidx == first)
+
+
+def probe_block(logp, masked, answer, block, n_blocks: int, candidate=None) -> torch.Tensor:
+    """[B] the block Jigsaw decodes next (the probe): a block in progress (some of its answer
+    positions committed, some masked) if there is one, else the unfinished block whose masked
+    positions have the lowest mean entropy under ``logp`` (ties: leftmost). ``block`` [B, L] is
+    each position's block (-1 on prompt), ``candidate`` [B, n_blocks] optionally the blocks that
+    may be chosen. Also the policy of the ``jigsaw_entropy`` decoder under any order."""
+    B = masked.shape[0]
+    m = masked & answer
+    blk = block.clamp_min(0)
+    n_masked = torch.zeros(B, n_blocks, dtype=torch.long).scatter_add_(1, blk, m.long())
+    n_total = torch.zeros(B, n_blocks, dtype=torch.long).scatter_add_(1, blk, answer.long())
+    started = (n_masked > 0) & (n_masked < n_total)
+    ent = -(logp.exp() * logp.clamp_min(-1e30)).sum(-1).double()                 # 0 * -inf guarded
+    ent_sum = torch.zeros(B, n_blocks, dtype=torch.float64).scatter_add_(1, blk, torch.where(m, ent, 0.0))
+    key = torch.where(n_masked > 0, ent_sum / n_masked.clamp_min(1), torch.full_like(ent_sum, math.inf))
+    key = torch.where(started, torch.full_like(key, -math.inf), key)             # finish a started block
+    if candidate is not None:
+        key = torch.where(candidate, key, torch.full_like(key, math.inf))
+    return key.argmin(-1)

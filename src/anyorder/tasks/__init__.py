@@ -1,3 +1,4 @@
-"""Tasks, registered by name: the seed-004 toy, Sudoku (4×4, 9×9), star-graph path-finding."""
+"""Tasks, registered by name: the marginals-vs-joint toy of "Why mask diffusion does not work",
+Sudoku (4×4, 9×9), star-graph path-finding, in-context linear regression and text."""
 from .base import TASKS, Task, build_task
 from . import toy, sudoku, star_graph, text, linear_regression  # noqa: F401  (registration)

@@ -1,4 +1,6 @@
-"""In-context linear regression (Garg et al., 2022, arXiv 2208.01066), under every order.
+"""In-context linear regression (Garg et al., 2022, arXiv 2208.01066), under every order: one of
+the three tasks of "On the Trainability of Masked Diffusion Language Models via Blockwise
+Locality" (2026).
 
 Per sequence: ``w ~ N(0, I_d)``, ``x_i ~ N(0, I_d)``, ``y_i = w·x_i``. The sequence is
 
@@ -16,11 +18,10 @@ vocabulary {0, [MASK]=1}) and keeps the real values in a :class:`RegressionBatch
 Dimension curriculum (Garg): coordinates beyond ``d_cur`` are zeroed, the input stays d-wide;
 ``d_cur = min(d, d_start + d_inc · (step // d_interval))``.
 
-Threshold τ ("On the Trainability of Masked Diffusion Language Models via Blockwise Locality" (2026):
-"validation MSE < 0.1", stated for d ∈ {10, 15, 20}): every predictor's
-MSE here scales with d (zero predictor: d; a model that recovers w up to a relative error ε: ε·d),
-so τ is set on the normalised MSE, MSE/d < ``tau_nmse``; the default 0.01 equals the paper's
-MSE < 0.1 at its smallest d = 10 and means "1 % of the zero predictor's error" at every d.
+Threshold τ (that paper's "validation MSE < 0.1", stated for d ∈ {10, 15, 20}): every
+predictor's MSE here scales with d (zero predictor: d; a model that recovers w up to a relative
+error ε: ε·d), so τ is set on the normalised MSE, MSE/d < ``tau_nmse``; the default 0.01 equals
+the paper's MSE < 0.1 at its smallest d = 10 and means "1 % of the zero predictor's error" at every d.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Star-graph path-finding (Bachmann & Nagarajan 2024; REFERENCE §8, SPEC §7).
+"""Star-graph path-finding (Bachmann & Nagarajan, 2024, arXiv 2403.06963), one of the three tasks
+of "On the Trainability of Masked Diffusion Language Models via Blockwise Locality" (2026).
 
 A source node has ``degree`` arms of ``path_len`` nodes each (counting the source), over
 ``num_nodes`` labels; the goal is the last node of one arm. The prompt lists the directed edges

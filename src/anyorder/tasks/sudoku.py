@@ -3,7 +3,7 @@
 Tokens: 0 = blank clue, 1..n digits, n+1 = [SEP], n+2 = [MASK]. Every position carries
 row / column / box / segment embeddings (segment: clue, separator, answer), so the model
 knows the grid geometry whichever order it decodes in. Puzzles come from
-:mod:`anyorder.tasks.sudoku_core` (unique solutions, verified by its solver); train and
+:mod:`anyorder.tasks.sudoku_gen` (unique solutions, verified by the solver); train and
 evaluation sets are drawn from different seeds and made disjoint.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from . import sudoku_core as core
+from .sudoku_gen import generate_dataset
 from .base import TASKS, Task
 
 
@@ -34,7 +35,7 @@ class SudokuTask(Task):
         self.vocab_size = n + 3
         self.seq_len = 2 * self.cells + 1
         self.extra_embeddings = {"row": n + 1, "col": n + 1, "box": n + 1, "segment": 3}
-        puzzles, solutions = core.generate_dataset(n, int(n_train) + int(n_eval), self.n_clues, seed=int(seed))
+        puzzles, solutions = generate_dataset(n, int(n_train) + int(n_eval), self.n_clues, seed=int(seed))
         # first n_eval for evaluation, the rest for training: disjoint because the set is distinct
         self.eval_p, self.eval_s = puzzles[: int(n_eval)], solutions[: int(n_eval)]
         self.train_p, self.train_s = puzzles[int(n_eval):], solutions[int(n_eval):]

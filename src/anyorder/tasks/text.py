@@ -1,4 +1,4 @@
-"""``text``: language modelling on real English (SPEC §7 "Text").
+"""``text``: language modelling on real English.
 
     task: {name: text, sources: [wiki, shakespeare], zero_shot: [bible],
            tokenizer: {name: bpe, vocab_size: 8192}, seq_len: 128, mode: packed}

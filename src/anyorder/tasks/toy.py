@@ -1,4 +1,5 @@
-"""Seed 004's toy: why committing several tokens at once picks the wrong pair (SPEC §6).
+"""The toy of "Why mask diffusion does not work": why committing several tokens at once picks
+the wrong pair.
 
 100 sequences of five tokens ``[A|A'] [B|B'] C D E``: 34 × AB, 21 × AB', 35 × A'B, 10 × A'B',
 C D shared, E unique per sequence. Given ``_ _ C D _`` an MDM's marginals are P(A) = 0.55,
