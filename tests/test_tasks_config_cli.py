@@ -12,7 +12,8 @@ from anyorder.cli import main
 from anyorder.config import load_config
 from anyorder.experiment import build, load_run, train
 from anyorder.tasks import build_task
-from anyorder.tasks.toy import COUNTS, ToyTask, all_pattern_batch, data_stats
+from anyorder.studies.toy import all_pattern_batch, data_stats
+from anyorder.tasks.toy import COUNTS, ToyTask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +73,7 @@ def test_config_errors_name_valid_choices():
         load_config(None, ["train.steps"])
     with pytest.raises(ValueError, match="unknown decoder 'marign'. Did you mean 'margin'"):
         build(load_config(None, ["decode=[marign]", "task.n_train=10", "task.n_eval=5"]))
-    with pytest.raises(TypeError, match="unknown options"):
+    with pytest.raises(ValueError, match="unknown option"):
         build(load_config(None, ["order.blok_size=4", "task.n_train=10", "task.n_eval=5"]))
 
 

@@ -44,7 +44,7 @@ def matmul_peak(dtype=torch.float32, n: int = 1024, seconds: float = 1.5) -> flo
 
 
 def bench_train(d_model: int = 256, n_layers: int = 6, seq_len: int = 128, batch_size: int = 16,
-                steps: int = 6, orders=("random", "block")) -> Dict[str, object]:
+                steps: int = 6, orders=("random", {"name": "block", "block_size": 16})) -> Dict[str, object]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from .analysis.flops import register_cpu_attention_flops
@@ -55,8 +55,8 @@ def bench_train(d_model: int = 256, n_layers: int = 6, seq_len: int = 128, batch
     vocab = 1024
     torch.manual_seed(0)
     results = []
-    for order_name in orders:
-        order = build_order({"name": order_name, "block_size": 16} if order_name == "block" else order_name)
+    for order_spec in orders:
+        order = build_order(order_spec)
         model = Transformer(ModelConfig(vocab_size=vocab + 1, mask_id=vocab, d_model=d_model, n_layers=n_layers,
                                         n_heads=max(1, d_model // 64), max_len=seq_len))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -83,7 +83,7 @@ def bench_train(d_model: int = 256, n_layers: int = 6, seq_len: int = 128, batch
             n_tok = sum(step(precision) for _ in range(steps))
             dt = (time.perf_counter() - t0) / steps
             results.append({
-                "order": order_name, "precision": precision, "step_seconds": round(dt, 4),
+                "order": order.name, "precision": precision, "step_seconds": round(dt, 4),
                 "tokens_per_s": round(batch_size * seq_len / dt, 1),
                 "input_tokens_per_step": n_tok // steps,
                 "flops_per_step": flops, "achieved_flops": round(flops / dt),

@@ -121,7 +121,7 @@ def cmd_list(registry, as_json: bool):
 
 
 def cmd_toy(args):
-    from .tasks.toy import run_toy
+    from .studies.toy import run_toy
 
     res = run_toy(steps=args.steps, seed=args.seed)
     if args.json:
@@ -180,7 +180,7 @@ def cmd_zipf(args):
 
 
 def cmd_estimate(args):
-    from .analysis.estimate import H100_BF16_DENSE_TFLOPS, DEFAULT_MFU, estimate_sweeps, format_estimate
+    from .studies.estimate import H100_BF16_DENSE_TFLOPS, DEFAULT_MFU, estimate_sweeps, format_estimate
 
     res = estimate_sweeps(args.sweeps, cpu_steps=args.steps, max_data=args.max_data,
                           peak_tflops=H100_BF16_DENSE_TFLOPS if args.gpu_peak is None else args.gpu_peak,
@@ -261,7 +261,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     es.add_argument("--max-data", dest="max_data", type=int, default=4096,
                     help="cap task.n_train / n_eval while building (FLOPs do not depend on it; 0: no cap)")
     es.add_argument("--json", action="store_true")
-    from .analysis.text_compare import add_arguments as add_text_compare_arguments
+    from .studies.text_compare import add_arguments as add_text_compare_arguments
     tc = sub.add_parser("text-compare", help="compare text runs: test / zero-shot PPL, gen PPL judged by an AR run, "
                                              "unigram entropy, LoMDM velocity plots")
     add_text_compare_arguments(tc)
@@ -279,7 +279,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             cmd_list(DECODERS, args.json)
         elif args.cmd == "toy":
             if args.steps is None:
-                from .tasks.toy import DEFAULT_STEPS
+                from .studies.toy import DEFAULT_STEPS
                 args.steps = DEFAULT_STEPS
             cmd_toy(args)
         elif args.cmd == "demo":
@@ -297,10 +297,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             for r in run_sweep(args.config, workers=args.workers, launcher=args.launcher):
                 print(f"{r['status']:>15}  {r['run']}")
         elif args.cmd == "text-compare":
-            from .analysis.text_compare import run_from_args
+            from .studies.text_compare import run_from_args
             run_from_args(args)
         elif args.cmd == "report":
-            from .analysis.study import write_report
+            from .studies.sweep_report import write_report
             print(f"report: {write_report(args.sweep_dir, out_dir=args.out)}")
         elif args.cmd == "estimate":
             cmd_estimate(args)

@@ -16,14 +16,11 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
-import torch
-
 from . import plots
 from .distance import distance_analysis
-from .easy_first import easy_first
-from .factorization import sudoku_gap, toy_gap, toy_model_marginals
+from .factorization import sudoku_gap
 from .table import format_table
-from .trace_stats import heatmap_matrix, row_correct, split_stats, tokens_per_step
+from .trace_stats import heatmap_matrix, split_stats, tokens_per_step
 from .zipf import fit_s, zipf_curve
 
 
@@ -59,7 +56,6 @@ def analyze_run(run_dir: Union[str, Path], decoders: Optional[Sequence] = None, 
     specs = list(decoders) if decoders else list(exp.cfg["decode"])
     x0, answer = exp.task.eval_set(n)
     task, model, order = exp.task, exp.model, exp.order
-    is_sudoku = getattr(task, "name", "") == "sudoku"
     N = int(vocab) if vocab else len(set(x0[answer].tolist()))
     res: Dict[str, object] = {"run_dir": str(run_dir), "order": order.name, "task": task.name, "n": len(x0),
                               "decoders": {}, "zipf": {"s": s, "vocab": N}}
@@ -68,7 +64,7 @@ def analyze_run(run_dir: Union[str, Path], decoders: Optional[Sequence] = None, 
         label = _label(spec)
         metrics, dec = run_decoder(model, exp, spec, x0, answer, return_results=True)
         tr = dec.trace
-        correct = row_correct(task, dec.tokens, x0, answer)
+        correct = task.row_correct(dec.tokens, x0, answer)
         entry: Dict[str, object] = {"metrics": metrics, "split": split_stats(tr, correct),
                                     "tokens_per_step": tokens_per_step(tr)}
         slug = _slug(label)
@@ -76,12 +72,13 @@ def analyze_run(run_dir: Union[str, Path], decoders: Optional[Sequence] = None, 
                                     f"{order.name} / {label}: share of rows finalising position i at step t")
         plots.bar_histogram(entry["tokens_per_step"], out / f"tokens_per_step_{slug}.png",
                             "tokens finalised in the step", "steps", f"{order.name} / {label}")
-        grid_shape = (task.size, task.size) if is_sudoku else None
         ans_steps = tr.finalize_step[tr.answer.bool()].view(len(x0), -1)
-        plots.finalization_grid({label: ans_steps}, out / f"examples_{slug}.png", 4, grid_shape)
-        if is_sudoku:
+        plots.finalization_grid({label: ans_steps}, out / f"examples_{slug}.png", 4, task.grid_shape)
+        if task.unique_solution:
             entry["factorisation_gap"] = sudoku_gap(model, order, task, x0, answer, dec.tokens, tr.finalize_step)
-            entry["easy_first"] = easy_first(task, x0, dec.tokens, tr.finalize_step)
+        ef = task.easy_first(x0, dec.tokens, tr.finalize_step)
+        if ef is not None:
+            entry["easy_first"] = ef
         entry["files"] = [f"heatmap_{slug}.png", f"tokens_per_step_{slug}.png", f"examples_{slug}.png"]
         res["decoders"][label] = entry
         if first is None:
@@ -102,9 +99,9 @@ def analyze_run(run_dir: Union[str, Path], decoders: Optional[Sequence] = None, 
     plots.distance_plot(curves, {f"Zipf bound s={s:g}, N={N}": res["zipf"]["bound"],
                                  f"Zipf fit s={s_fit:.3f}": res["zipf"]["bound_fit"]},
                         out / "distance.png", f"{order.name}: max probability vs distance")
-    if task.name == "toy":
-        qa, qb = toy_model_marginals(model, task.mask_id)
-        res["toy_gap"] = {"data_marginals": toy_gap(), "model_marginals": toy_gap([qa.tolist(), qb.tolist()])}
+    gap = task.marginal_gap(model)
+    if gap is not None:
+        res["toy_gap"] = gap
     (out / "results.json").write_text(json.dumps(res, indent=1, default=float))
     (out / "report.md").write_text(render(res))
     return res

@@ -79,18 +79,5 @@ def heatmap_matrix(trace: Trace) -> torch.Tensor:
     return mat / len(ans)
 
 
-def row_correct(task, pred: torch.Tensor, x0: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
-    """[B] bool: the decoded row is correct. Sudoku: a valid solution of its puzzle (any valid
-    grid counts, as in the task's puzzle_acc); otherwise: every answer token equals the target."""
-    if getattr(task, "name", "") == "sudoku":
-        from ..tasks import sudoku_core as core
-
-        c = task.cells
-        puzzles = x0[:, :c].numpy()
-        guess = pred[:, c + 1:].numpy()
-        return torch.tensor([core.is_valid_solution(p, g) for p, g in zip(puzzles, guess)])
-    return ((pred == x0) | ~answer.bool()).all(-1)
-
-
 def stats_table_rows(label: str, split: Dict[str, Dict[str, float]]) -> List[Dict[str, object]]:
     return [{"decoder": label, "subset": k, **v} for k, v in split.items()]
