@@ -147,10 +147,10 @@ def bench_decode_cache(d_model: int = 256, n_layers: int = 6, prompt_len: int = 
     """Exact KV cache vs the full pass: the same greedy decode (batch 1) with ``cache`` off and on.
 
     Block diffusion commits k=2 tokens per step over a 512-token answer and AR one token per step
-    over a 256-token answer, to keep the uncached runs within a minute together. Timed with
-    ``threads`` torch threads (1 by default: the cached steps run 2-16 query rows, too small to
-    gain from a second thread, and on a shared 2-core machine a busy second core makes small
-    multi-threaded matmuls 100x slower); both sides of every ratio use the same setting.
+    over a 256-token answer, to keep the uncached runs short. Timed with ``threads`` torch threads
+    (1 by default: the cached steps run 2-16 query rows, too small to gain from a second thread,
+    and on a shared machine a busy second core slows small multi-threaded matmuls down a lot);
+    both sides of every ratio use the same setting. Measured timings: ``docs/kv_cache.md``.
 
     The output head of the random-init backbone is scaled by ``head_scale`` (logit std 0.3 -> 3.2,
     mean top-1 probability 0.003 -> 0.32, like a trained model). Unscaled, the distributions over

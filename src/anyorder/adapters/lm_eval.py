@@ -1,7 +1,8 @@
 """lm-evaluation-harness adapter: standard benchmarks with any anyorder decoder, plus AFP and τ.
 
-Seed 003's study in one command: a task's accuracy next to how the model decoded it — Average
-Finalization Parallelism and Kendall's τ_b of the finalisation order, averaged per task.
+The study of "Parallelism and Generation Order in Masked Diffusion Language Models: Limits
+Today, Potential Tomorrow" in one command: a task's accuracy next to how the model decoded it —
+Average Finalization Parallelism and Kendall's τ_b of the finalisation order, averaged per task.
 
 Two layers:
 
@@ -10,7 +11,8 @@ Two layers:
   prompts together (no padding, so a batch decodes exactly as its rows one by one; row i uses
   seed ``seed + i``, i its index in the request list), cuts the answer at the first stop token
   (EOS) and at the task's ``until`` strings, and records per request the trace's AFP, τ_b and NFE.
-  ``loglikelihood`` is the random-masking ELBO estimated by Monte Carlo (LLaDA's estimator).
+  ``loglikelihood`` is the random-masking ELBO estimated by Monte Carlo (the estimator of LLaDA:
+  Nie et al., 2025, arXiv 2502.09992).
 - :class:`AnyOrderLM`, registered in lm_eval's model registry as ``"anyorder"`` when lm_eval is
   installed; :func:`evaluate` runs ``lm_eval.simple_evaluate`` and adds the per-task stats;
   ``python -m anyorder.adapters.lm_eval --model_args ... --tasks ...`` prints the table.

@@ -1,4 +1,8 @@
-"""``anyorder analyze RUN_DIR``: every diagnostic of seeds 003 and 004 for one trained run.
+"""``anyorder analyze RUN_DIR``: every decoding diagnostic of one trained run.
+
+The trace statistics of "Parallelism and Generation Order in Masked Diffusion Language Models:
+Limits Today, Potential Tomorrow" (AFP, Kendall's τ, easy first) and the distance, Zipf and
+factorisation diagnostics of "Why mask diffusion does not work".
 
 Writes ``report.md`` (tables + PNGs) and ``results.json`` (all numbers) to the output folder:
 
@@ -7,8 +11,10 @@ Writes ``report.md`` (tables + PNGs) and ``results.json`` (all numbers) to the o
 2. max probability vs distance to the nearest visible token, over the states of
    ``patterns`` (the first decoder's trajectory for ``decoded``), with the Zipf bound for the
    given (s, N) and for the least-squares fitted s; homogenisation; parallel-sampling bounds;
-3. the factorisation gap per step size (Sudoku: against the unique solution; toy: enumerated);
-4. Sudoku "easy first": step vs number of candidates.
+3. the factorisation gap per step size where each prompt has a unique solution (Sudoku), and
+   against the enumerated joint where the task has one (the A/B toy);
+4. "easy first" where the task knows what an easy position is (Sudoku: step vs number of
+   candidates).
 """
 from __future__ import annotations
 
@@ -83,7 +89,7 @@ def analyze_run(run_dir: Union[str, Path], decoders: Optional[Sequence] = None, 
         res["decoders"][label] = entry
         if first is None:
             first = (label, dec)
-    # -- seed 004: distance, homogenisation, parallel bounds (first decoder's trajectory)
+    # -- distance, homogenisation, parallel bounds (first decoder's trajectory)
     dist = distance_analysis(model, order, task, x0, answer, patterns, far, max_parallel,
                              pred=first[1].tokens, finalize_step=first[1].trace.finalize_step, seed=seed)
     curve = dist["curve"]
@@ -111,9 +117,10 @@ def render(res: Dict[str, object]) -> str:
     """The Markdown report of :func:`analyze_run`'s numbers."""
     L: List[str] = [f"# Decoding diagnostics: `{res['run_dir']}`", "",
                     f"order `{res['order']}`, task `{res['task']}`, {res['n']} evaluation rows.", ""]
-    L += ["## AFP and Kendall τ_b (seed 003)", "",
-          "Split by whether the output is correct and by stage (first / middle / last third of the "
-          "answer, AFP and τ_b on that third's positions alone).", ""]
+    L += ["## AFP and Kendall τ_b", "",
+          "As in 'Parallelism and Generation Order in Masked Diffusion Language Models'. Split by whether "
+          "the output is correct and by stage (first / middle / last third of the answer, AFP and τ_b on "
+          "that third's positions alone).", ""]
     rows = []
     for label, e in res["decoders"].items():
         for subset, v in e["split"].items():
@@ -129,7 +136,8 @@ def render(res: Dict[str, object]) -> str:
     for label, e in res["decoders"].items():
         L += [f"### `{label}`", ""] + [f"![{f}]({f})" for f in e["files"]] + [""]
     z, dist = res["zipf"], res["distance"]
-    L += ["## Max probability vs distance to the nearest visible token (seed 004)", "",
+    L += ["## Max probability vs distance to the nearest visible token", "",
+          "As in 'Why mask diffusion does not work'.", "",
           f"States: {', '.join(dist['patterns'])} ({dist['states']} states; `decoded` = a random point of "
           f"`{dist['states_from_decoder']}`'s trajectory). Zipf bound for s = {z['s']:g}, N = {z['vocab']}; "
           f"fitted s = {z['s_fit']:.4f} (N fixed; weighted least squares of the bound to the measured means, "
@@ -159,7 +167,7 @@ def render(res: Dict[str, object]) -> str:
                                             "gap_per_token", "wrong_commit_rate"]), ""]
     ef = [{"decoder": label, **e["easy_first"]} for label, e in res["decoders"].items() if "easy_first" in e]
     if ef:
-        L += ["## Easy first (Sudoku, seed 003)", "",
+        L += ["## Easy first (Sudoku)", "",
               "τ_b per puzzle between a blank cell's finalisation step and its candidate count in the puzzle "
               "(> 0: fewer candidates earlier), Spearman ρ pooled over cells, and the share of committed cells "
               "that had the fewest candidates on the grid as decoded so far (vs a random pick).", "",

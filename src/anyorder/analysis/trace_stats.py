@@ -1,4 +1,5 @@
-"""Seed 003's trace statistics, split the way the paper splits them.
+"""Trace statistics, split the way "Parallelism and Generation Order in Masked Diffusion
+Language Models: Limits Today, Potential Tomorrow" splits them.
 
 From a :class:`~anyorder.decoding.trace.Trace` (per position: the step it was finalised):
 
