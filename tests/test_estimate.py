@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from anyorder.analysis.estimate import (DEFAULT_MFU, H100_BF16_DENSE_TFLOPS, cap_data, estimate, estimate_sweeps,
+from anyorder.studies.estimate import (DEFAULT_MFU, H100_BF16_DENSE_TFLOPS, cap_data, estimate, estimate_sweeps,
                                         format_estimate, gpu_hours, train_steps)
 from anyorder.sweep import expand, load_sweep
 

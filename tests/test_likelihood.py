@@ -16,8 +16,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from anyorder.evaluation.likelihood import likelihood
-from anyorder.model import ModelConfig, Transformer, masks
+from anyorder.objectives.nelbo import likelihood
+from anyorder.model import ModelConfig, Transformer
+from anyorder.orders import masks
 from anyorder.objectives.nelbo import exact_nelbo
 from anyorder.orders import Layout, build_order
 from anyorder.orders.schedules import Linear

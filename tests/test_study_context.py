@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from anyorder.analysis.study import context_curve, load_runs, write_report
+from anyorder.studies.sweep_report import context_curve, load_runs, write_report
 from anyorder.experiment import evaluate, load_run, train
 from anyorder.sweep import expand, load_sweep
 

@@ -63,7 +63,7 @@ def test_submitit_local_mode(tmp_path):
 def test_study_report_from_a_sweep(tmp_path):
     import math
 
-    from anyorder.analysis.study import summarise, load_runs, write_report
+    from anyorder.studies.sweep_report import summarise, load_runs, write_report
 
     over = TINY + ["train.eval_every=1"]
     s = spec(tmp_path, overrides=over, grid={"order": [{"name": "random"}, {"name": "ar"}], "seed": [0, 1]})
@@ -120,7 +120,7 @@ def test_report_groups_by_task_size_and_reads_tau_from_the_task(tmp_path):
     """Runs of one task at several sizes are separate groups; task.tau_nmse overrides τ."""
     import yaml
 
-    from anyorder.analysis.study import load_runs, summarise
+    from anyorder.studies.sweep_report import load_runs, summarise
 
     def fake(name, d, order, seed, nmse):
         run = tmp_path / name

@@ -12,7 +12,8 @@ from anyorder.cli import main
 from anyorder.config import load_config
 from anyorder.experiment import build, load_run, train
 from anyorder.tasks import build_task
-from anyorder.tasks.toy import COUNTS, ToyTask, all_pattern_batch, data_stats
+from anyorder.studies.toy import all_pattern_batch, data_stats
+from anyorder.tasks.toy import COUNTS, ToyTask
 
 ROOT = Path(__file__).resolve().parents[1]
 

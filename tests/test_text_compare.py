@@ -1,4 +1,4 @@
-"""Text comparison (analysis/text_compare.py, analysis/lomdm_velocity.py) on tiny random-init runs."""
+"""Text comparison (studies/text_compare.py, studies/lomdm_velocity.py) on tiny random-init runs."""
 import json
 import math
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from anyorder.analysis.lomdm_velocity import classify_text, reveal_rank, token_kinds, velocity_summary
-from anyorder.analysis.text_compare import (COLUMNS, generate, judge_nll, natural_decoder, sampling_decoder,
-                                            table_rows, unigram_entropy)
+from anyorder.studies.lomdm_velocity import classify_text, reveal_rank, token_kinds, velocity_summary
+from anyorder.studies.text_compare import generate, judge_nll, sampler_spec, sampling_decoder, unigram_entropy
+from anyorder.studies.text_compare_report import COLUMNS, table_rows
 from anyorder.data import build_tokenizer
 from anyorder.orders import build_order
 
@@ -68,7 +68,7 @@ def test_judge_gen_ppl_of_its_own_samples_is_exp_of_the_nll_along_its_decoding_p
     from anyorder.experiment import load_run
 
     judge = load_run(runs["ar"])
-    spec = natural_decoder(judge.order, SEQ_LEN)
+    spec = sampler_spec(judge.order, SEQ_LEN)
     assert spec["name"] == "left_to_right" and spec["temperature"] == 1.0 and spec["cache"]
     g = generate(judge, 6, spec, seed=3, batch_size=4)
     # left to right at temperature 1: the confidence recorded at each commit is p(x_i | x_<i)
@@ -76,7 +76,7 @@ def test_judge_gen_ppl_of_its_own_samples_is_exp_of_the_nll_along_its_decoding_p
     res = judge_nll(judge, g["tokens"])
     assert res["nll_per_token"] == pytest.approx(nll_direct, abs=1e-5)
     assert res["gen_ppl"] == pytest.approx(math.exp(nll_direct), rel=1e-5)
-    assert g["nfe_mean"] == SEQ_LEN
+    assert g["nfe_mean"] == SEQ_LEN and g["steps"] == SEQ_LEN
 
 
 def test_judge_must_be_ar(runs):
@@ -115,15 +115,15 @@ def test_sampling_only_where_committable_draws_from_the_softmax():
 
 
 def test_natural_decoders_per_order():
-    assert natural_decoder(build_order("random"), 128)["name"] == "ancestral"
-    blk = natural_decoder(build_order({"name": "block", "block_size": 16}), 128, steps=64)
+    assert sampler_spec(build_order("random"), 128)["name"] == "ancestral"
+    blk = sampler_spec(build_order({"name": "block", "block_size": 16}), 128, steps=64)
     assert (blk["name"], blk["window"], blk["steps"]) == ("ancestral", 16, 64)
-    blk8 = natural_decoder(build_order({"name": "block", "block_size": 8}), 128, steps=20)
+    blk8 = sampler_spec(build_order({"name": "block", "block_size": 8}), 128, steps=20)
     assert blk8["steps"] == 32  # rounded up to a multiple of the 16 blocks
-    sc = natural_decoder(build_order({"name": "scatter", "block_size": 4}), 128)
+    sc = sampler_spec(build_order({"name": "scatter", "block_size": 4}), 128)
     assert (sc["name"], sc["steps_per_offset"]) == ("scatter_offsets", 32)
-    assert natural_decoder(build_order("learned"), 128)["name"] == "learned_ancestral"
-    assert all(natural_decoder(build_order(o), 128)["temperature"] == 1.0 for o in ("ar", "random", "learned"))
+    assert sampler_spec(build_order("learned"), 128)["name"] == "learned_ancestral"
+    assert all(sampler_spec(build_order(o), 128)["temperature"] == 1.0 for o in ("ar", "random", "learned"))
 
 
 def test_table_has_one_row_per_run_with_the_expected_columns(runs, tmp_path):
@@ -182,9 +182,9 @@ def test_reveal_rank_is_scaled_and_shares_ties():
 def test_lomdm_bound_with_c1_1_c2_0_is_exactly_the_mdlm_bound(tiny_model):
     # (c1, c2) = (1, 0): k = 1 everywhere, so LoMDM's NELBO (main + velocity, velocity 0) is MDLM's;
     # the same generator draws the same t and masks, so the two estimates agree to rounding
-    from anyorder.analysis.text_compare import lomdm_likelihood
-    from anyorder.evaluation.likelihood import likelihood
-    from anyorder.objectives.lomdm import LoMDM
+    from anyorder.model.lomdm import LoMDM
+    from anyorder.objectives.lomdm import lomdm_likelihood
+    from anyorder.objectives.nelbo import likelihood
 
     g = torch.Generator().manual_seed(0)
     x0 = torch.randint(0, 8, (10, 12), generator=g)

@@ -44,7 +44,7 @@ def matmul_peak(dtype=torch.float32, n: int = 1024, seconds: float = 1.5) -> flo
 
 
 def bench_train(d_model: int = 256, n_layers: int = 6, seq_len: int = 128, batch_size: int = 16,
-                steps: int = 6, orders=("random", "block")) -> Dict[str, object]:
+                steps: int = 6, orders=("random", {"name": "block", "block_size": 16})) -> Dict[str, object]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from .analysis.flops import register_cpu_attention_flops
@@ -55,8 +55,8 @@ def bench_train(d_model: int = 256, n_layers: int = 6, seq_len: int = 128, batch
     vocab = 1024
     torch.manual_seed(0)
     results = []
-    for order_name in orders:
-        order = build_order({"name": order_name, "block_size": 16} if order_name == "block" else order_name)
+    for order_spec in orders:
+        order = build_order(order_spec)
         model = Transformer(ModelConfig(vocab_size=vocab + 1, mask_id=vocab, d_model=d_model, n_layers=n_layers,
                                         n_heads=max(1, d_model // 64), max_len=seq_len))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -83,7 +83,7 @@ def bench_train(d_model: int = 256, n_layers: int = 6, seq_len: int = 128, batch
             n_tok = sum(step(precision) for _ in range(steps))
             dt = (time.perf_counter() - t0) / steps
             results.append({
-                "order": order_name, "precision": precision, "step_seconds": round(dt, 4),
+                "order": order.name, "precision": precision, "step_seconds": round(dt, 4),
                 "tokens_per_s": round(batch_size * seq_len / dt, 1),
                 "input_tokens_per_step": n_tok // steps,
                 "flops_per_step": flops, "achieved_flops": round(flops / dt),
@@ -147,10 +147,10 @@ def bench_decode_cache(d_model: int = 256, n_layers: int = 6, prompt_len: int = 
     """Exact KV cache vs the full pass: the same greedy decode (batch 1) with ``cache`` off and on.
 
     Block diffusion commits k=2 tokens per step over a 512-token answer and AR one token per step
-    over a 256-token answer, to keep the uncached runs within a minute together. Timed with
-    ``threads`` torch threads (1 by default: the cached steps run 2-16 query rows, too small to
-    gain from a second thread, and on a shared 2-core machine a busy second core makes small
-    multi-threaded matmuls 100x slower); both sides of every ratio use the same setting.
+    over a 256-token answer, to keep the uncached runs short. Timed with ``threads`` torch threads
+    (1 by default: the cached steps run 2-16 query rows, too small to gain from a second thread,
+    and on a shared machine a busy second core slows small multi-threaded matmuls down a lot);
+    both sides of every ratio use the same setting. Measured timings: ``docs/kv_cache.md``.
 
     The output head of the random-init backbone is scaled by ``head_scale`` (logit std 0.3 -> 3.2,
     mean top-1 probability 0.003 -> 0.32, like a trained model). Unscaled, the distributions over

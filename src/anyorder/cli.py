@@ -4,16 +4,25 @@
     anyorder eval RUN_DIR [--decoder NAME ...]     task metrics + AFP / Kendall τ / NFE per decoder
     anyorder sample RUN_DIR [--decoder NAME] ...   decode prompts (or puzzle strings) and print them
     anyorder orders [--json] | decoders [--json]   registered names
-    anyorder toy [--json]                          seed 004's marginals-vs-joint toy
+    anyorder toy [--json]                          the A/B toy: marginals are not the joint
     anyorder demo                                  three orders × several decoders on 4×4 Sudoku
     anyorder bench {train,decode,sudoku-gen} [--json]
     anyorder likelihood RUN_DIR [--samples N] [--split test|zero_shot] [--json]   NELBO / PPL bound (exact for AR)
-    anyorder analyze RUN_DIR [--decoder NAME ...] [--n N] [--out DIR]   seed 003/004 diagnostics report
-    anyorder zipf --s 1.05 --vocab 150000 --max-parallel 8 [--json]     seed 004's independence-PPL table
+    anyorder analyze RUN_DIR [--decoder NAME ...] [--n N] [--out DIR]   decoding diagnostics report
+    anyorder zipf --s 1.05 --vocab 150000 --max-parallel 8 [--json]     Zipf bound, independence-PPL table
     anyorder sweep SWEEP.yaml [--workers N] [--launcher local|submitit]  a grid of runs (resumable)
     anyorder report SWEEP_DIR [--out DIR]          curves with seed bands, FLOPs to threshold, affinity
     anyorder text-compare RUN_DIR... --judge AR_RUN --out DIR   text runs: PPL bounds, gen PPL, unigram entropy
     anyorder estimate SWEEP.yaml ... [--steps N] [--gpu-peak TFLOPS] [--mfu 0.4] [--json]   FLOPs and GPU hours
+
+The toy and the Zipf table are those of "Why mask diffusion does not work"; ``analyze`` adds the
+AFP / Kendall τ statistics of "Parallelism and Generation Order in Masked Diffusion Language
+Models: Limits Today, Potential Tomorrow"; ``report`` is the training-stability study of "On the
+Trainability of Masked Diffusion Language Models via Blockwise Locality" (2026). The study
+commands live in :mod:`anyorder.studies`.
+
+Every subcommand sets its handler (``func``); a user error (a bad value, a missing file) prints
+one line and exits with status 2, any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -21,6 +30,8 @@ import argparse
 import json
 import sys
 from typing import List, Optional
+
+USER_ERRORS = (ValueError, FileNotFoundError)
 
 
 def _decoder_spec(args) -> dict:
@@ -93,7 +104,7 @@ def cmd_sample(args):
     else:
         x0, answer = exp.task.eval_set(args.n)
     res, out = run_decoder(exp.model, exp, spec, x0, answer, return_results=True)
-    for row, steps in zip(out.tokens.tolist(), out.trace.finalize_step.tolist()):
+    for row in out.tokens.tolist():
         print(" ".join(map(str, row)))
     if not args.puzzle:
         print(json.dumps(res, indent=1))
@@ -113,28 +124,6 @@ def cmd_likelihood(args):
         print(f"  {res['bound']}: {res['nelbo_per_token']:.4f} nats/token (± {res['stderr']:.4f} s.e.)")
         le = "PPL" if res["bound"] == "exact NLL" else "PPL <="
         print(f"  {le} {res['ppl']:.2f}   (±2 s.e.: {res['ppl_low']:.2f} .. {res['ppl_high']:.2f})")
-
-
-def cmd_list(registry, as_json: bool):
-    names = registry.names()
-    print(json.dumps(names) if as_json else "\n".join(names))
-
-
-def cmd_toy(args):
-    from .tasks.toy import run_toy
-
-    res = run_toy(steps=args.steps, seed=args.seed)
-    if args.json:
-        print(json.dumps(res))
-    else:
-        d = res["data"]
-        print(f"model (trained {res['train_seconds']} s) vs data, given  _ _ C D _")
-        print(f"  P(A)      {res['p_A']:.3f}   data {d['p_A']:.2f}")
-        print(f"  P(B)      {res['p_B']:.3f}   data {d['p_B']:.2f}")
-        print(f"  P(A,B)    {res['joint_AB']:.3f}   data {d['joint_AB']:.2f}")
-        key = "joint_A'B"
-        print(f"  P(A',B)   {res[key]:.3f}   data {d[key]:.2f}")
-        print(f"  committing both at once picks {res['parallel_pick']}; the joint mode is {res['joint_mode']}")
 
 
 def cmd_demo(args):
@@ -172,57 +161,68 @@ def cmd_zipf(args):
         print(json.dumps(res))
     else:
         print(f"independence PPL of n tokens committed at once, Zipf bound s={args.s:g}, N={args.vocab}")
-        print(" n   P_n       PPL(n)    seed table")
-        seed = res["seed_table"] + [None] * len(res["ppl"])
+        print(" n   P_n       PPL(n)    paper's table")
+        paper = res["seed_table"] + [None] * len(res["ppl"])
         for i, (p, v) in enumerate(zip(res["p_n"], res["ppl"])):
-            print(f"{i + 1:2d}   {p:.6f}  {v:8.4f}  {'' if seed[i] is None else seed[i]}")
+            print(f"{i + 1:2d}   {p:.6f}  {v:8.4f}  {'' if paper[i] is None else paper[i]}")
         print(res["note"])
 
 
-def cmd_estimate(args):
-    from .analysis.estimate import H100_BF16_DENSE_TFLOPS, DEFAULT_MFU, estimate_sweeps, format_estimate
+def cmd_sweep(args):
+    from .sweep import run_sweep
 
-    res = estimate_sweeps(args.sweeps, cpu_steps=args.steps, max_data=args.max_data,
-                          peak_tflops=H100_BF16_DENSE_TFLOPS if args.gpu_peak is None else args.gpu_peak,
-                          mfu=DEFAULT_MFU if args.mfu is None else args.mfu,
-                          log=None if args.json else (lambda s: print(s, file=sys.stderr, flush=True)))
-    print(json.dumps(res, indent=1) if args.json else format_estimate(res))
+    for r in run_sweep(args.config, workers=args.workers, launcher=args.launcher):
+        print(f"{r['status']:>15}  {r['run']}")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def cmd_names(registry):
+    def run(args):
+        names = registry.names()
+        print(json.dumps(names) if args.json else "\n".join(names))
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
     from .decoding import DECODERS
     from .orders import ORDERS
+    from .studies import estimate, sweep_report, text_compare, toy
 
     p = argparse.ArgumentParser(prog="anyorder", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=200")
+    t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="decode the evaluation set and measure")
     e.add_argument("run_dir")
     e.add_argument("--n", type=int, default=None)
     e.add_argument("--json", action="store_true")
     _add_decoder_args(e)
+    e.set_defaults(func=cmd_eval)
     s = sub.add_parser("sample", help="decode and print")
     s.add_argument("run_dir")
     s.add_argument("--n", type=int, default=4)
     s.add_argument("--puzzle", action="append", help="a puzzle string (Sudoku), may repeat")
     _add_decoder_args(s)
-    for name in ("orders", "decoders"):
+    s.set_defaults(func=cmd_sample)
+    for name, registry in (("orders", ORDERS), ("decoders", DECODERS)):
         q = sub.add_parser(name, help=f"list registered {name}")
         q.add_argument("--json", action="store_true")
-    q = sub.add_parser("toy", help="seed 004's marginals-vs-joint toy")
-    q.add_argument("--json", action="store_true")
-    q.add_argument("--steps", type=int, default=None)
-    q.add_argument("--seed", type=int, default=0)
+        q.set_defaults(func=cmd_names(registry))
+    q = sub.add_parser("toy", help="the A/B toy: committing two tokens at once picks the wrong pair")
+    toy.add_arguments(q)
+    q.set_defaults(func=toy.run_from_args)
     d = sub.add_parser("demo", help="train 3 orders on 4x4 Sudoku, decode with several policies, print a table")
     d.add_argument("--out-dir", default="runs/demo")
     d.add_argument("--steps", type=int, default=None)
     d.add_argument("--quick", action="store_true", help="a few steps only (smoke run)")
+    d.set_defaults(func=cmd_demo)
     b = sub.add_parser("bench", help="benchmarks")
     b.add_argument("what", choices=["train", "decode", "sudoku-gen"])
     b.add_argument("--json", action="store_true")
-    an = sub.add_parser("analyze", help="seed 003/004 diagnostics of a run: report.md + PNGs + results.json")
+    b.set_defaults(func=cmd_bench)
+    an = sub.add_parser("analyze", help="decoding diagnostics of a run (AFP / τ, distance, Zipf, factorisation "
+                                        "gap): report.md + PNGs + results.json")
     an.add_argument("run_dir")
     an.add_argument("--n", type=int, default=256, help="evaluation rows")
     an.add_argument("--out", default=None, help="output folder (default RUN_DIR/analysis)")
@@ -232,11 +232,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     an.add_argument("--max-parallel", dest="max_parallel", type=int, default=8)
     an.add_argument("--json", action="store_true", help="also print the key numbers as JSON")
     _add_decoder_args(an)
-    z = sub.add_parser("zipf", help="seed 004's Zipf bound and independence-PPL table")
+    an.set_defaults(func=cmd_analyze)
+    z = sub.add_parser("zipf", help="the Zipf bound and independence-PPL table of 'Why mask diffusion does not work'")
     z.add_argument("--s", type=float, default=1.05)
     z.add_argument("--vocab", type=int, default=150000)
     z.add_argument("--max-parallel", dest="max_parallel", type=int, default=8)
     z.add_argument("--json", action="store_true")
+    z.set_defaults(func=cmd_zipf)
     lk = sub.add_parser("likelihood", help="NELBO / perplexity bound of a run (exact NLL for AR)")
     lk.add_argument("run_dir")
     lk.add_argument("--samples", type=int, default=8, help="Monte-Carlo replicates (t and masks)")
@@ -245,66 +247,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     lk.add_argument("--batch-size", dest="batch_size", type=int, default=64)
     lk.add_argument("--seed", type=int, default=0)
     lk.add_argument("--json", action="store_true")
+    lk.set_defaults(func=cmd_likelihood)
     sw = sub.add_parser("sweep", help="train a grid of runs (orders x tasks x seeds ...); finished runs are skipped")
     sw.add_argument("config")
     sw.add_argument("--workers", type=int, default=None)
     sw.add_argument("--launcher", choices=["local", "submitit"], default=None)
+    sw.set_defaults(func=cmd_sweep)
     rp = sub.add_parser("report", help="training-stability report of a sweep directory")
-    rp.add_argument("sweep_dir")
-    rp.add_argument("--out", default=None, help="write report.md, report.json and PNGs here (default: SWEEP_DIR)")
+    sweep_report.add_arguments(rp)
+    rp.set_defaults(func=sweep_report.run_from_args)
     es = sub.add_parser("estimate", help="FLOPs per step (counted on the CPU) and GPU hours of a sweep")
-    es.add_argument("sweeps", nargs="+", metavar="SWEEP.yaml")
-    es.add_argument("--steps", type=int, default=2, help="real CPU training steps per distinct config (0: count only)")
-    es.add_argument("--gpu-peak", dest="gpu_peak", type=float, default=None,
-                    help="GPU peak TFLOP/s (default 989: H100 SXM dense BF16)")
-    es.add_argument("--mfu", type=float, default=None, help="assumed model-FLOPs utilisation (default 0.4)")
-    es.add_argument("--max-data", dest="max_data", type=int, default=4096,
-                    help="cap task.n_train / n_eval while building (FLOPs do not depend on it; 0: no cap)")
-    es.add_argument("--json", action="store_true")
-    from .analysis.text_compare import add_arguments as add_text_compare_arguments
+    estimate.add_arguments(es)
+    es.set_defaults(func=estimate.run_from_args)
     tc = sub.add_parser("text-compare", help="compare text runs: test / zero-shot PPL, gen PPL judged by an AR run, "
                                              "unigram entropy, LoMDM velocity plots")
-    add_text_compare_arguments(tc)
-    args = p.parse_args(argv)
+    text_compare.add_arguments(tc)
+    tc.set_defaults(func=text_compare.run_from_args)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        if args.cmd == "train":
-            cmd_train(args)
-        elif args.cmd == "eval":
-            cmd_eval(args)
-        elif args.cmd == "sample":
-            cmd_sample(args)
-        elif args.cmd == "orders":
-            cmd_list(ORDERS, args.json)
-        elif args.cmd == "decoders":
-            cmd_list(DECODERS, args.json)
-        elif args.cmd == "toy":
-            if args.steps is None:
-                from .tasks.toy import DEFAULT_STEPS
-                args.steps = DEFAULT_STEPS
-            cmd_toy(args)
-        elif args.cmd == "demo":
-            cmd_demo(args)
-        elif args.cmd == "bench":
-            cmd_bench(args)
-        elif args.cmd == "likelihood":
-            cmd_likelihood(args)
-        elif args.cmd == "analyze":
-            cmd_analyze(args)
-        elif args.cmd == "zipf":
-            cmd_zipf(args)
-        elif args.cmd == "sweep":
-            from .sweep import run_sweep
-            for r in run_sweep(args.config, workers=args.workers, launcher=args.launcher):
-                print(f"{r['status']:>15}  {r['run']}")
-        elif args.cmd == "text-compare":
-            from .analysis.text_compare import run_from_args
-            run_from_args(args)
-        elif args.cmd == "report":
-            from .analysis.study import write_report
-            print(f"report: {write_report(args.sweep_dir, out_dir=args.out)}")
-        elif args.cmd == "estimate":
-            cmd_estimate(args)
-    except (ValueError, FileNotFoundError, TypeError) as exc:
+        args.func(args)
+    except USER_ERRORS as exc:
         print(f"anyorder: error: {exc}", file=sys.stderr)
         return 2
     return 0

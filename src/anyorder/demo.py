@@ -1,10 +1,11 @@
 """``anyorder demo``: one backbone, three orders, several decoders, one table and one picture.
 
-Trains the same small transformer on 4×4 Sudoku under random masking (MDLM), left-to-right
-AR and block diffusion (block 4 = one grid row), decodes the held-out puzzles with several
-policies, and prints puzzle/cell accuracy, NFE, AFP and Kendall's τ per (order, decoder).
-Finished runs are reused (delete the output directory to retrain); an interrupted run resumes
-from its checkpoint.
+Trains the same small transformer on 4×4 Sudoku under random masking (MDLM: Sahoo et al.,
+2024, arXiv 2406.07524), left-to-right AR and block diffusion (BD3-LM: Arriola et al., 2025,
+arXiv 2503.09573; block 4 = one grid row), decodes the held-out puzzles with several policies,
+and prints puzzle/cell accuracy, NFE, AFP and Kendall's τ per (order, decoder). Finished runs
+are reused (delete the output directory to retrain); an interrupted run resumes from its
+checkpoint.
 """
 from __future__ import annotations
 

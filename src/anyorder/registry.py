@@ -61,10 +61,9 @@ class Registry(Generic[T]):
             raise unknown_choice(self.kind, name, list(self._items))
         return self._items[name]
 
-    def build(self, spec: Any, **kwargs: Any):
-        """Build from ``"name"``, ``{"name": "name", **options}`` or return an instance as is.
-        Options the class does not take are refused with the valid ones (a ValueError); errors
-        raised inside the constructor propagate unchanged."""
+    def resolve(self, spec: Any, **kwargs: Any):
+        """``(class, options)`` of a ``"name"`` or ``{"name": "name", **options}`` spec, with
+        options the class does not take refused (a ValueError naming the valid ones)."""
         if isinstance(spec, str):
             name, options = spec, {}
         elif isinstance(spec, dict):
@@ -73,7 +72,7 @@ class Registry(Generic[T]):
                 raise ValueError(f"a {self.kind} spec needs a 'name' (valid: {', '.join(self.names())}); got {spec!r}")
             name = options.pop("name")
         else:
-            return spec
+            raise ValueError(f"a {self.kind} spec is a name or a dict with a 'name'; got {spec!r}")
         options.update(kwargs)
         cls = self.get(name)
         valid = options_of(cls)
@@ -83,6 +82,14 @@ class Registry(Generic[T]):
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"{self.kind} {name!r} got unknown option(s) {', '.join(map(repr, unknown))}.{hint} "
                              f"Valid options: {', '.join(sorted(valid)) or '(none)'}")
+        return cls, options
+
+    def build(self, spec: Any, **kwargs: Any):
+        """Build from ``"name"`` or ``{"name": "name", **options}`` (see :meth:`resolve`), or return
+        an already built instance as is. Errors raised inside the constructor propagate unchanged."""
+        if not isinstance(spec, (str, dict)):
+            return spec
+        cls, options = self.resolve(spec, **kwargs)
         return cls(**options)
 
     def names(self) -> List[str]:

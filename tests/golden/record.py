@@ -152,7 +152,7 @@ def decoder_outputs() -> dict:
 
 
 def toy() -> dict:
-    from anyorder.tasks.toy import run_toy
+    from anyorder.studies.toy import run_toy
     return clean(run_toy(steps=30))
 
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ..decoding import build_decoder
 from ..decoding.trace import afp, kendall_tau_b
 from ..orders import build_order
+from ..orders.random import RandomOrder
 from .hf import masked_batch
 
 STATS_SCOPES = ("all", "before_eos")
@@ -152,7 +153,7 @@ class DecodeCore:
         the whole continuation masked, the argmax at every position is the continuation token.
         Request i draws from seed ``seed + i``.
         """
-        if self.order.name != "random":
+        if not isinstance(self.order, RandomOrder):  # this estimator is its NELBO, not another order's
             raise NotImplementedError(f"loglikelihood is the random-masking ELBO; order {self.order.name!r} "
                                       "has a different bound (use order=random)")
         mask_id, out = self.model.cfg.mask_id, []

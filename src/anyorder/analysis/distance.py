@@ -1,11 +1,13 @@
-"""Seed 004's distance diagnostics: what a model predicts for masks far from any visible token.
+"""Distance diagnostics: what a model predicts for masks far from any visible token.
+
+From "Why mask diffusion does not work".
 
 For a set of decoding states (tokens with some answer positions masked) one forward pass gives,
 per masked position, the max top-1 probability and the argmax token. Read against the position's
 distance to the nearest visible (non-mask) token -- prompt tokens included, distance measured in
 sequence positions, 1 = adjacent -- they give:
 
-- the *distance curve*: mean max probability per distance (seed 004's Figure 3), to be compared
+- the *distance curve*: mean max probability per distance (the paper's Figure 3), to be compared
   with the Zipf bound (:mod:`.zipf`);
 - *homogenisation*: among masked positions at distance >= d, the share whose argmax equals the
   most common argmax among them (per state, pooled over states);
@@ -142,7 +144,7 @@ def first_masked(masked: torch.Tensor, answer: torch.Tensor, n: int) -> Tuple[to
 
 
 def bounds(p: Sequence[float]) -> Dict[str, float]:
-    """Seed 004's three metrics for committing tokens with top probabilities ``p`` at once."""
+    """The paper's three metrics for committing tokens with top probabilities ``p`` at once."""
     p = [float(v) for v in p]
     prod = 1.0
     for v in p:

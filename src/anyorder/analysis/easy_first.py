@@ -1,4 +1,7 @@
-"""Sudoku "easy first" (seed 003): does the decoder fill the cells with fewest candidates first?
+"""Sudoku "easy first": does the decoder fill the cells with fewest candidates first?
+
+A reading of "Parallelism and Generation Order in Masked Diffusion Language Models: Limits
+Today, Potential Tomorrow" on Sudoku.
 
 Two readings of one decode:
 

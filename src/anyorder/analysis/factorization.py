@@ -1,11 +1,13 @@
-"""The factorisation gap: what committing several tokens in one step loses (seed 004).
+"""The factorisation gap: what committing several tokens in one step loses.
+
+From "Why mask diffusion does not work".
 
 A step that commits a set S of masked positions samples each from the model's *marginal*
 q_i, i.e. from the product Π_{i∈S} q_i, while the data follow the joint p over S. The gap is
 
     KL(p || Π_i q_i) = Σ_x p(x) log( p(x) / Π_i q_i(x_i) ).
 
-- Toy (seed 004): given ``_ _ C D _`` the joint over the first two positions is enumerable from
+- The A/B toy (:mod:`anyorder.tasks.toy`): given ``_ _ C D _`` the joint over the first two positions is enumerable from
   the counts 34/21/35/10. With the data's own marginals (0.55, 0.69) as q, the gap is the mutual
   information of the pair, the part that no per-position predictor can remove; with a trained
   model's marginals it adds the model's marginal errors.
@@ -45,7 +47,7 @@ def kl_joint_vs_product(joint: Mapping[Tuple[int, ...], float], marginals: Seque
 
 # ----------------------------------------------------------------------------- the toy
 def toy_joint() -> Dict[Tuple[int, int], float]:
-    """P(first, second | C D) from seed 004's counts."""
+    """P(first, second | C D) from the toy's counts."""
     from ..tasks.toy import COUNTS
 
     n = sum(COUNTS.values())

@@ -1,4 +1,7 @@
-"""Training FLOPs: counted on the real step (seed 000's FLOPs-to-threshold needs counts, not guesses).
+"""Training FLOPs: counted on the real step (FLOPs to threshold needs counts, not guesses).
+
+FLOPs to threshold is the cost measure of "On the Trainability of Masked Diffusion Language
+Models via Blockwise Locality" (2026) (:mod:`anyorder.studies.sweep_report`).
 
 ``count_step_flops`` runs one forward + backward of a training micro-step under
 ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention; elementwise ops are not

@@ -72,7 +72,8 @@ def _save(fig, path) -> Path:
 
 
 def position_step_heatmap(matrix: torch.Tensor, path, title: str = "") -> Path:
-    """[n_answer, T] share of rows finalising position i at step t (seed 003's order heatmap)."""
+    """[n_answer, T] share of rows finalising position i at step t (the order heatmap of
+    "Parallelism and Generation Order in Masked Diffusion Language Models")."""
     plt = _plt()
     n, T = matrix.shape
     fig, ax = plt.subplots(figsize=(min(2 + 0.25 * T, 12), min(1.5 + 0.22 * n, 10)))

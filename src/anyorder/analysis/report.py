@@ -1,4 +1,8 @@
-"""``anyorder analyze RUN_DIR``: every diagnostic of seeds 003 and 004 for one trained run.
+"""``anyorder analyze RUN_DIR``: every decoding diagnostic of one trained run.
+
+The trace statistics of "Parallelism and Generation Order in Masked Diffusion Language Models:
+Limits Today, Potential Tomorrow" (AFP, Kendall's τ, easy first) and the distance, Zipf and
+factorisation diagnostics of "Why mask diffusion does not work".
 
 Writes ``report.md`` (tables + PNGs) and ``results.json`` (all numbers) to the output folder:
 
@@ -7,8 +11,10 @@ Writes ``report.md`` (tables + PNGs) and ``results.json`` (all numbers) to the o
 2. max probability vs distance to the nearest visible token, over the states of
    ``patterns`` (the first decoder's trajectory for ``decoded``), with the Zipf bound for the
    given (s, N) and for the least-squares fitted s; homogenisation; parallel-sampling bounds;
-3. the factorisation gap per step size (Sudoku: against the unique solution; toy: enumerated);
-4. Sudoku "easy first": step vs number of candidates.
+3. the factorisation gap per step size where each prompt has a unique solution (Sudoku), and
+   against the enumerated joint where the task has one (the A/B toy);
+4. "easy first" where the task knows what an easy position is (Sudoku: step vs number of
+   candidates).
 """
 from __future__ import annotations
 
@@ -16,14 +22,11 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
-import torch
-
 from . import plots
 from .distance import distance_analysis
-from .easy_first import easy_first
-from .factorization import sudoku_gap, toy_gap, toy_model_marginals
+from .factorization import sudoku_gap
 from .table import format_table
-from .trace_stats import heatmap_matrix, row_correct, split_stats, tokens_per_step
+from .trace_stats import heatmap_matrix, split_stats, tokens_per_step
 from .zipf import fit_s, zipf_curve
 
 
@@ -59,7 +62,6 @@ def analyze_run(run_dir: Union[str, Path], decoders: Optional[Sequence] = None, 
     specs = list(decoders) if decoders else list(exp.cfg["decode"])
     x0, answer = exp.task.eval_set(n)
     task, model, order = exp.task, exp.model, exp.order
-    is_sudoku = getattr(task, "name", "") == "sudoku"
     N = int(vocab) if vocab else len(set(x0[answer].tolist()))
     res: Dict[str, object] = {"run_dir": str(run_dir), "order": order.name, "task": task.name, "n": len(x0),
                               "decoders": {}, "zipf": {"s": s, "vocab": N}}
@@ -68,7 +70,7 @@ def analyze_run(run_dir: Union[str, Path], decoders: Optional[Sequence] = None, 
         label = _label(spec)
         metrics, dec = run_decoder(model, exp, spec, x0, answer, return_results=True)
         tr = dec.trace
-        correct = row_correct(task, dec.tokens, x0, answer)
+        correct = task.row_correct(dec.tokens, x0, answer)
         entry: Dict[str, object] = {"metrics": metrics, "split": split_stats(tr, correct),
                                     "tokens_per_step": tokens_per_step(tr)}
         slug = _slug(label)
@@ -76,17 +78,18 @@ def analyze_run(run_dir: Union[str, Path], decoders: Optional[Sequence] = None, 
                                     f"{order.name} / {label}: share of rows finalising position i at step t")
         plots.bar_histogram(entry["tokens_per_step"], out / f"tokens_per_step_{slug}.png",
                             "tokens finalised in the step", "steps", f"{order.name} / {label}")
-        grid_shape = (task.size, task.size) if is_sudoku else None
         ans_steps = tr.finalize_step[tr.answer.bool()].view(len(x0), -1)
-        plots.finalization_grid({label: ans_steps}, out / f"examples_{slug}.png", 4, grid_shape)
-        if is_sudoku:
+        plots.finalization_grid({label: ans_steps}, out / f"examples_{slug}.png", 4, task.grid_shape)
+        if task.unique_solution:
             entry["factorisation_gap"] = sudoku_gap(model, order, task, x0, answer, dec.tokens, tr.finalize_step)
-            entry["easy_first"] = easy_first(task, x0, dec.tokens, tr.finalize_step)
+        ef = task.easy_first(x0, dec.tokens, tr.finalize_step)
+        if ef is not None:
+            entry["easy_first"] = ef
         entry["files"] = [f"heatmap_{slug}.png", f"tokens_per_step_{slug}.png", f"examples_{slug}.png"]
         res["decoders"][label] = entry
         if first is None:
             first = (label, dec)
-    # -- seed 004: distance, homogenisation, parallel bounds (first decoder's trajectory)
+    # -- distance, homogenisation, parallel bounds (first decoder's trajectory)
     dist = distance_analysis(model, order, task, x0, answer, patterns, far, max_parallel,
                              pred=first[1].tokens, finalize_step=first[1].trace.finalize_step, seed=seed)
     curve = dist["curve"]
@@ -102,9 +105,9 @@ def analyze_run(run_dir: Union[str, Path], decoders: Optional[Sequence] = None, 
     plots.distance_plot(curves, {f"Zipf bound s={s:g}, N={N}": res["zipf"]["bound"],
                                  f"Zipf fit s={s_fit:.3f}": res["zipf"]["bound_fit"]},
                         out / "distance.png", f"{order.name}: max probability vs distance")
-    if task.name == "toy":
-        qa, qb = toy_model_marginals(model, task.mask_id)
-        res["toy_gap"] = {"data_marginals": toy_gap(), "model_marginals": toy_gap([qa.tolist(), qb.tolist()])}
+    gap = task.marginal_gap(model)
+    if gap is not None:
+        res["toy_gap"] = gap
     (out / "results.json").write_text(json.dumps(res, indent=1, default=float))
     (out / "report.md").write_text(render(res))
     return res
@@ -114,9 +117,10 @@ def render(res: Dict[str, object]) -> str:
     """The Markdown report of :func:`analyze_run`'s numbers."""
     L: List[str] = [f"# Decoding diagnostics: `{res['run_dir']}`", "",
                     f"order `{res['order']}`, task `{res['task']}`, {res['n']} evaluation rows.", ""]
-    L += ["## AFP and Kendall τ_b (seed 003)", "",
-          "Split by whether the output is correct and by stage (first / middle / last third of the "
-          "answer, AFP and τ_b on that third's positions alone).", ""]
+    L += ["## AFP and Kendall τ_b", "",
+          "As in 'Parallelism and Generation Order in Masked Diffusion Language Models'. Split by whether "
+          "the output is correct and by stage (first / middle / last third of the answer, AFP and τ_b on "
+          "that third's positions alone).", ""]
     rows = []
     for label, e in res["decoders"].items():
         for subset, v in e["split"].items():
@@ -132,7 +136,8 @@ def render(res: Dict[str, object]) -> str:
     for label, e in res["decoders"].items():
         L += [f"### `{label}`", ""] + [f"![{f}]({f})" for f in e["files"]] + [""]
     z, dist = res["zipf"], res["distance"]
-    L += ["## Max probability vs distance to the nearest visible token (seed 004)", "",
+    L += ["## Max probability vs distance to the nearest visible token", "",
+          "As in 'Why mask diffusion does not work'.", "",
           f"States: {', '.join(dist['patterns'])} ({dist['states']} states; `decoded` = a random point of "
           f"`{dist['states_from_decoder']}`'s trajectory). Zipf bound for s = {z['s']:g}, N = {z['vocab']}; "
           f"fitted s = {z['s_fit']:.4f} (N fixed; weighted least squares of the bound to the measured means, "
@@ -162,7 +167,7 @@ def render(res: Dict[str, object]) -> str:
                                             "gap_per_token", "wrong_commit_rate"]), ""]
     ef = [{"decoder": label, **e["easy_first"]} for label, e in res["decoders"].items() if "easy_first" in e]
     if ef:
-        L += ["## Easy first (Sudoku, seed 003)", "",
+        L += ["## Easy first (Sudoku)", "",
               "τ_b per puzzle between a blank cell's finalisation step and its candidate count in the puzzle "
               "(> 0: fewer candidates earlier), Spearman ρ pooled over cells, and the share of committed cells "
               "that had the fewest candidates on the grid as decoded so far (vs a random pick).", "",

@@ -1,4 +1,5 @@
-"""Seed 003's trace statistics, split the way the paper splits them.
+"""Trace statistics, split the way "Parallelism and Generation Order in Masked Diffusion
+Language Models: Limits Today, Potential Tomorrow" splits them.
 
 From a :class:`~anyorder.decoding.trace.Trace` (per position: the step it was finalised):
 
@@ -77,19 +78,6 @@ def heatmap_matrix(trace: Trace) -> torch.Tensor:
     mat.index_put_((torch.arange(n).expand_as(steps).reshape(-1), steps.reshape(-1)),
                    torch.ones(steps.numel(), dtype=torch.float64), accumulate=True)
     return mat / len(ans)
-
-
-def row_correct(task, pred: torch.Tensor, x0: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
-    """[B] bool: the decoded row is correct. Sudoku: a valid solution of its puzzle (any valid
-    grid counts, as in the task's puzzle_acc); otherwise: every answer token equals the target."""
-    if getattr(task, "name", "") == "sudoku":
-        from ..tasks import sudoku_core as core
-
-        c = task.cells
-        puzzles = x0[:, :c].numpy()
-        guess = pred[:, c + 1:].numpy()
-        return torch.tensor([core.is_valid_solution(p, g) for p, g in zip(puzzles, guess)])
-    return ((pred == x0) | ~answer.bool()).all(-1)
 
 
 def stats_table_rows(label: str, split: Dict[str, Dict[str, float]]) -> List[Dict[str, object]]:

@@ -1,8 +1,8 @@
-"""Seed 004's Zipf bound on the max probability of a masked token at distance n (SPEC §6).
+"""The Zipf bound of "Why mask diffusion does not work" on the max probability of a masked token.
 
 If every next-token distribution is Zipf(s, N) (top-1 probability ω1 = 1/Σ_{k≤N} k^{-s},
 top-2 ω2 = 2^{-s} ω1) and different predecessors peak on different tokens, the max
-probability of the n-th mask after the last visible token is at most
+probability of the n-th mask after the last visible token (distance n) is at most
 
     P_n = ω2/(1−(ω1−ω2)) + (ω1−ω2)^n (1−ω1)/(1−(ω1−ω2))        (P_1 = ω1, P_∞ = ω2/(1−ω1+ω2))
 
@@ -16,9 +16,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-# Seed 004's Table 2 (s = 1.05, N = 150000), printed beside ours: the per-position probabilities
-# its rows imply, P_n = PPL(n)^-n / PPL(n-1)^-(n-1), go 0.1035, 0.0555, 0.0531, 0.0519, 0.0521,
-# 0.0513, ... -- not monotone in n (P_5 > P_4), which no (s, N) of the formula produces.
+# Table 2 of "Why mask diffusion does not work" (s = 1.05, N = 150000), printed beside ours: the
+# per-position probabilities its rows imply, P_n = PPL(n)^-n / PPL(n-1)^-(n-1), go 0.1035, 0.0555,
+# 0.0531, 0.0519, 0.0521, 0.0513, ... -- not monotone in n (P_5 > P_4), which no (s, N) of the
+# formula produces.
 SEED_PPL_TABLE = [9.6618, 13.1995, 14.8584, 15.8570, 16.4716, 16.9408, 17.3027, 17.6066]
 
 
@@ -70,7 +71,7 @@ def implied_probabilities(ppl: Sequence[float]) -> List[float]:
 
 
 def ppl_table(s: float, N: int, max_parallel: int) -> Dict[str, object]:
-    """What ``anyorder zipf --json`` prints: our values, the seed's, and how they differ."""
+    """What ``anyorder zipf --json`` prints: our values, the paper's (``seed_table``), and how they differ."""
     ours = [round(v, 4) for v in independence_ppl(s, N, max_parallel)]
     out: Dict[str, object] = {"ppl": ours, "s": s, "vocab": N,
                               "p_n": [round(p, 6) for p in zipf_curve(max_parallel, s, N)]}
@@ -78,11 +79,11 @@ def ppl_table(s: float, N: int, max_parallel: int) -> Dict[str, object]:
     implied = implied_probabilities(SEED_PPL_TABLE)[:max_parallel]
     out["seed_table"] = seed
     out["seed_implied_p_n"] = [round(p, 6) for p in implied]
-    out["note"] = ("ppl: PPL(n) = (prod_{k<=n} P_k)^(-1/n) with P_k the Zipf bound of SPEC 6 for these s, N. "
-                   "seed_table: seed 004's Table 2 (s=1.05, N=150000), 1.1-3.0% higher; the P_n its rows imply "
-                   "(seed_implied_p_n) are not monotone in n (P_5 > P_4), which the bound never is, so the seed's "
-                   "table was not computed from this formula alone; its n=1 value needs sum_{k<=N} k^-1.05 = 9.6618, "
-                   "i.e. N ~ 180700 rather than 150000.")
+    out["note"] = ("ppl: PPL(n) = (prod_{k<=n} P_k)^(-1/n) with P_k the Zipf bound for these s, N. "
+                   "seed_table: Table 2 of 'Why mask diffusion does not work' (s=1.05, N=150000), 1.1-3.0% higher; "
+                   "the P_n its rows imply (seed_implied_p_n) are not monotone in n (P_5 > P_4), which the bound "
+                   "never is, so the paper's table was not computed from this formula alone; its n=1 value "
+                   "needs sum_{k<=N} k^-1.05 = 9.6618, i.e. N ~ 180700 rather than 150000.")
     return out
 
 

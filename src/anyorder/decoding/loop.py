@@ -343,28 +343,15 @@ def build_decoder(spec) -> Decoder:
 
     ``block_size`` is read as a deprecated alias of ``window`` (run directories saved before the
     rename have it in their ``decode`` specs), with a :class:`DeprecationWarning`."""
-    if isinstance(spec, Decoder):
-        return spec
-    if isinstance(spec, str):
-        return DECODERS.get(spec)()
-    spec = _renamed_options(dict(spec))
-    cls = DECODERS.get(spec.pop("name"))
-    try:
-        return cls(**spec)
-    except TypeError as e:  # an option this decoder does not take: say which ones it does
-        import inspect
-
-        valid = [p for c in cls.__mro__ for p in inspect.signature(c.__init__).parameters
-                 if c is not object and p not in ("self", "kw", "kwargs")]
-        raise ValueError(f"decoder {cls.registered_name!r}: {e}. Valid options: {', '.join(sorted(set(valid)))}") from None
+    return DECODERS.build(renamed_options(dict(spec)) if isinstance(spec, dict) else spec)
 
 
-_RENAMED = {"block_size": "window"}  # old decoder option -> new
+RENAMED_OPTIONS = {"block_size": "window"}  # old decoder option -> new
 
 
-def _renamed_options(spec: dict) -> dict:
+def renamed_options(spec: dict) -> dict:
     """``spec`` with deprecated option names replaced by their new names (warning once per use)."""
-    for old, new in _RENAMED.items():
+    for old, new in RENAMED_OPTIONS.items():
         if old not in spec:
             continue
         if new in spec:

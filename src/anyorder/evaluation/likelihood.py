@@ -2,9 +2,10 @@
 
 For a diffusion order the model defines no tractable likelihood; what it does define is the
 NELBO (the per-position-schedule NELBO of "Unifying Masked Diffusion Models with Various
-Generation Orders and Beyond", arXiv 2602.02112), an upper bound on the negative log-likelihood of a proper distribution (for
-the linear schedule: the mixture over generation orders of the any-order autoregressive models
-the network induces; see tests/test_likelihood.py). So we report
+Generation Orders and Beyond", arXiv 2602.02112), an upper bound on the negative
+log-likelihood of a proper distribution (for the linear schedule: the mixture over generation
+orders of the any-order autoregressive models the network induces; see
+tests/test_likelihood.py). So we report
 
     NELBO / token   and   PPL bound = exp(NELBO / token)     (upper bounds, "≤ PPL")
 
@@ -12,10 +13,10 @@ estimated by Monte Carlo by the run's objective (:meth:`anyorder.objectives.base
 for a fixed order, its own ``train_plan`` with the ``elbo`` weighting
 (:func:`anyorder.objectives.nelbo.likelihood`); for the learned order, LoMDM's own bound.
 ``samples`` independent replicates each score the whole evaluation set once, with ``t``
-stratified across the rows of each batch (MDLM's low-discrepancy sampler) and fresh masks; the
-mean of the replicates is the estimate and their spread gives the standard error. AR's plan
-(teacher forcing, every position predicted from its clean prefix) is deterministic and *is*
-the exact NLL: one replicate, standard error 0.
+stratified across the rows of each batch (the low-discrepancy sampler of MDLM: Sahoo et al.,
+2024, arXiv 2406.07524) and fresh masks; the mean of the replicates is the estimate and their
+spread gives the standard error. AR's plan (teacher forcing, every position predicted from its
+clean prefix) is deterministic and *is* the exact NLL: one replicate, standard error 0.
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ import time
 from typing import Dict, Optional
 
 import torch
-
 
 
 def likelihood_summary(per_rep, exact: bool, sequences: int, n_tok: float, t0: float) -> Dict[str, object]:

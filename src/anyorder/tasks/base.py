@@ -30,6 +30,8 @@ class Task:
     # (metric logged as val_<metric>, comparison, τ): a run has "learned" the task once it crosses τ
     threshold: Optional[Tuple[str, str, float]] = None
     secondary_metric: Optional[str] = None   # a second final metric shown beside the threshold metric
+    grid_shape: Optional[Tuple[int, int]] = None  # (rows, columns) to draw an answer as a grid; None: a line
+    unique_solution = False  # each prompt's only right answer is its x0: a decode's factorisation gap is exact
 
     @classmethod
     def threshold_for(cls, options: Dict[str, Any]) -> Tuple[Optional[str], Optional[str], Optional[float]]:
@@ -55,6 +57,14 @@ class Task:
     def row_correct(self, pred: torch.Tensor, x0: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
         """[B] bool: the decoded row is right (default: every answer token equals the target)."""
         return ((pred == x0) | ~answer.bool()).all(-1)
+
+    def easy_first(self, x0: torch.Tensor, pred: torch.Tensor, finalize_step: torch.Tensor) -> Optional[Dict[str, float]]:
+        """Did a decode fill the easiest positions first? None where the task has no notion of easy."""
+        return None
+
+    def marginal_gap(self, model) -> Optional[Dict[str, float]]:
+        """KL(joint ‖ product of marginals) where the task can enumerate the joint; else None."""
+        return None
 
     def headline(self) -> str:
         """The metric a table leads with."""

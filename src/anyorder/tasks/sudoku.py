@@ -23,6 +23,7 @@ class SudokuTask(Task):
     name = "sudoku"
     threshold = ("cell_acc", ">=", 0.9)
     secondary_metric = "puzzle_acc"
+    unique_solution = True  # the generator verifies every puzzle's uniqueness with its solver
 
     def __init__(self, size: int = 4, n_clues: int = 6, n_train: int = 20000, n_eval: int = 1000, seed: int = 0):
         box = {4: 2, 9: 3}.get(int(size))
@@ -31,6 +32,7 @@ class SudokuTask(Task):
         self.size, self.box, self.n_clues = int(size), box, int(n_clues)
         n = self.size
         self.cells = n * n
+        self.grid_shape = (n, n)
         self.sep_id, self.mask_id = n + 1, n + 2
         self.vocab_size = n + 3
         self.seq_len = 2 * self.cells + 1
@@ -80,6 +82,12 @@ class SudokuTask(Task):
         puzzles = x0[:, : self.cells].numpy()
         guess = pred[:, self.cells + 1:].numpy()
         return torch.tensor([core.is_valid_solution(p, g) for p, g in zip(puzzles, guess)])
+
+    def easy_first(self, x0, pred, finalize_step):
+        """Step vs candidate count of each blank cell (:func:`anyorder.analysis.easy_first.easy_first`)."""
+        from ..analysis.easy_first import easy_first
+
+        return easy_first(self, x0, pred, finalize_step)
 
     def headline(self):
         return "puzzle_acc"

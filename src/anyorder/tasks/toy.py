@@ -1,17 +1,13 @@
-"""The toy of "Why mask diffusion does not work": why committing several tokens at once picks
-the wrong pair.
+"""The A/B toy of "Why mask diffusion does not work": committing two tokens at once picks AB.
 
 100 sequences of five tokens ``[A|A'] [B|B'] C D E``: 34 × AB, 21 × AB', 35 × A'B, 10 × A'B',
 C D shared, E unique per sequence. Given ``_ _ C D _`` an MDM's marginals are P(A) = 0.55,
 P(B) = 0.69, so committing both positions at once picks AB (joint 0.34) though the joint mode
-is A'B (0.35). ``run_toy`` trains a small random-order MDM on the data and reads these numbers
-off the model itself (the joints by the chain rule, A's position first).
+is A'B (0.35). The study that trains a model on it and reads these numbers off the model is
+:mod:`anyorder.studies.toy` (``anyorder toy``).
 """
 from __future__ import annotations
 
-import itertools
-import math
-import time
 from typing import Dict
 
 import torch
@@ -47,86 +43,10 @@ class ToyTask(Task):
         x0 = self.data[:n]
         return x0, torch.ones_like(x0, dtype=torch.bool)
 
+    def marginal_gap(self, model) -> Dict[str, float]:
+        """KL(joint ‖ product of marginals) of the first two positions given ``_ _ C D _``: with
+        the data's marginals (the pair's mutual information) and with ``model``'s."""
+        from ..analysis.factorization import toy_gap, toy_model_marginals
 
-def data_stats() -> Dict[str, float]:
-    n = sum(COUNTS.values())
-    return {"p_A": (COUNTS[(A, B)] + COUNTS[(A, B_)]) / n, "p_B": (COUNTS[(A, B)] + COUNTS[(A_, B)]) / n,
-            "joint_AB": COUNTS[(A, B)] / n, "joint_A'B": COUNTS[(A_, B)] / n}
-
-
-@torch.no_grad()
-def model_probabilities(model, mask_id: int) -> Dict[str, object]:
-    m = mask_id
-    q = torch.tensor([[m, m, C, D, m]])
-    p = torch.softmax(model(q).double(), -1)[0]
-    p_first = {a: float(p[0, a]) for a in (A, A_)}
-    marg_second = {b: float(p[1, b]) for b in (B, B_)}
-    joint = {}
-    for a in (A, A_):  # chain rule: P(a, b | C D) = P(a | C D) P(b | a C D)
-        pb = torch.softmax(model(torch.tensor([[a, m, C, D, m]])).double(), -1)[0, 1]
-        for b in (B, B_):
-            joint[(a, b)] = p_first[a] * float(pb[b])
-    prod = {(a, b): p_first[a] * marg_second[b] for a in (A, A_) for b in (B, B_)}
-    name = lambda ab: NAMES[ab[0]] + NAMES[ab[1]]
-    return {
-        "p_A": round(p_first[A], 4), "p_B": round(marg_second[B], 4),
-        "parallel_pick": name(max(prod, key=prod.get)),
-        "joint_mode": name(max(joint, key=joint.get)),
-        "joint_AB": round(joint[(A, B)], 4), "joint_A'B": round(joint[(A_, B)], 4),
-        "product_AB": round(prod[(A, B)], 4), "product_A'B": round(prod[(A_, B)], 4),
-        "mass_outside_pairs_first": round(1 - p_first[A] - p_first[A_], 4),
-    }
-
-
-DEFAULT_STEPS = 600
-
-
-def all_pattern_batch(data: torch.Tensor, mask_id: int):
-    """Every sequence under every non-empty mask pattern, with the pattern's probability under
-    the linear schedule, P(k of n masked) = ∫ t^k (1−t)^(n−k) dt = B(k+1, n−k+1).
-
-    Training on this batch is gradient descent on the *exact* expectation of the random-order
-    objective (uniform weighting) -- no Monte-Carlo noise. The toy needs that: telling the joint
-    mode A'B (0.35) from AB (0.34) takes probabilities accurate to ~0.005, which minibatch SGD
-    with random masks does not reach in a minute (it wanders by ±0.05; see the README).
-    """
-    N, n = data.shape
-    pats = torch.tensor([p for p in itertools.product([0, 1], repeat=n) if any(p)], dtype=torch.bool)
-    k = pats.sum(-1).tolist()
-    w = torch.tensor([math.gamma(a + 1) * math.gamma(n - a + 1) / math.gamma(n + 2) for a in k])
-    w = w / w.sum()
-    P = len(pats)
-    x = data.unsqueeze(1).expand(N, P, n).reshape(-1, n)
-    masked = pats.unsqueeze(0).expand(N, P, n).reshape(-1, n)
-    weight = w.unsqueeze(0).expand(N, P).reshape(-1) / N
-    return torch.where(masked, torch.full_like(x, mask_id), x), x, masked, weight
-
-
-def run_toy(steps: int = DEFAULT_STEPS, lr: float = 5e-3, seed: int = 0, d_model: int = 32) -> Dict[str, object]:
-    """Train a random-order MDM on the toy data; return the model's numbers next to the data's."""
-    import torch.nn.functional as F
-
-    from ..model import ModelConfig, Transformer
-
-    torch.manual_seed(seed)
-    task = ToyTask()
-    model = Transformer(ModelConfig(vocab_size=task.vocab_size, mask_id=task.mask_id, d_model=d_model,
-                                    n_layers=2, n_heads=4, max_len=8))
-    z, x, masked, weight = all_pattern_batch(task.data, task.mask_id)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99))
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    t0 = time.time()
-    for _ in range(steps):
-        logp = F.log_softmax(model(z), -1).gather(-1, x.unsqueeze(-1)).squeeze(-1)
-        loss = (weight * torch.where(masked, -logp, 0.0).sum(-1)).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    model.eval()
-    out = model_probabilities(model, task.mask_id)
-    out.update({"data": data_stats(), "train_seconds": round(time.time() - t0, 2), "steps": steps,
-                "final_loss": round(float(loss.detach()), 4), "seed": seed})
-    return out
+        qa, qb = toy_model_marginals(model, self.mask_id)
+        return {"data_marginals": toy_gap(), "model_marginals": toy_gap([qa.tolist(), qb.tolist()])}

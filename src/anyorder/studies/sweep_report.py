@@ -1,17 +1,20 @@
-"""Training-stability report for a sweep (seed 000's study; SPEC §6 "Training stability").
+"""Training-stability report for a sweep: curves over seeds, FLOPs to threshold, task affinity.
 
-For every (task, order) group of runs (one run per seed) in a sweep directory:
+The study of "On the Trainability of Masked Diffusion Language Models via Blockwise Locality"
+(2026): for every (task, order) group of runs (one run per seed) in a sweep directory,
 
-- learning curves of the task's threshold metric: mean ± std across seeds at each evaluation;
+- learning curves of the task's threshold metric (``Task.threshold``): mean ± std across seeds
+  at each evaluation;
 - final value mean ± std and the share of seeds that reached the threshold τ;
 - C(τ): cumulative training FLOPs at the first evaluation past τ (counted FLOPs, logged with
   every evaluation), mean over the seeds that reached it;
 - task affinity A = log10(C_AR(τ) / C_order(τ)) against the AR group of the same task
   (> 0 favours the diffusion order; undefined if either never reached τ).
 
-For in-context linear regression it adds Garg et al.'s plot: the error on the R query y's against
-the number k = 0 … P of in-context (x, y) examples, next to least squares, ridge and the zero
-predictor on the same prompts (``context_curve``; mean ± std over seeds per order).
+For in-context linear regression it adds the plot of Garg et al. (2022, arXiv 2208.01066): the
+error on the R query y's against the number k = 0 … P of in-context (x, y) examples, next to
+least squares, ridge and the zero predictor on the same prompts (``context_curve``; mean ± std
+over seeds per order).
 
 ``write_report(sweep_dir)`` writes ``report.md`` and one PNG of curves per task.
 """
@@ -27,17 +30,12 @@ from typing import Dict, List, Optional, Tuple
 
 import yaml
 
-# task name -> (metric logged as val_<metric>, comparison, τ); SPEC §7
-THRESHOLDS: Dict[str, Tuple[str, str, float]] = {
-    "sudoku": ("cell_acc", ">=", 0.9),
-    "star_graph": ("path_acc", ">=", 0.9),
-    "linear_regression": ("nmse", "<", 0.01),  # MSE/d < 0.01: the paper's MSE < 0.1 at d = 10
-}
+from ..analysis.table import format_table
+from ..tasks import TASKS
+from ..tasks.linear_regression import LinearRegressionTask
+
 OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
-# a second final metric shown beside the threshold metric
-SECONDARY = {"sudoku": "puzzle_acc", "star_graph": "token_acc", "linear_regression": "mse"}
-# a task config key that overrides τ for that task's runs (the CPU preset loosens linear regression's)
-TAU_KEYS = {"linear_regression": "tau_nmse"}
+REFERENCE_ORDER = "ar"  # task affinity compares every order with this one
 
 
 def _order_label(order: dict) -> str:
@@ -81,13 +79,26 @@ def _mean_std(values: List[float]) -> Tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
 
-def threshold_for(cfg: dict, thresholds=THRESHOLDS):
-    """(metric, op, τ) of a run's task; a task key in TAU_KEYS (e.g. tau_nmse) overrides τ."""
+def task_class(cfg: dict):
+    """The registered class of a run's task (None for a name this process does not know, e.g. a
+    plugin's task: the report then has no threshold for it)."""
     name = cfg["task"]["name"]
-    metric, op, tau = thresholds.get(name, (None, None, None))
-    if name in TAU_KEYS and cfg["task"].get(TAU_KEYS[name]) is not None:
-        tau = float(cfg["task"][TAU_KEYS[name]])
-    return metric, op, tau
+    return TASKS.get(name) if name in TASKS else None
+
+
+def threshold_for(cfg: dict, thresholds: Optional[Dict[str, Tuple[str, str, float]]] = None):
+    """(metric, op, τ) of a run's task, as the task states it for the run's task options
+    (``Task.threshold_for``: linear regression's ``tau_nmse`` overrides its τ); ``thresholds``
+    ({task name: (metric, op, τ)}) replaces the task's own."""
+    if thresholds and cfg["task"]["name"] in thresholds:
+        return tuple(thresholds[cfg["task"]["name"]])
+    cls = task_class(cfg)
+    return cls.threshold_for(cfg["task"]) if cls is not None else (None, None, None)
+
+
+def secondary_metric(cfg: dict) -> Optional[str]:
+    cls = task_class(cfg)
+    return cls.secondary_metric if cls is not None else None
 
 
 def first_crossing(evals: List[dict], key: str, op: str, tau: float) -> Optional[dict]:
@@ -97,12 +108,16 @@ def first_crossing(evals: List[dict], key: str, op: str, tau: float) -> Optional
     return None
 
 
-def summarise(runs: List[dict], thresholds=THRESHOLDS) -> List[dict]:
+def summarise(runs: List[dict], thresholds: Optional[Dict[str, Tuple[str, str, float]]] = None,
+              reference: str = REFERENCE_ORDER) -> List[dict]:
+    """One row per (task, order) group (``thresholds``: see :func:`threshold_for`); task affinity
+    against the first group of the same task whose order is named ``reference``."""
     groups: Dict[Tuple[str, str], List[dict]] = defaultdict(list)
     for r in runs:
         groups[(r["task"], _order_label(r["cfg"]["order"]))].append(r)
-    rows = []
+    rows, order_names = [], []
     for (task, order), rs in sorted(groups.items()):
+        order_names.append(rs[0]["cfg"]["order"]["name"])
         metric, op, tau = threshold_for(rs[0]["cfg"], thresholds)
         key = f"val_{metric}"
         finals = [r["evals"][-1][key] for r in rs if r["evals"] and key in r["evals"][-1]]
@@ -114,15 +129,15 @@ def summarise(runs: List[dict], thresholds=THRESHOLDS) -> List[dict]:
                      "final_mean": mean, "final_std": std, "per_seed": per_seed,
                      "reached": f"{sum(h is not None for h in hits)}/{len(rs)}",
                      "flops_to_threshold": (sum(c) / len(c)) if c else float("nan")})
-        second = f"val_{SECONDARY.get(rs[0]['cfg']['task']['name'], '')}"
+        second = f"val_{secondary_metric(rs[0]['cfg']) or ''}"
         vals = [r["evals"][-1][second] for r in rs if r["evals"] and second in r["evals"][-1]]
         if vals:
             m2, s2 = _mean_std(vals)
             rows[-1]["also"] = f"{second} {m2:.3f} ± {s2:.3f}"
         budget = [r["evals"][-1]["flops"] for r in rs if r["evals"] and "flops" in r["evals"][-1]]
         rows[-1]["flops_trained"] = min(budget) if budget else float("nan")
-    for row in rows:  # affinity against AR of the same task
-        ar = next((r for r in rows if r["task"] == row["task"] and r["order"].startswith("ar")), None)
+    for row in rows:  # affinity against the reference order (AR) of the same task
+        ar = next((r for r, o in zip(rows, order_names) if r["task"] == row["task"] and o == reference), None)
         ok = ar is not None and all(math.isfinite(x) and x > 0 for x in (ar["flops_to_threshold"], row["flops_to_threshold"]))
         row["affinity_vs_ar"] = math.log10(ar["flops_to_threshold"] / row["flops_to_threshold"]) if ok else float("nan")
         # AR never reached τ within its budget: C_AR > that budget, so A is bounded below
@@ -169,7 +184,7 @@ def plot_curves(runs: List[dict], task: str, key: str, path: Path) -> Path:
     return path
 
 
-# -- error against the number of in-context examples (linear regression; Garg et al.) ----------------
+# -- error against the number of in-context examples (linear regression; Garg et al. 2022) -----------
 def context_curve(exp, n: int = 256) -> Dict[str, List[float]]:
     """MSE on the R query y's (mean over queries and prompts) with only the first k prompt pairs
     visible, k = 0 … P, for the trained model (decoded with its order, as in evaluation) and for
@@ -184,7 +199,7 @@ def context_curve(exp, n: int = 256) -> Dict[str, List[float]]:
     k = P this is the ordinary evaluation (the same number as ``val_mse`` on the same prompts)."""
     import torch
 
-    from ..objectives.regression import predict
+    from ..decoding.regression import predict
     from ..tasks.linear_regression import least_squares, ridge
 
     task, order, model = exp.task, exp.order, exp.model
@@ -215,7 +230,9 @@ def context_curve(exp, n: int = 256) -> Dict[str, List[float]]:
 
 
 def _is_regression(cfg: dict) -> bool:
-    return cfg["task"]["name"] == "linear_regression"
+    """In-context linear regression: the runs :func:`context_curve` applies to."""
+    cls = task_class(cfg)
+    return cls is not None and issubclass(cls, LinearRegressionTask)
 
 
 def _regression_key(cfg: dict) -> Tuple[int, int, int]:
@@ -288,8 +305,6 @@ def plot_context_curves(curves: List[dict], key: Tuple[int, int, int], path: Pat
 def context_section(runs: List[dict], sweep_dir: Path, n: int = 256, out_dir: Optional[Path] = None) -> List[str]:
     """Markdown lines (and PNGs) of the error-against-examples plot per (d, P, R); [] if no
     finished linear-regression run."""
-    from .table import format_table
-
     curves = context_curves(runs, sweep_dir / "context_curves", n)
     if not curves:
         return []
@@ -323,10 +338,8 @@ def context_section(runs: List[dict], sweep_dir: Path, n: int = 256, out_dir: Op
     return lines
 
 
-def write_report(sweep_dir, thresholds=THRESHOLDS, context_n: int = 256, out_dir=None) -> Path:
+def write_report(sweep_dir, thresholds=None, context_n: int = 256, out_dir=None) -> Path:
     """report.md, report.json and the PNGs into ``out_dir`` (default: the sweep directory)."""
-    from .table import format_table
-
     sweep_dir = Path(sweep_dir)
     out_dir = Path(out_dir) if out_dir is not None else sweep_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -353,4 +366,17 @@ def write_report(sweep_dir, thresholds=THRESHOLDS, context_n: int = 256, out_dir
     out = out_dir / "report.md"
     out.write_text("\n".join(lines))
     (out_dir / "report.json").write_text(json.dumps(rows, indent=1, default=str))
+    return out
+
+
+# -- command line (``anyorder report``) --------------------------------------------------------
+
+def add_arguments(p) -> None:
+    p.add_argument("sweep_dir")
+    p.add_argument("--out", default=None, help="write report.md, report.json and PNGs here (default: SWEEP_DIR)")
+
+
+def run_from_args(args) -> Path:
+    out = write_report(args.sweep_dir, out_dir=args.out)
+    print(f"report: {out}")
     return out

@@ -1,31 +1,29 @@
 """Compare text runs of different orders: likelihood bounds, generative perplexity, repetition.
 
-    python -m anyorder.analysis.text_compare runs/text-compare/* --judge runs/text-judge --out DIR
+    python -m anyorder.studies.text_compare runs/text-compare/* --judge runs/text-judge --out DIR
     anyorder text-compare runs/text-compare/* --judge runs/text-judge --out DIR
 
-Writes ``DIR/text_compare.md`` and ``DIR/text_compare.json``, one row per run:
+Writes ``DIR/text_compare.md`` and ``DIR/text_compare.json``, one row per run
+(:mod:`.text_compare_report` writes the table):
 
 - order, parameters, training FLOPs (the last cumulative ``flops`` in metrics.jsonl) and steps;
-- test and zero-shot perplexity: exact for AR, the NELBO upper bound ± Monte-Carlo standard
-  error for every diffusion order (:mod:`anyorder.evaluation.likelihood`: ``mc`` replicates,
-  stratified t). LoMDM's bound is its own NELBO, ``L_main + L_velocity`` under its learned
-  forward process (:func:`anyorder.evaluation.likelihood.lomdm_likelihood`): the velocity term is what the sampler's schedule
-  k̂_ψ costs for not being k_φ;
+- test and zero-shot perplexity, the run's own bound (``exp.objective.likelihood``): exact for
+  AR, the NELBO upper bound ± Monte-Carlo standard error for every diffusion order (``mc``
+  replicates, stratified t). LoMDM's bound is its own NELBO, ``L_main + L_velocity`` under its
+  learned forward process (:func:`anyorder.objectives.lomdm.lomdm_likelihood`): the velocity
+  term is what the sampler's schedule k̂_ψ costs for not being k_φ;
 - generative perplexity: ``samples`` sequences of ``seq_len`` decoded from all-mask at
-  temperature 1 (float64 Gumbel-max) by the order's natural sampler (:func:`natural_decoder`),
+  temperature 1 (float64 Gumbel-max) by the order's natural sampler (:func:`sampler_spec`),
   scored by the exact NLL of an AR judge trained on the same corpus (``--judge``);
 - unigram entropy of each sample's token histogram (mean over samples), and the same for real
   test rows: samples far below the real text's entropy repeat themselves.
 
-For a LoMDM run (order ``learned``) it adds the plots of what the order learned
-(:func:`anyorder.analysis.lomdm_velocity.plot_lomdm_velocity`).
+For a run whose model learned its order (LoMDM) it adds the plots of what the order learned
+(:func:`anyorder.studies.lomdm_velocity.plot_lomdm_velocity`).
 
-Cost (one thread): each sampling step runs a forward pass and a float64 softmax over the whole
+Cost: each sampling step runs a forward pass and a float64 softmax over the whole
 ``[rows, L, V]`` logits; the Gumbel noise is drawn only where a token can be committed now
-(:class:`CommittableSampling`). Measured once on the shared 2-core CPU (random-init 4 × 256
-model, V = 8192, 16 rows × 128, CPU seconds per step): ancestral with every position still
-masked 0.6 (library sampler: 1.0), AR left to right with the KV cache 0.3 (0.8). So 32
-samples × 128 steps take about 2 CPU-minutes per run.
+(:class:`CommittableSampling`), a fraction of the library sampler's noise at a large V.
 """
 from __future__ import annotations
 
@@ -40,9 +38,10 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from ..decoding.loop import DECODERS
+from ..decoding.loop import DECODERS, renamed_options
 from ..decoding.sampling import gumbel_noise
-from ..evaluation.likelihood import is_exact, likelihood, lomdm_likelihood, order_likelihood  # noqa: F401
+from .lomdm_velocity import has_learned_order, plot_lomdm_velocity, velocity_markdown
+from .text_compare_report import markdown
 
 # -- sampling -------------------------------------------------------------------------------
 
@@ -72,56 +71,27 @@ class CommittableSampling:
 
 def sampling_decoder(spec: Dict[str, object]):
     """The registered decoder ``spec['name']`` with :class:`CommittableSampling` mixed in."""
-    spec = dict(spec)
-    cls = DECODERS.get(spec.pop("name"))
+    cls, options = DECODERS.resolve(renamed_options(dict(spec)))
     lean = type(f"Committable{cls.__name__}", (CommittableSampling, cls), {})
-    return lean(**spec)
+    return lean(**options)
 
 
-def natural_decoder(order, seq_len: int, steps: Optional[int] = None) -> Dict[str, object]:
-    """The sampler each order is trained for, at temperature 1 with a fixed step budget
-    (``steps``, default ``seq_len``: one token per step in expectation).
-
-    ar: left to right (always seq_len steps), exact KV cache; block: MDLM ancestral inside each
-    block, blocks left to right (BD3-LM), KV cache; scatter: column by column, random positions
-    inside a column; learned: ``learned_ancestral`` (unmask with 1 − (s/t)^k̂); random and
-    any other order: MDLM ``ancestral`` (others: their default decoder with ``steps``)."""
-    L = int(seq_len)
-    T = int(steps or L)
-    name = order.name
-    if name == "ar":
-        spec = {"name": "left_to_right", "k": 1, "cache": True}
-    elif name == "block":
-        n_blocks = -(-L // order.block_size)
-        spec = {"name": "ancestral", "steps": max(1, -(-T // n_blocks)) * n_blocks,
-                "window": order.block_size, "cache": True}
-    elif name == "scatter":
-        spec = {"name": "scatter_offsets", "steps_per_offset": max(1, T // order.block_size), "score": "random",
-                "cache": True}
-    elif name == "learned":
-        spec = {"name": "learned_ancestral", "steps": T}
-    elif name == "random":
-        spec = {"name": "ancestral", "steps": T}
-    else:
-        spec = {"name": order.default_decoder, "steps": T}
-    spec["temperature"] = 1.0
-    return spec
-
-
-def decode_steps(spec: Dict[str, object], order, seq_len: int) -> int:
-    """The step budget a natural decoder spec stands for (for the table)."""
-    if spec.get("name") == "left_to_right" or order.name == "ar":
-        return int(seq_len)
-    if "steps_per_offset" in spec:
-        return int(spec["steps_per_offset"]) * int(spec.get("stride") or order.block_size)
-    return int(spec.get("steps") or seq_len)
+def sampler_spec(order, seq_len: int, steps: Optional[int] = None) -> Dict[str, object]:
+    """The sampler ``order`` is trained for (:meth:`~anyorder.orders.base.Order.natural_decoder`:
+    AR left to right with the KV cache; block diffusion, as in BD3-LM (Arriola et al., 2025,
+    arXiv 2503.09573), MDLM's ancestral sampler inside each block; Scatter column by column;
+    LoMDM its learned ancestral sampler; random masking MDLM's ancestral sampler (Sahoo et al.,
+    2024, arXiv 2406.07524)) at temperature 1, with a budget of ``steps`` forward passes
+    (default ``seq_len``)."""
+    return {**order.natural_decoder(int(seq_len), steps), "temperature": 1.0}
 
 
 @torch.no_grad()
 def generate(exp, n: int, spec: Dict[str, object], seed: int = 0, batch_size: int = 16) -> Dict[str, object]:
     """``n`` unconditional sequences of the task's ``seq_len`` decoded from all-mask, with the
-    decoding trace: ``finalize_steps`` and ``confidence`` (the probability of each token when it
-    was committed). Row i uses the generator seed ``seed * 1_000_003 + i``: the same for every run."""
+    decoding trace: ``finalize_steps``, ``confidence`` (the probability of each token when it was
+    committed) and ``steps``, the steps the sampler took (the last finalisation step + 1, most
+    over the rows). Row i uses the generator seed ``seed * 1_000_003 + i``: the same for every run."""
     L, mask_id = exp.task.seq_len, exp.task.mask_id
     dec = sampling_decoder(spec)
     extra = exp.task.extra()
@@ -140,9 +110,9 @@ def generate(exp, n: int, spec: Dict[str, object], seed: int = 0, batch_size: in
     tokens = torch.cat(toks)
     if (tokens == mask_id).any():
         raise RuntimeError(f"decoder {spec} left [MASK] tokens in the samples")
-    nfe = torch.cat(nfe).double()
-    return {"tokens": tokens, "finalize_steps": torch.cat(fin), "confidence": torch.cat(conf),
-            "nfe_mean": float(nfe.mean()),
+    nfe, fin = torch.cat(nfe).double(), torch.cat(fin)
+    return {"tokens": tokens, "finalize_steps": fin, "confidence": torch.cat(conf),
+            "steps": int(fin.max()) + 1, "nfe_mean": float(nfe.mean()),
             "seconds": time.perf_counter() - t0}
 
 
@@ -163,11 +133,11 @@ def unigram_entropy(tokens: torch.Tensor, answer: Optional[torch.Tensor] = None)
 def judge_nll(judge, tokens: torch.Tensor) -> Dict[str, float]:
     """Exact AR NLL of ``tokens`` [N, L] (every position scored) under the judge run: nats per
     token, ``gen_ppl = exp`` of it, and ±2 standard errors over the N sequences."""
-    if not is_exact(judge.order):
+    if not judge.order.exact_likelihood:
         raise ValueError(f"the judge must be an AR run (order 'ar', efficient plan) so that its NLL is exact; "
                          f"got order {judge.order.name!r}")
-    per_row = torch.tensor([likelihood(judge.model, judge.order, row[None], torch.ones(1, row.numel(), dtype=torch.bool),
-                                       judge.task.mask_id, samples=1, extra=judge.task.extra())["nelbo_per_token"]
+    ones = torch.ones(1, tokens.shape[1], dtype=torch.bool)
+    per_row = torch.tensor([judge.objective.likelihood(judge.model, row[None], ones, samples=1)["nelbo_per_token"]
                             for row in tokens], dtype=torch.float64)
     mean = float(per_row.mean())  # every row has the same length: the mean of rows is the mean of tokens
     se = float(per_row.std()) / math.sqrt(len(per_row)) if len(per_row) > 1 else float("nan")
@@ -183,8 +153,7 @@ def split_likelihood(exp, split: str, n: Optional[int], mc: int, seed: int, batc
         x0, answer = exp.task.split_set(split, n)
     except ValueError:
         return None
-    return order_likelihood(exp.model, exp.order, x0, answer, exp.task.mask_id, samples=mc, extra=exp.task.extra(),
-                            batch_size=batch_size, seed=seed)
+    return exp.objective.likelihood(exp.model, x0, answer, samples=mc, batch_size=batch_size, seed=seed)
 
 
 # -- run metadata -----------------------------------------------------------------------------
@@ -211,21 +180,6 @@ def training_record(run_dir: Path) -> Dict[str, object]:
     return {"flops": flops, "steps": step}
 
 
-def order_label(order) -> str:
-    name = order.name
-    if name == "random":
-        return "MDLM (random)"
-    if name == "ar":
-        return "AR"
-    if name == "block":
-        return f"block {order.block_size}"
-    if name == "scatter":
-        return f"Scatter {order.block_size}"
-    if name == "learned":
-        return f"LoMDM (learned, c1={order.c1:g}, c2={order.c2:g})"
-    return name if order.block_size == 1 else f"{name} {order.block_size}"
-
-
 def _same_tokens(a, b) -> bool:
     ta, tb = getattr(a.task, "tokenizer", None), getattr(b.task, "tokenizer", None)
     if ta is None or tb is None:
@@ -246,13 +200,12 @@ def compare_runs(run_dirs: Sequence[Union[str, Path]], judge_dir: Union[str, Pat
     budget (default seq_len); decoders: {run label: decoder spec} overriding the natural one;
     batch_size: rows decoded at once."""
     from ..experiment import load_run
-    from .lomdm_velocity import plot_lomdm_velocity
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     judge_dir = Path(judge_dir)
     judge = load_run(judge_dir)
-    if not is_exact(judge.order):
+    if not judge.order.exact_likelihood:
         raise ValueError(f"--judge {judge_dir} has order {judge.order.name!r}; the judge must be an AR run")
     x_ref, a_ref = judge.task.split_set("test", samples)
     reference = {"rows": int(len(x_ref)), "unigram_entropy": float(unigram_entropy(x_ref, a_ref).mean()),
@@ -267,34 +220,33 @@ def compare_runs(run_dirs: Sequence[Union[str, Path]], judge_dir: Union[str, Pat
         if exp.task.seq_len > judge.task.seq_len:
             raise ValueError(f"{rd} samples {exp.task.seq_len} tokens but the judge {judge_dir} was trained on "
                              f"{judge.task.seq_len}: train the judge at least as long")
-        row = {"label": label, "run_dir": str(rd), "order": order_label(exp.order), "order_name": exp.order.name,
+        row = {"label": label, "run_dir": str(rd), "order": exp.order.label(), "order_name": exp.order.name,
                "params": sum(p.numel() for p in exp.model.parameters()),
                "params_backbone": sum(p.numel() for p in getattr(exp.model, "backbone", exp.model).parameters()),
                **training_record(rd), "judge_is_this_run": rd.resolve() == judge_dir.resolve()}
         for split in ("test", "zero_shot"):
             log(f"[text-compare] {label}: {split} likelihood ({mc} MC replicates)")
             row[split] = split_likelihood(exp, split, n, mc, seed)
-        spec = dict((decoders or {}).get(label) or natural_decoder(exp.order, exp.task.seq_len, steps))
+        spec = dict((decoders or {}).get(label) or sampler_spec(exp.order, exp.task.seq_len, steps))
         spec.setdefault("temperature", 1.0)
         log(f"[text-compare] {label}: sampling {samples} x {exp.task.seq_len} tokens with {spec}")
         g = generate(exp, samples, spec, seed=seed, batch_size=batch_size)
         ent = unigram_entropy(g["tokens"])
         ent_se = float(ent.std() / math.sqrt(len(ent))) if len(ent) > 1 else float("nan")
         example = exp.task.decode_text(g["tokens"][0]) if hasattr(exp.task, "decode_text") else None
-        row["generation"] = {"decoder": spec, "steps": decode_steps(spec, exp.order, exp.task.seq_len),
+        row["generation"] = {"decoder": spec, "steps": g["steps"],
                              "nfe_mean": g["nfe_mean"], "samples": samples, "seconds": round(g["seconds"], 2),
                              **judge_nll(judge, g["tokens"]),
                              "unigram_entropy": float(ent.mean()),
                              "unigram_entropy_se": ent_se, "example": example}
         torch.save(g["tokens"], out / f"samples_{label}.pt")
-        if velocity and getattr(exp.order, "learned", False):
+        if velocity and has_learned_order(exp.model):
             log(f"[text-compare] {label}: what the learned order learned")
             v = plot_lomdm_velocity(rd, out / label, n=n or 256, exp=exp, title=label,
                                     finalize_steps=g["finalize_steps"])
             row["velocity"] = {k: v[k] for k in ("k_mean", "k_std", "spearman_k_vs_position",
                                                  "spearman_k_vs_log_freq", "by_kind")}
             row["velocity"]["paths"] = {k: f"{label}/{p}" for k, p in v["paths"].items()}
-            from .lomdm_velocity import velocity_markdown
             sections.append(velocity_markdown(v, v["paths"], label, prefix=f"{label}/"))
         rows.append(row)
     result = {"rows": rows, "reference": reference,
@@ -311,96 +263,6 @@ def compare_runs(run_dirs: Sequence[Union[str, Path]], judge_dir: Union[str, Pat
 def describe_task(task) -> Dict[str, object]:
     d = task.describe()
     return {k: d.get(k) for k in ("name", "seq_len", "mode", "sources", "zero_shot", "tokenizer")}
-
-
-# -- output -----------------------------------------------------------------------------------
-
-def _ppl(res) -> str:
-    if res is None:
-        return "—"
-    if res["bound"] == "exact NLL":
-        return f"= {res['ppl']:.1f}"
-    if math.isnan(res["stderr"]):
-        return f"≤ {res['ppl']:.1f}"
-    return f"≤ {res['ppl']:.1f} ({res['ppl_low']:.1f}–{res['ppl_high']:.1f})"
-
-
-def _si(v) -> str:
-    if v is None:
-        return "—"
-    for unit, f in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(v) >= f:
-            return f"{v / f:.3g}{unit}"
-    return f"{v:.3g}"
-
-
-COLUMNS = ("run", "order", "params", "train FLOPs", "steps", "test PPL", "zero-shot PPL", "gen PPL (judge)",
-           "sampler: steps / NFE", "unigram H (samples)")
-
-
-def table_rows(result: Dict[str, object]) -> List[Dict[str, str]]:
-    """One dict per run with the :data:`COLUMNS` of the Markdown table (as strings)."""
-    out = []
-    for r in result["rows"]:
-        g = r["generation"]
-        heads = r["params"] - r["params_backbone"]
-        out.append({
-            "run": r["label"] + (" (judge)" if r["judge_is_this_run"] else ""),
-            "order": r["order"],
-            "params": _si(r["params_backbone"]) + (f" (+{_si(heads)} heads)" if heads else ""),
-            "train FLOPs": _si(r["flops"]),
-            "steps": "—" if r["steps"] is None else str(r["steps"]),
-            "test PPL": _ppl(r["test"]),
-            "zero-shot PPL": _ppl(r["zero_shot"]),
-            "gen PPL (judge)": f"{g['gen_ppl']:.1f} ({g['gen_ppl_low']:.1f}–{g['gen_ppl_high']:.1f})",
-            "sampler: steps / NFE": f"{g['decoder']['name']}: {g['steps']} / {g['nfe_mean']:.1f}",
-            "unigram H (samples)": f"{g['unigram_entropy']:.3f}",
-        })
-    return out
-
-
-def markdown(result: Dict[str, object], sections: Sequence[str] = ()) -> str:
-    s, t, ref, j = result["settings"], result["task"], result["reference"], result["judge"]
-    lines = ["# Orders compared on text", "",
-             f"Task: {t['name']}, seq_len {t['seq_len']} ({t['mode']}), sources {t['sources']}, "
-             f"zero-shot {t['zero_shot']}, tokenizer {t['tokenizer']}.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    for r in table_rows(result):
-        lines.append("| " + " | ".join(r[c] for c in COLUMNS) + " |")
-    rj = ref.get("judge")
-    ref_ppl = f"{rj['gen_ppl']:.1f} ({rj['gen_ppl_low']:.1f}–{rj['gen_ppl_high']:.1f})" if rj else "—"
-    lines.append("| real test rows | — | — | — | — | — | — | " + ref_ppl + f" | — | {ref['unigram_entropy']:.3f} |")
-    flops = [r["flops"] for r in result["rows"] if r["flops"]]
-    spread = (max(flops) / min(flops) - 1) if flops else float("nan")
-    lines += ["",
-              f"- **PPL**: `=` exact NLL (AR); `≤` the NELBO upper bound of a diffusion order (LoMDM: its "
-              f"L_main + L_velocity), mean of {s['mc']} Monte-Carlo replicates (stratified t, fresh masks), "
-              f"range = ±2 standard errors; {s['n'] or 'all'} rows of each split, spread over it.",
-              f"- **gen PPL**: {s['samples']} sequences per run decoded from all-mask at temperature 1 (float64 "
-              f"Gumbel-max) by each order's own sampler, step budget {s['steps'] or 'seq_len'} (AR: seq_len); "
-              f"scored by the exact NLL of the AR judge `{j['run_dir']}` ({_si(j['params'])} parameters, "
-              f"{j['steps']} steps). The *real test rows* line is the judge on {ref['rows']} real rows: the "
-              f"level a sampler matching the data would get. Range = ±2 standard errors over the sequences. "
-              f"NFE = forward passes per sequence (mean).",
-              f"- **unigram H**: entropy (nats) of each sequence's token histogram, mean over sequences; far "
-              f"below the real rows' value = repetitive samples (a low gen PPL then means little).",
-              f"- **equal compute**: training FLOPs differ by {spread:.1%} between the largest and the smallest run."
-              if flops else "- training FLOPs: not recorded",
-              f"- seed {s['seed']} (likelihood replicates and sample seeds; sample i uses the same seed in "
-              f"every run), {s['threads']} thread(s)."]
-    for r in result["rows"]:
-        if r["test"] is not None and "velocity_per_token" in r["test"]:
-            lines.append(f"- {r['label']}: of its test NELBO {r['test']['nelbo_per_token']:.4f} nats/token, "
-                         f"{r['test']['velocity_per_token']:.4f} is the velocity term (the sampler's k̂_ψ vs k_φ).")
-    if any(r["judge_is_this_run"] for r in result["rows"]):
-        lines.append("- the judge is one of the compared runs: its own gen PPL is self-judged (optimistic).")
-    lines += ["", "Samples (the first of each run, decoded):", ""]
-    for r in result["rows"]:
-        ex = r["generation"].get("example")
-        if ex is not None:
-            lines.append(f"- **{r['label']}**: `{ex[:300].replace(chr(10), ' ').replace('`', chr(39))}`")
-    lines.append("")
-    return "\n".join(lines + list(sections))
 
 
 # -- command line -----------------------------------------------------------------------------
@@ -438,7 +300,7 @@ def run_from_args(args) -> Dict[str, object]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     torch.set_num_threads(1)
-    p = argparse.ArgumentParser(prog="python -m anyorder.analysis.text_compare", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m anyorder.studies.text_compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     args = p.parse_args(argv)

@@ -15,8 +15,8 @@ bound on time and pass a measured ``mfu`` when one is known.
 
 Runs that differ only in their seed share one measurement: a step's shapes, hence its FLOPs, do
 not depend on the seed. Datasets are capped at ``max_data`` examples while building (the FLOPs of
-a step do not depend on how many examples the task holds; the paper's 800k star graphs take
-~20 s and 2.5 GB to build).
+a step do not depend on how many examples the task holds, and the paper-scale datasets, e.g.
+800k star graphs, are slow and large to build).
 """
 from __future__ import annotations
 
@@ -160,3 +160,23 @@ def format_estimate(res: Dict[str, Any]) -> str:
     lines.append(f"| **total** | {t['runs']} | {t['total_flops']:.3e} | **{t['gpu_hours']:.2f}** |")
     return "\n".join(lines)
 
+
+# -- command line (``anyorder estimate``) ------------------------------------------------------
+
+def add_arguments(p) -> None:
+    p.add_argument("sweeps", nargs="+", metavar="SWEEP.yaml")
+    p.add_argument("--steps", type=int, default=2, help="real CPU training steps per distinct config (0: count only)")
+    p.add_argument("--gpu-peak", dest="gpu_peak", type=float, default=H100_BF16_DENSE_TFLOPS,
+                   help=f"GPU peak TFLOP/s (default {H100_BF16_DENSE_TFLOPS:g}: H100 SXM dense BF16)")
+    p.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                   help=f"assumed model-FLOPs utilisation (default {DEFAULT_MFU:g})")
+    p.add_argument("--max-data", dest="max_data", type=int, default=4096,
+                   help="cap task.n_train / n_eval while building (FLOPs do not depend on it; 0: no cap)")
+    p.add_argument("--json", action="store_true")
+
+
+def run_from_args(args) -> Dict[str, Any]:
+    res = estimate_sweeps(args.sweeps, cpu_steps=args.steps, max_data=args.max_data, peak_tflops=args.gpu_peak,
+                          mfu=args.mfu, log=None if args.json else (lambda s: print(s, file=sys.stderr, flush=True)))
+    print(json.dumps(res, indent=1) if args.json else format_estimate(res))
+    return res

@@ -1,13 +1,14 @@
 """The decoding lab's Sudoku table: one trained model, every lab decoder, one command.
 
-    .venv/bin/python -m anyorder.analysis.decoding_lab runs/demo/random [--n 500] [--json] [--quick]
+    python -m anyorder.studies.decoding_lab runs/demo/random [--n 500] [--json] [--quick]
 
 Decodes the run's first ``n`` held-out puzzles with each decoder of :data:`LAB_DECODERS` and
 prints (decoder, puzzle_acc, cell_acc, NFE, AFP, Kendall τ, seconds) as a Markdown table, or
-JSON rows with ``--json``. The rows answer the issue's questions: does ``threshold`` reach
-AFP >= 3 within 1 point of one-token-per-step ``margin``; does ``edit`` win back what an
-over-parallel draft (``top_prob`` k=8 / k=16) loses; how do remask, ancestral, random_init and
-beam compare (beam next to the plain k=4 it replaces). The run directory is only read.
+JSON rows with ``--json``. The rows answer: does ``threshold`` (confidence-threshold parallel
+commits, as in Fast-dLLM: Wu et al., 2025, arXiv 2505.22618) reach AFP >= 3 within 1 point of
+one-token-per-step ``margin``; does ``edit`` win back what an over-parallel draft (``top_prob``
+k=8 / k=16) loses; how do remask, ancestral, random_init and beam compare (beam next to the
+plain k=4 it replaces). The run directory is only read.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def decoding_lab(run_dir: str, n: int = 500, decoders: Optional[List[Dict]] = No
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m anyorder.analysis.decoding_lab", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m anyorder.studies.decoding_lab", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir")
     p.add_argument("--n", type=int, default=500, help="held-out puzzles (default 500)")
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        from .table import format_table
+        from ..analysis.table import format_table
         print(format_table(rows, columns=["decoder", "puzzle_acc", "cell_acc", "nfe", "afp", "kendall_tau", "seconds"]))
     return 0
 

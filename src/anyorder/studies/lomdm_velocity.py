@@ -1,7 +1,8 @@
 """What a LoMDM run learned: its per-token exponents against position, frequency and token kind.
 
-LoMDM (objectives/lomdm.py) gives every answer position its own schedule α_i = 1 − t^{k_i},
-``k = c1 + c2·NormSig(g_φ(f(x)))`` computed from the clean sequence. The reverse process
+LoMDM ("Unifying Masked Diffusion Models with Various Generation Orders and Beyond", arXiv
+2602.02112; :mod:`anyorder.objectives.lomdm`) gives every answer position its own schedule
+α_i = 1 − t^{k_i}, ``k = c1 + c2·NormSig(g_φ(f(x)))`` computed from the clean sequence. The reverse process
 unmasks position i at rate A_i = k_i / t (its velocity): at every t the velocities of a row
 are its exponents times one shared factor, so comparing k *is* comparing velocities. A
 position stays masked down to time s with probability (s/t)^{k_i}: **a large k means revealed
@@ -56,10 +57,15 @@ def train_unigram_counts(task) -> torch.Tensor:
     return torch.bincount(x0[answer.bool()], minlength=task.vocab_size).double()
 
 
+def has_learned_order(model) -> bool:
+    """Whether ``model`` learned its generation order (a LoMDM: it has the g_φ schedule head)."""
+    return hasattr(model, "forward_exponent")
+
+
 @torch.no_grad()
 def learned_exponents(model, x0: torch.Tensor, answer: torch.Tensor, extra=None, batch_size: int = 64) -> torch.Tensor:
     """[N, L] float64 k_φ of clean rows (g_φ on the stop-gradient backbone features)."""
-    if not hasattr(model, "forward_exponent"):
+    if not has_learned_order(model):
         raise ValueError("this model has no learned schedule (g_φ head): pass a run with order 'learned'")
     out = [model.forward_exponent(x0[i:i + batch_size], answer[i:i + batch_size].bool(), extra)
            for i in range(0, len(x0), batch_size)]
@@ -274,7 +280,7 @@ def plot_lomdm_velocity(run_dir: Union[str, Path], out_dir: Union[str, Path], sp
     from ..experiment import load_run
 
     exp = exp if exp is not None else load_run(run_dir)
-    if not getattr(exp.order, "learned", False):
+    if not has_learned_order(exp.model):
         raise ValueError(f"{run_dir} has order {exp.order.name!r}; plot_lomdm_velocity needs order 'learned'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
