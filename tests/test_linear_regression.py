@@ -178,3 +178,19 @@ def test_linear_regression_trains_from_a_config_and_evaluates(tmp_path):
         assert ev["val_mse"] > 0 and ev["flops"] > 0 and ev["val_lstsq_mse"] < 1e-6
         res = evaluate(load_run(run), None, n=16)
         assert res["mse"] > 0 and abs(res["nmse"] - res["mse"] / 2) < 1e-9 and res["zero_mse"] > 0
+
+
+def test_a_regression_run_has_no_likelihood_and_says_so(tmp_path):
+    from pathlib import Path
+
+    from anyorder.config import load_config
+    from anyorder.evaluation import likelihood_of_run
+    from anyorder.experiment import load_run, train
+
+    root = Path(__file__).resolve().parents[1]
+    over = ["task.n_eval=8", "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "train.steps=1",
+            "train.warmup_steps=0", "train.batch_size=4", "train.progress=false", "eval.n=8",
+            f"out_dir={tmp_path}", "name=lr"]
+    exp = load_run(train(load_config(str(root / "configs" / "linear_regression.yaml"), over)))
+    with pytest.raises(ValueError, match="'regression' objective, which has no likelihood bound"):
+        likelihood_of_run(exp)

@@ -56,6 +56,9 @@ def likelihood_of_run(exp, split: str = "test", samples: int = 8, n: Optional[in
     task. Tasks with named splits (``text``) take ``train``/``validation``/``test``/``zero_shot``;
     other tasks only have their evaluation set (``split='validation'`` or ``'test'``)."""
     task = exp.task
+    if not exp.objective.has_likelihood:
+        raise ValueError(f"run of task {task.name!r} trains with the {exp.objective.describe()['name']!r} objective, "
+                         f"which has no likelihood bound (use anyorder eval for its metrics)")
     if hasattr(task, "split_set"):
         x0, answer = task.split_set(split, n)
     elif split in ("validation", "test"):

@@ -35,6 +35,7 @@ class Objective:
 
     weightings: Tuple[str, ...] = ("elbo",)
     weighting_kind = "weighting"   # how an unknown weighting is named in the error message
+    has_likelihood = True          # False: :meth:`likelihood` has no bound to give (continuous targets)
 
     def __init__(self, task, order, weighting: Optional[str] = None):
         self.task, self.order = task, order

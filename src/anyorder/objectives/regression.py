@@ -80,6 +80,7 @@ class RegressionObjective(Objective):
 
     weightings = REGRESSION_WEIGHTINGS
     weighting_kind = "regression weighting"
+    has_likelihood = False
 
     def __init__(self, task, order, weighting: Optional[str] = None):
         if order.objective != "nelbo":
