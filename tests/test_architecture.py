@@ -1,4 +1,5 @@
-"""The package's shape: no branch on a registered name, every module imports alone, no import cycle.
+"""The package's shape: no branch on a registered name, every module imports alone, no import
+cycle, every import left inside a function says why, no oversized file.
 
 1. Outside the registries, no code asks which order, task, decoder or objective it holds by
    comparing its name with a string literal (``order.name == "ar"``, ``cfg["task"]["name"] ==
@@ -10,15 +11,21 @@
 3. The import graph of the package has no cycle among module-level imports (imports inside
    function bodies run later, lazily, and are listed apart), and nothing in the library proper
    imports :mod:`anyorder.studies`.
+4. An import inside a function body stays there only for a reason -- a real cycle, an optional
+   or heavy dependency the module does not otherwise need, the ``python -m`` self-import -- and
+   says so with a ``# lazy: <why>`` comment on its line; anything else goes to module level.
+5. ``experiment.py`` stays a small facade (under 200 lines) and no module exceeds 400 lines.
 """
 from __future__ import annotations
 
 import ast
+import io
 import subprocess
 import sys
 import textwrap
+import tokenize
 from pathlib import Path
-from typing import Dict, List, Set, Tuple
+from typing import Dict, Iterator, List, Set, Tuple, Union
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PKG = "anyorder"
@@ -230,6 +237,20 @@ def _targets(mod: str, is_pkg: bool, node: ast.AST, modules: Set[str]) -> List[s
     return [f"{prefix}.{a.name}" if f"{prefix}.{a.name}" in modules else prefix for a in node.names]
 
 
+ImportNode = Union[ast.Import, ast.ImportFrom]
+
+
+def walk_imports(tree: ast.AST, at_top: bool = True) -> Iterator[Tuple[ImportNode, bool]]:
+    """Every import statement under ``tree`` with whether it runs when the module loads (module
+    level, including under ``if``/``try`` and in class bodies) or only when a function runs."""
+    for child in ast.iter_child_nodes(tree):
+        if isinstance(child, (ast.Import, ast.ImportFrom)):
+            yield child, at_top
+        else:
+            yield from walk_imports(child, at_top and not isinstance(
+                child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+
 def import_graph() -> Tuple[Dict[str, Set[str]], Dict[str, Set[str]]]:
     """(load-time edges, lazy edges): module -> the package's modules it imports at module level
     (including under ``if``/``try``), and those it imports only inside function bodies.
@@ -246,20 +267,11 @@ def import_graph() -> Tuple[Dict[str, Set[str]], Dict[str, Set[str]]]:
         is_pkg = path.name == "__init__.py"
         top: Set[str] = set()
         inner: Set[str] = set()
-
-        def visit(node, at_top):
-            for child in ast.iter_child_nodes(node):
-                if isinstance(child, (ast.Import, ast.ImportFrom)):
-                    for t in _targets(mod, is_pkg, child, modules):
-                        if t == PKG or t.startswith(PKG + "."):
-                            needed = {t} | (_ancestors(t) - _ancestors(mod))
-                            (top if at_top else inner).update(needed - {mod})
-                elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-                    visit(child, False)
-                else:
-                    visit(child, at_top)
-
-        visit(ast.parse(path.read_text()), True)
+        for node, at_top in walk_imports(ast.parse(path.read_text())):
+            for t in _targets(mod, is_pkg, node, modules):
+                if t == PKG or t.startswith(PKG + "."):
+                    needed = {t} | (_ancestors(t) - _ancestors(mod))
+                    (top if at_top else inner).update(needed - {mod})
         load[mod] = {m for m in top if m in modules}
         lazy[mod] = {m for m in inner if m in modules} - load[mod]
     return load, lazy
@@ -331,7 +343,7 @@ def test_the_import_graph_has_no_load_time_cycle():
     assert "anyorder.orders.registry" in load["anyorder.orders.block"]
     assert {"anyorder.decoding", "anyorder.decoding.loop"} <= load["anyorder.evaluation.decode"] | {"anyorder.decoding.loop"}
     assert "anyorder.orders" not in load["anyorder.orders.block"]
-    assert "anyorder.experiment" in lazy["anyorder.analysis.report"]
+    assert "anyorder.analysis.easy_first" in lazy["anyorder.tasks.sudoku"]
     cycles = find_cycles(load)
     both = {m: load[m] | lazy[m] for m in load}
     lazy_cycles = [c for c in find_cycles(both) if c not in cycles]
@@ -346,3 +358,78 @@ def test_the_library_does_not_import_the_studies():
     users = sorted(m for m in load if not (m == studies or m.startswith(studies + ".")) and m != f"{PKG}.cli"
                    and any(t == studies or t.startswith(studies + ".") for t in load[m] | lazy[m]))
     assert not users, f"library modules importing {studies} (study code is not library API): {users}"
+
+
+# -- 4. an import inside a function says why ----------------------------------------------------
+
+LAZY_TAG = "# lazy:"
+
+
+def unexplained_lazy_imports(source: str) -> List[int]:
+    """First lines of the imports inside function bodies of ``source`` that carry no
+    ``# lazy: <why>`` comment (a real comment token, with a reason, on one of the statement's lines)."""
+    explained = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            text = tok.string
+            at = text.find(LAZY_TAG)
+            if at >= 0 and text[at + len(LAZY_TAG):].strip():
+                explained.add(tok.start[0])
+    return sorted(node.lineno for node, at_top in walk_imports(ast.parse(source)) if not at_top
+                  and not explained & set(range(node.lineno, (node.end_lineno or node.lineno) + 1)))
+
+
+def test_the_lazy_import_check_catches_an_unexplained_import_and_passes_explained_ones():
+    caught = {
+        "def f():\n    import yaml\n": [2],
+        "def f():\n    from .x import y\n    return y\n": [2],
+        "class A:\n    def m(self):\n        from . import z\n": [3],
+        "def f():\n    def g():\n        import os\n": [3],
+        "def f():\n    import os  # lazy:\n": [2],                     # no reason given
+        "def f():\n    s = '# lazy: in a string'; import os\n": [2],  # a string is no comment
+        "def f():\n    import a  # lazy: optional\n    import b\n": [3],
+    }
+    for src, lines in caught.items():
+        assert unexplained_lazy_imports(src) == lines, src
+    explained = [
+        "import yaml\nfrom .x import y\n",                             # module level
+        "try:\n    import lm_eval\nexcept ImportError:\n    pass\n",  # still module level
+        "class A:\n    from .x import y\n",                            # a class body runs at load time
+        "def f():\n    from .x import y  # lazy: cycle (x imports this module)\n",
+        "def f():\n    import wandb  # noqa: F401  # lazy: optional dependency\n",
+        "def f():\n    from .x import (a,  # lazy: cycle\n                    b)\n",
+    ]
+    for src in explained:
+        assert unexplained_lazy_imports(src) == [], src
+
+
+def test_every_import_inside_a_function_says_why_it_is_lazy():
+    hits = []
+    for path in package_files().values():
+        source = path.read_text()
+        for line in unexplained_lazy_imports(source):
+            hits.append(f"{path.relative_to(SRC.parent)}:{line}: {source.splitlines()[line - 1].strip()}")
+    assert not hits, ("imports inside functions without a '# lazy: <why>' comment: move them to module level, "
+                      "or say why they must wait (a real cycle, an optional or heavy dependency the module does "
+                      "not otherwise need, the `python -m` self-import):\n" + "\n".join(hits))
+
+
+# -- 5. file sizes -------------------------------------------------------------------------------
+
+EXPERIMENT_MAX_LINES = 200
+MODULE_MAX_LINES = 400
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines())
+
+
+def test_experiment_stays_a_small_facade():
+    n = _lines(SRC / PKG / "experiment.py")
+    assert n < EXPERIMENT_MAX_LINES, f"src/{PKG}/experiment.py has {n} lines (limit: under {EXPERIMENT_MAX_LINES})"
+
+
+def test_no_module_exceeds_the_size_limit():
+    big = sorted(f"{path.relative_to(SRC.parent)}: {_lines(path)} lines" for path in package_files().values()
+                 if _lines(path) > MODULE_MAX_LINES)
+    assert not big, f"modules over {MODULE_MAX_LINES} lines (split them):\n" + "\n".join(big)

@@ -16,12 +16,17 @@ import time
 from typing import Dict
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from .analysis.flops import register_cpu_attention_flops
+from .decoding import build_decoder
+from .decoding.forward import cached_forward
 from .model import ModelConfig, Transformer
 from .model.lomdm import LoMDM
 from .objectives.lomdm import lomdm_loss
 from .objectives.nelbo import plan_loss
 from .orders import build_order
+from .tasks.sudoku_gen import bench_generation
 
 
 def _machine() -> Dict[str, object]:
@@ -45,12 +50,6 @@ def matmul_peak(dtype=torch.float32, n: int = 1024, seconds: float = 1.5) -> flo
 
 def bench_train(d_model: int = 256, n_layers: int = 6, seq_len: int = 128, batch_size: int = 16,
                 steps: int = 6, orders=("random", {"name": "block", "block_size": 16})) -> Dict[str, object]:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .analysis.flops import register_cpu_attention_flops
-    from .model import ModelConfig, Transformer
-    from .orders import build_order
-
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     vocab = 1024
     torch.manual_seed(0)
@@ -104,10 +103,6 @@ def bench_train(d_model: int = 256, n_layers: int = 6, seq_len: int = 128, batch
 
 def bench_decode(d_model: int = 256, n_layers: int = 6, seq_len: int = 128, prompt_len: int = 32,
                  batch_size: int = 8) -> Dict[str, object]:
-    from .decoding import build_decoder
-    from .model import ModelConfig, Transformer
-    from .orders import build_order
-
     vocab = 1024
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=vocab + 1, mask_id=vocab, d_model=d_model, n_layers=n_layers,
@@ -159,11 +154,6 @@ def bench_decode_cache(d_model: int = 256, n_layers: int = 6, prompt_len: int = 
     greedy block decode diverged at step 79 on a top-2 logit gap below 1e-6). The compute timed
     is the same either way.
     """
-    from .decoding import build_decoder
-    from .decoding.forward import cached_forward
-    from .model import ModelConfig, Transformer
-    from .orders import build_order
-
     vocab = 1024
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -207,8 +197,6 @@ def bench_decode_cache(d_model: int = 256, n_layers: int = 6, prompt_len: int = 
 
 
 def bench_sudoku_gen(count: int = 100_000) -> Dict[str, object]:
-    from .tasks.sudoku_gen import bench_generation
-
     return {**bench_generation(size=9, count=count, n_clues=30, seed=0), "machine": _machine()}
 
 

@@ -31,6 +31,22 @@ import json
 import sys
 from typing import List, Optional
 
+import torch
+import yaml
+
+from . import bench
+from .analysis.report import analyze_run
+from .analysis.table import format_table
+from .analysis.zipf import ppl_table
+from .config import load_config
+from .decoding import DECODERS
+from .demo import run_demo
+from .evaluation.likelihood import likelihood_of_run
+from .experiment import evaluate, load_run, run_decoder, train
+from .orders import ORDERS
+from .studies import estimate, sweep_report, text_compare, toy
+from .sweep import run_sweep
+
 USER_ERRORS = (ValueError, FileNotFoundError)
 
 
@@ -41,8 +57,6 @@ def _decoder_spec(args) -> dict:
         if val is not None:
             spec[key] = val
     for item in getattr(args, "opt", None) or []:  # --opt tau=0.8 --opt fill_tokens=[1,2,3,4]
-        import yaml
-
         key, sep, val = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--opt expects key=value, got {item!r}")
@@ -64,17 +78,12 @@ def _add_decoder_args(p):
 
 
 def cmd_train(args):
-    from .config import load_config
-    from .experiment import train
-
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg)
     print(f"run directory: {run_dir}")
 
 
 def cmd_eval(args):
-    from .experiment import evaluate, load_run
-
     exp = load_run(args.run_dir)
     specs = [_decoder_spec(args)] if args.decoder else exp.cfg["decode"]
     rows = []
@@ -84,15 +93,10 @@ def cmd_eval(args):
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        from .analysis.table import format_table
         print(format_table(rows, exp.task.headline()))
 
 
 def cmd_sample(args):
-    import torch
-
-    from .experiment import load_run, run_decoder
-
     exp = load_run(args.run_dir)
     spec = _decoder_spec(args) if args.decoder else exp.cfg["decode"][0]
     if args.puzzle:
@@ -111,9 +115,6 @@ def cmd_sample(args):
 
 
 def cmd_likelihood(args):
-    from .evaluation.likelihood import likelihood_of_run
-    from .experiment import load_run
-
     res = likelihood_of_run(load_run(args.run_dir), split=args.split, samples=args.samples, n=args.n,
                             batch_size=args.batch_size, seed=args.seed)
     if args.json:
@@ -127,21 +128,15 @@ def cmd_likelihood(args):
 
 
 def cmd_demo(args):
-    from .demo import run_demo
-
     run_demo(out_dir=args.out_dir, steps=args.steps, quick=args.quick)
 
 
 def cmd_bench(args):
-    from . import bench
-
     res = {"train": bench.bench_train, "decode": bench.bench_decode, "sudoku-gen": bench.bench_sudoku_gen}[args.what]()
     print(json.dumps(res, indent=None if args.json else 1))
 
 
 def cmd_analyze(args):
-    from .analysis.report import analyze_run
-
     specs = [_decoder_spec(args)] if args.decoder else None
     out = args.out or f"{args.run_dir.rstrip('/')}/analysis"
     res = analyze_run(args.run_dir, decoders=specs, n=args.n, out=out, s=args.s, vocab=args.vocab,
@@ -154,8 +149,6 @@ def cmd_analyze(args):
 
 
 def cmd_zipf(args):
-    from .analysis.zipf import ppl_table
-
     res = ppl_table(args.s, args.vocab, args.max_parallel)
     if args.json:
         print(json.dumps(res))
@@ -169,8 +162,6 @@ def cmd_zipf(args):
 
 
 def cmd_sweep(args):
-    from .sweep import run_sweep
-
     for r in run_sweep(args.config, workers=args.workers, launcher=args.launcher):
         print(f"{r['status']:>15}  {r['run']}")
 
@@ -183,10 +174,6 @@ def cmd_names(registry):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .decoding import DECODERS
-    from .orders import ORDERS
-    from .studies import estimate, sweep_report, text_compare, toy
-
     p = argparse.ArgumentParser(prog="anyorder", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a model from a YAML config")

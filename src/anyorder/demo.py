@@ -17,6 +17,11 @@ from pathlib import Path
 
 import torch
 
+from .analysis.plots import finalization_grid
+from .analysis.table import format_table
+from .config import load_config, merge
+from .experiment import evaluate, load_run, train
+
 DEMO_CONFIG = {
     "seed": 0,
     "task": {"name": "sudoku", "size": 4, "n_clues": 5, "n_train": 20000, "n_eval": 500, "seed": 0},
@@ -42,11 +47,6 @@ def _label(order, dec):
 
 
 def run_demo(out_dir="runs/demo", steps=None, quick: bool = False, n_eval: int = 500):
-    from .analysis.plots import finalization_grid
-    from .analysis.table import format_table
-    from .config import load_config, merge
-    from .experiment import evaluate, load_run, train
-
     out = Path(out_dir)
     t_start = time.time()
     rows, panels, runs = [], {}, {}

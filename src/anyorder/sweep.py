@@ -20,14 +20,19 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import multiprocessing as mp
+import os
 import re
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
+import torch
 import yaml
 
 from .config import DEFAULTS, apply_overrides, load_config, merge
+from .experiment import build, run_dir_for, train
+from .registry import unknown_choice
 
 SWEEP_KEYS = {"name", "out_dir", "base", "overrides", "grid", "launcher"}
 LAUNCHERS = ("local", "submitit")
@@ -49,7 +54,6 @@ def load_sweep(path_or_dict) -> Dict[str, Any]:
         spec, base_dir = yaml.safe_load(path.read_text()) or {}, path.parent
     unknown = set(spec) - SWEEP_KEYS
     if unknown:
-        from .registry import unknown_choice
         raise unknown_choice("sweep key", sorted(unknown)[0], sorted(SWEEP_KEYS))
     if not isinstance(spec.get("grid", {}), dict):
         raise ValueError("sweep 'grid' must map dotted config keys to lists of values")
@@ -59,7 +63,6 @@ def load_sweep(path_or_dict) -> Dict[str, Any]:
     if spec.get("base"):
         spec["base"] = str((base_dir / spec["base"]).resolve()) if not Path(spec["base"]).is_absolute() else spec["base"]
     if spec["launcher"].get("name", "local") not in LAUNCHERS:
-        from .registry import unknown_choice
         raise unknown_choice("launcher", spec["launcher"].get("name"), list(LAUNCHERS))
     return spec
 
@@ -93,10 +96,6 @@ def expand(spec: Dict[str, Any]) -> List[Tuple[str, Dict[str, Any]]]:
 
 def _train_one(cfg: Dict[str, Any], threads: int = 0) -> Dict[str, Any]:
     """One run (in a worker process): skip if finished, else train or resume."""
-    import torch
-
-    from .experiment import build, run_dir_for, train
-
     if threads:
         torch.set_num_threads(threads)
     run_dir = run_dir_for(cfg)
@@ -120,19 +119,15 @@ def run_sweep(path_or_dict, workers: int = None, launcher: str = None) -> List[D
     for c in cfgs:
         c["train"]["progress"] = False
     if name == "local":
-        import os
-
         n = int(workers or launch.get("workers") or 1)
         # OMP_NUM_THREADS, when set, wins: a sweep sharing the machine with other work must not
         # take every core
         threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // n)
         if n == 1:
             return [_train_one(c, threads) for c in cfgs]
-        import multiprocessing as mp
-
         with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as pool:
             return list(pool.map(_train_one, cfgs, [threads] * len(cfgs)))
-    import submitit  # optional dependency: pip install submitit
+    import submitit  # lazy: optional dependency (pip install submitit), only for launcher 'submitit'
 
     executor = submitit.AutoExecutor(folder=str(out / "submitit"), cluster=launch.pop("cluster", None))
     if launch:

@@ -32,6 +32,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..decoding import build_decoder
+from ..orders import build_order
+
 ATTENTION_MODES = ("full", "mask4d")
 AUTO_CLASSES = ("AutoModel", "AutoModelForMaskedLM", "AutoModelForCausalLM")
 # Mask ids of the public checkpoints this adapter is written for (their tokenizers may not say).
@@ -152,8 +155,8 @@ def load_hf_model(name_or_path: str, mask_token_id: Optional[int] = None, shift_
     to the LM-head class); a stock masked LM such as BERT needs ``AutoModelForMaskedLM``.
     Returns ``(model, tokenizer)`` (tokenizer None with ``load_tokenizer=False``).
     """
-    import transformers
-    from packaging.version import Version
+    import transformers  # lazy: optional dependency (the 'hf' extra)
+    from packaging.version import Version  # lazy: installed with transformers, only needed with it
 
     if auto_class not in AUTO_CLASSES:
         raise ValueError(f"unknown auto_class {auto_class!r}. Valid choices: {', '.join(AUTO_CLASSES)}")
@@ -214,9 +217,6 @@ def generate(model, tokenizer, prompts: Sequence[str], gen_length: int = 128, de
     """Decode equal-length prompts in one batch. Returns ``(texts, DecodeResult)``.
 
     Row b samples with seed ``seed + b``; texts are the decoded answers (special tokens skipped)."""
-    from ..decoding import build_decoder
-    from ..orders import build_order
-
     ids = [prompt_ids(tokenizer, p, chat=chat) for p in prompts]
     x, answer = masked_batch(ids, gen_length, model.cfg.mask_id)
     res = build_decoder(decoder).decode(model, build_order(order), x, answer, row_seeds=[seed + b for b in range(len(ids))])

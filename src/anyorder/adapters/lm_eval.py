@@ -39,7 +39,7 @@ from ..decoding import build_decoder
 from ..decoding.trace import afp, kendall_tau_b
 from ..orders import build_order
 from ..orders.random import RandomOrder
-from .hf import masked_batch
+from .hf import load_hf_model, masked_batch
 
 STATS_SCOPES = ("all", "before_eos")
 
@@ -228,8 +228,6 @@ def build_core(pretrained: Optional[str] = None, model=None, tokenizer=None, mas
     if model is None:
         if pretrained is None:
             raise ValueError("give pretrained=<hub id or local dir> (or a model object through the Python API)")
-        from .hf import load_hf_model
-
         model, tok = load_hf_model(pretrained, mask_token_id=mask_token_id, shift_logits=shift_logits,
                                    trust_remote_code=trust_remote_code, torch_dtype=dtype, device=device or "cpu",
                                    attention=attention, auto_class=auto_class, vocab_limit=vocab_limit)
@@ -293,8 +291,8 @@ def evaluate(lm, tasks: Sequence[str], include_path: Optional[str] = None, inclu
     task comes from ``include_path``."""
     if not HAVE_LM_EVAL:
         raise ImportError("lm-evaluation-harness is not installed: pip install 'anyorder[lm_eval]'")
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
+    from lm_eval import simple_evaluate  # lazy: optional dependency (the 'lm_eval' extra)
+    from lm_eval.tasks import TaskManager  # lazy: optional dependency (the 'lm_eval' extra)
 
     start = len(lm.core.records)
     tm = TaskManager(include_path=include_path, include_defaults=include_defaults) if include_path else None
@@ -338,7 +336,7 @@ def main(argv=None) -> int:
     if not HAVE_LM_EVAL:
         print("lm-evaluation-harness is not installed: pip install 'anyorder[lm_eval]'", file=sys.stderr)
         return 2
-    from lm_eval.utils import simple_parse_args_string
+    from lm_eval.utils import simple_parse_args_string  # lazy: optional dependency (the 'lm_eval' extra)
 
     lm = AnyOrderLM(**simple_parse_args_string(a.model_args))
     limit = None if a.limit is None else (int(a.limit) if a.limit >= 1 else a.limit)
@@ -357,6 +355,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from anyorder.adapters.lm_eval import main as _main  # the importable copy, whose class is registered
+    from anyorder.adapters.lm_eval import main as _main  # lazy: `python -m` self-import (the registered class)
 
     sys.exit(_main())

@@ -27,6 +27,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ..decoding.forward import uncached_forward
+from ..tasks.toy import COUNTS, C, D
 
 
 def kl_joint_vs_product(joint: Mapping[Tuple[int, ...], float], marginals: Sequence) -> float:
@@ -48,8 +49,6 @@ def kl_joint_vs_product(joint: Mapping[Tuple[int, ...], float], marginals: Seque
 # ----------------------------------------------------------------------------- the toy
 def toy_joint() -> Dict[Tuple[int, int], float]:
     """P(first, second | C D) from the toy's counts."""
-    from ..tasks.toy import COUNTS
-
     n = sum(COUNTS.values())
     return {ab: c / n for ab, c in COUNTS.items()}
 
@@ -72,8 +71,6 @@ def toy_gap(marginals: Optional[Sequence] = None) -> float:
 @torch.no_grad()
 def toy_model_marginals(model, mask_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The model's full-vocabulary marginals at positions 0 and 1 given ``_ _ C D _``."""
-    from ..tasks.toy import C, D
-
     q = torch.tensor([[mask_id, mask_id, C, D, mask_id]])
     p = torch.softmax(model(q).double(), -1)[0]
     return p[0], p[1]

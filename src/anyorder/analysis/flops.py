@@ -14,6 +14,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.utils.flop_counter as fc
+from torch.utils.flop_counter import FlopCounterMode
 
 
 _REGISTERED = False
@@ -26,8 +28,6 @@ def register_cpu_attention_flops() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    import torch.utils.flop_counter as fc
-
     aten = torch.ops.aten
     fwd, bwd = aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention_for_cpu_backward
     if fwd.default not in fc.flop_registry:
@@ -45,8 +45,6 @@ def register_cpu_attention_flops() -> None:
 
 def count_step_flops(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], torch.Tensor]) -> int:
     """FLOPs of ``loss_fn(model).backward()``; leaves no gradients behind."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     register_cpu_attention_flops()
     with FlopCounterMode(display=False) as counter:
         loss = loss_fn(model)

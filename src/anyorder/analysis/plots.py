@@ -16,11 +16,7 @@ def finalization_grid(panels: Dict[str, torch.Tensor], path, n_examples: int = 4
     that grid, else as a strip. Colour = step normalised to [0, 1] within the example;
     the number in each cell is the step itself.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     labels = list(panels)
     rows, cols = len(labels), n_examples
     fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols + 1.6, 1.9 * rows + 0.4), squeeze=False)
@@ -54,10 +50,10 @@ def finalization_grid(panels: Dict[str, torch.Tensor], path, n_examples: int = 4
 
 # ----------------------------------------------------------------------------- diagnostics (analysis.report)
 def _plt():
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is heavy and only the plots need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib is heavy and only the plots need it
 
     return plt
 

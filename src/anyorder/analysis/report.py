@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
+from ..experiment import load_run, run_decoder
 from . import plots
 from .distance import distance_analysis
 from .factorization import sudoku_gap
@@ -53,8 +54,6 @@ def analyze_run(run_dir: Union[str, Path], decoders: Optional[Sequence] = None, 
     fixed when s is fitted; far: the distance from which masked positions count as distant
     (homogenisation); max_parallel: largest n of the parallel bounds.
     """
-    from ..experiment import load_run, run_decoder
-
     run_dir = Path(run_dir)
     exp = load_run(run_dir)
     out = Path(out) if out is not None else run_dir / "analysis"

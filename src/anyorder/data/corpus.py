@@ -259,7 +259,7 @@ class HFDataset(Corpus):
                 f"HF_HUB_OFFLINE (and HF_DATASETS_OFFLINE) to download it, or pass local files with "
                 f"data_files=... (e.g. {{name: hf, path: json, data_files: {{train: my.jsonl}}}}).")
         try:
-            import datasets
+            import datasets  # lazy: optional dependency (the 'text' extra), only for the 'hf' corpus
         except ImportError:
             raise ModuleNotFoundError("the 'hf' corpus needs Hugging Face datasets: run `pip install datasets` "
                                       "(or `pip install -e \".[text]\"`)") from None

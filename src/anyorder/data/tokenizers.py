@@ -96,7 +96,7 @@ class _HFTokenizer(TextTokenizer):
 
 def _need_tokenizers():
     try:
-        import tokenizers  # noqa: F401
+        import tokenizers  # lazy: optional dependency (the 'text' extra)
     except ImportError:
         raise ModuleNotFoundError("this tokenizer needs Hugging Face tokenizers: run `pip install tokenizers` "
                                   "(or `pip install -e \".[text]\"`)") from None
@@ -186,7 +186,7 @@ class GPT2Tokenizer(TextTokenizer):
         self.enc = None
         if backend in ("auto", "tiktoken"):
             try:
-                import tiktoken
+                import tiktoken  # lazy: optional dependency (the 'text' extra)
                 self.enc = tiktoken.Encoding(name="gpt2_whisper_asset", pat_str=GPT2_PATTERN, mergeable_ranks=self.ranks,
                                              special_tokens={"<|endoftext|>": 50256})
             except ImportError:
@@ -194,7 +194,7 @@ class GPT2Tokenizer(TextTokenizer):
                     raise ModuleNotFoundError("backend='tiktoken' needs `pip install tiktoken`") from None
         if self.enc is None:
             try:
-                import regex
+                import regex  # lazy: optional dependency (the 'text' extra)
             except ImportError:
                 raise ModuleNotFoundError("the gpt2 tokenizer needs `pip install regex` (GPT-2's pre-tokenizer "
                                           "uses \\p{L}) or `pip install tiktoken`") from None

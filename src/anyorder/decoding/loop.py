@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from ..orders.base import Layout, Order
 from ..registry import Registry
+from .forward import cached_forward, uncached_forward
 from .sampling import row_generators, sample_tokens
 from .scores import SCORES
 from .trace import Trace
@@ -165,8 +166,6 @@ class Decoder:
     def make_forward(self, model, order: Order, layout: Layout, extra=None):
         """``forward(x, masked) -> logits`` for this decode: the plain full pass under the order's
         attention, or (``cache=True``) an exact KV-cached pass where the order allows one."""
-        from .forward import cached_forward, uncached_forward
-
         return (cached_forward if self.cache else uncached_forward)(model, order, layout, extra)
 
     def probe_forward(self, st: DecodeState):

@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Dict, List, Optional
+
+from ..analysis.table import format_table
+from ..experiment import evaluate, load_run
 
 LAB_DECODERS: List[Dict] = [
     {"name": "margin"},
@@ -39,8 +43,6 @@ QUICK = [{"name": "margin"}, {"name": "threshold", "tau": 0.99}, {"name": "top_p
 
 def decoding_lab(run_dir: str, n: int = 500, decoders: Optional[List[Dict]] = None, log=None) -> List[Dict]:
     """One row per decoder: the task metrics, NFE, AFP, Kendall τ and wall seconds."""
-    from ..experiment import evaluate, load_run
-
     exp = load_run(run_dir)
     rows = []
     for spec in decoders or LAB_DECODERS:
@@ -63,14 +65,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a Markdown table")
     p.add_argument("--quick", action="store_true", help="four decoders only")
     args = p.parse_args(argv)
-    import sys
-
     rows = decoding_lab(args.run_dir, args.n, QUICK if args.quick else None,
                         log=lambda r: print(json.dumps(r), file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        from ..analysis.table import format_table
         print(format_table(rows, columns=["decoder", "puzzle_acc", "cell_acc", "nfe", "afp", "kendall_tau", "seconds"]))
     return 0
 

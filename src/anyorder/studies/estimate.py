@@ -28,6 +28,12 @@ import sys
 import tempfile
 from typing import Any, Dict, List
 
+import torch
+
+from ..experiment import build, make_loss_fn, step_flops, steps_for_budget, train_config
+from ..sweep import expand, load_sweep
+from ..train import Trainer
+
 H100_BF16_DENSE_TFLOPS = 989.0   # H100 SXM, dense BF16 tensor-core peak (1979 is with 2:4 sparsity)
 DEFAULT_MFU = 0.4
 DATA_KEYS = ("n_train", "n_eval")  # task options that only size the dataset
@@ -63,19 +69,12 @@ def _shape_key(cfg: Dict[str, Any]) -> str:
 def train_steps(cfg: Dict[str, Any], flops_per_step: float) -> int:
     """The optimizer steps ``train()`` will run: ``train.steps``, or as many as fit
     ``train.flops_budget`` when one is set (floor(budget / FLOPs per step), at least one)."""
-    from ..experiment import steps_for_budget
-
     budget = cfg["train"].get("flops_budget")
     return int(cfg["train"]["steps"]) if budget is None else steps_for_budget(budget, flops_per_step)
 
 
 def measure_run(cfg: Dict[str, Any], cpu_steps: int = 2, max_data: int = 4096) -> Dict[str, Any]:
     """Build the run, count one optimizer step's FLOPs, train ``cpu_steps`` real steps (temp dir)."""
-    import torch
-
-    from ..experiment import build, make_loss_fn, step_flops, train_config
-    from ..train import Trainer
-
     exp = build(cap_data(cfg, max_data))
     tcfg, _ = train_config(exp.cfg)  # a budget is resolved into steps by train_steps()
     loss_fn = make_loss_fn(exp)
@@ -127,8 +126,6 @@ def estimate(runs: List, cpu_steps: int = 2, peak_tflops: float = H100_BF16_DENS
 def estimate_sweeps(paths, cpu_steps: int = 2, peak_tflops: float = H100_BF16_DENSE_TFLOPS,
                     mfu: float = DEFAULT_MFU, max_data: int = 4096, log=None) -> Dict[str, Any]:
     """``estimate`` over one or more sweep files (or dicts); runs of all of them, one total."""
-    from ..sweep import expand, load_sweep
-
     runs = []
     for p in paths:
         runs += expand(load_sweep(p))

@@ -27,6 +27,8 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
+from ..experiment import load_run
+
 TOKEN_KINDS = ("separator", "punct/space", "word", "digits", "other")
 
 
@@ -176,10 +178,10 @@ def velocity_summary(exp, split: str = "test", n: int = 256, n_bins: int = 8, ba
 
 
 def _plots(s: Dict[str, object], out: Path, title: str) -> Dict[str, str]:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is heavy and only the plots need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib is heavy and only the plots need it
 
     paths = {}
     pos = s["by_position"]
@@ -277,8 +279,6 @@ def plot_lomdm_velocity(run_dir: Union[str, Path], out_dir: Union[str, Path], sp
     ``paths`` (file names relative to ``out_dir``) and ``markdown`` (the section).
     ``finalize_steps`` [N, L] (the decoding traces of the run's samples) adds when its sampler
     revealed each position."""
-    from ..experiment import load_run
-
     exp = exp if exp is not None else load_run(run_dir)
     if not has_learned_order(exp.model):
         raise ValueError(f"{run_dir} has order {exp.order.name!r}; plot_lomdm_velocity needs order 'learned'")

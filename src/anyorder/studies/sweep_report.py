@@ -28,11 +28,15 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
+import torch
 import yaml
 
 from ..analysis.table import format_table
+from ..decoding.regression import predict
+from ..experiment import load_run
 from ..tasks import TASKS
-from ..tasks.linear_regression import LinearRegressionTask
+from ..tasks.linear_regression import LinearRegressionTask, least_squares, ridge
 
 OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 REFERENCE_ORDER = "ar"  # task affinity compares every order with this one
@@ -149,11 +153,10 @@ def summarise(runs: List[dict], thresholds: Optional[Dict[str, Tuple[str, str, f
 
 
 def plot_curves(runs: List[dict], task: str, key: str, path: Path) -> Path:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is heavy and only the plots need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # lazy: matplotlib is heavy and only the plots need it
 
     fig, ax = plt.subplots(figsize=(6, 4))
     groups = defaultdict(list)
@@ -197,11 +200,6 @@ def context_curve(exp, n: int = 256) -> Dict[str, List[float]]:
     the mask vector on prompt slots, which no order ever masks in training; renumbering positions
     would move the queries 2(P−k) places closer to the examples than training ever put them. At
     k = P this is the ordinary evaluation (the same number as ``val_mse`` on the same prompts)."""
-    import torch
-
-    from ..decoding.regression import predict
-    from ..tasks.linear_regression import least_squares, ridge
-
     task, order, model = exp.task, exp.order, exp.model
     P, L = task.P, task.seq_len
     batch = task.eval_set(n)
@@ -243,10 +241,6 @@ def _regression_key(cfg: dict) -> Tuple[int, int, int]:
 def context_curves(runs: List[dict], cache_dir: Path, n: int = 256) -> List[dict]:
     """``context_curve`` of every finished linear-regression run, cached per run in ``cache_dir``
     (recomputed when the weights or ``n`` change)."""
-    import torch
-
-    from ..experiment import load_run
-
     out = []
     for r in runs:
         if not (_is_regression(r["cfg"]) and r["finished"]):
@@ -267,11 +261,10 @@ def context_curves(runs: List[dict], cache_dir: Path, n: int = 256) -> List[dict
 
 def plot_context_curves(curves: List[dict], key: Tuple[int, int, int], path: Path) -> Path:
     """Normalised error (MSE/d) against k, mean ± std over seeds per order, with the baselines."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is heavy and only the plots need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # lazy: matplotlib is heavy and only the plots need it
 
     d, P, R = key
     fig, ax = plt.subplots(figsize=(6, 4))

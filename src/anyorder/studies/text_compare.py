@@ -37,9 +37,11 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from ..decoding.loop import DECODERS, renamed_options
 from ..decoding.sampling import gumbel_noise
+from ..experiment import load_run
 from .lomdm_velocity import has_learned_order, plot_lomdm_velocity, velocity_markdown
 from .text_compare_report import markdown
 
@@ -199,8 +201,6 @@ def compare_runs(run_dirs: Sequence[Union[str, Path]], judge_dir: Union[str, Pat
     the test and zero-shot splits (spread over the split; None = all); steps: decoding step
     budget (default seq_len); decoders: {run label: decoder spec} overriding the natural one;
     batch_size: rows decoded at once."""
-    from ..experiment import load_run
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     judge_dir = Path(judge_dir)
@@ -282,8 +282,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args) -> Dict[str, object]:
-    import yaml
-
     decoders = {}
     for item in args.decoder or []:
         label, sep, spec = item.partition("=")

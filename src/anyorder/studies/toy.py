@@ -11,12 +11,15 @@ reads these numbers off the model itself (the joints by the chain rule, A's posi
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import time
 from typing import Dict
 
 import torch
+import torch.nn.functional as F
 
+from ..model import ModelConfig, Transformer
 from ..tasks.toy import A, A_, B, B_, C, COUNTS, D, NAMES, ToyTask
 
 DEFAULT_STEPS = 600
@@ -77,10 +80,6 @@ def all_pattern_batch(data: torch.Tensor, mask_id: int):
 
 def run_toy(steps: int = DEFAULT_STEPS, lr: float = 5e-3, seed: int = 0, d_model: int = 32) -> Dict[str, object]:
     """Train a random-order MDM on the toy data; return the model's numbers next to the data's."""
-    import torch.nn.functional as F
-
-    from ..model import ModelConfig, Transformer
-
     torch.manual_seed(seed)
     task = ToyTask()
     model = Transformer(ModelConfig(vocab_size=task.vocab_size, mask_id=task.mask_id, d_model=d_model,
@@ -126,8 +125,6 @@ def format_toy(res: Dict[str, object]) -> str:
 
 
 def run_from_args(args) -> Dict[str, object]:
-    import json
-
     res = run_toy(steps=args.steps, seed=args.seed)
     print(json.dumps(res) if args.json else format_toy(res))
     return res

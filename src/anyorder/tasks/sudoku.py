@@ -85,7 +85,7 @@ class SudokuTask(Task):
 
     def easy_first(self, x0, pred, finalize_step):
         """Step vs candidate count of each blank cell (:func:`anyorder.analysis.easy_first.easy_first`)."""
-        from ..analysis.easy_first import easy_first
+        from ..analysis.easy_first import easy_first  # lazy: cycle (easy_first imports anyorder.tasks)
 
         return easy_first(self, x0, pred, finalize_step)
 

@@ -46,7 +46,7 @@ class ToyTask(Task):
     def marginal_gap(self, model) -> Dict[str, float]:
         """KL(joint ‖ product of marginals) of the first two positions given ``_ _ C D _``: with
         the data's marginals (the pair's mutual information) and with ``model``'s."""
-        from ..analysis.factorization import toy_gap, toy_model_marginals
+        from ..analysis.factorization import toy_gap, toy_model_marginals  # lazy: cycle (factorization imports tasks.toy)
 
         qa, qb = toy_model_marginals(model, self.mask_id)
         return {"data_marginals": toy_gap(), "model_marginals": toy_gap([qa.tolist(), qb.tolist()])}

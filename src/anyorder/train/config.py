@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
+from ..registry import unknown_choice
+
 PRECISIONS = ("fp32", "bf16")
 
 # Fields that only change what is observed (logging, progress, how often we save/evaluate), not the
@@ -109,8 +111,6 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            from anyorder.registry import unknown_choice  # lazy: keep config importable standalone
-
             raise unknown_choice("TrainConfig field", unknown[0], sorted(known))
         return cls(**d)
 

@@ -5,6 +5,7 @@ optional backends only mirror it. They are imported lazily so the library never 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -65,7 +66,7 @@ class JsonlLogger:
 class TensorBoardLogger:
     def __init__(self, run_dir: str | os.PathLike, resume_step: Optional[int] = None):
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # lazy: optional (needs tensorboard)
         except ImportError as e:  # torch's module imports the tensorboard package
             raise ImportError(
                 "TrainConfig.tensorboard=True needs the 'tensorboard' package: pip install tensorboard "
@@ -87,7 +88,7 @@ class TensorBoardLogger:
 class WandbLogger:
     def __init__(self, run_dir: str | os.PathLike, project: str, config: Dict[str, Any]):
         try:
-            import wandb
+            import wandb  # lazy: optional dependency
         except ImportError as e:
             raise ImportError(
                 "TrainConfig.wandb=True needs the 'wandb' package: pip install wandb "
@@ -126,8 +127,6 @@ class Loggers:
 
 def require_backends(*, tensorboard: bool = False, wandb: bool = False) -> None:
     """Fail at start-up, not at the first log line, when an enabled backend is not installed."""
-    import importlib.util
-
     for enabled, module, flag in ((tensorboard, "tensorboard", "tensorboard"), (wandb, "wandb", "wandb")):
         if enabled and importlib.util.find_spec(module) is None:
             raise ImportError(
