@@ -5,7 +5,7 @@
 only the positions whose logits the order can use now (``Order.live``) plus, transitively, the
 uncached keys they attend to; positions the order declares frozen (``Order.frozen``) are stored
 after they are computed in their final state and never run again. See model/kv_cache.py for why
-that is exact, and docs/sections/kv_cache.md for which orders cache what.
+that is exact, and docs/kv_cache.md for which orders cache what.
 """
 from __future__ import annotations
 

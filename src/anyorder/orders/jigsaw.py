@@ -64,7 +64,7 @@ class JigsawOrder(Order):
     def frozen(self, masked, layout):
         # only the prompt: a finished block sees every finished block, so it changes whenever another
         # block finishes, and a block in progress changes when it finishes (it then sees its own
-        # later tokens); see docs/sections/kv_cache.md
+        # later tokens); see docs/kv_cache.md
         return layout.prompt
 
     def decode_attention(self, masked, layout):
