@@ -2,7 +2,8 @@
 
 ``ANYORDER_FAULT=POINT:N`` kills this process with SIGKILL the N-th time (1-based) execution
 passes ``fault_point(POINT)``; ``POINT:N:sleep=S`` sleeps S seconds there instead (to signal it
-from outside). Points: ``step`` (after an optimizer step), ``ckpt_write`` (between the files and
+from outside). Points: ``micro`` (before a micro-step: a signal there is handled at once), ``step`` (after an
+optimizer step, before its log row), ``ckpt_write`` (between the files and
 renames of a checkpoint write), ``eval`` (inside an evaluation, after eval_fn), ``final`` (after
 the final evaluation's row, before summary.json). One environment lookup per call: free when unset.
 """

@@ -344,6 +344,7 @@ class Trainer:
         self._raise_pending_signal()
         self._interruptible = True  # a signal here abandons this step: the checkpoint holds the last one
         for micro in range(cfg.grad_accum):
+            fault_point("micro")
             # Gradients are all-reduced only on the last micro-step; earlier ones just accumulate.
             sync = micro == cfg.grad_accum - 1
             with self.train_step.no_sync() if (ddp and not sync) else contextlib.nullcontext():
