@@ -20,7 +20,7 @@ from anyorder.config import load_config
 from anyorder.experiment import load_run, train
 from anyorder.train import Trainer, save_checkpoint
 from anyorder.train.lock import LOCK_FILE, RunLock, RunLockedError
-from anyorder.train.trainer import TrainingInterrupted
+from anyorder.train.guard import TrainingInterrupted
 from test_trainer import BATCH, assert_same_params, cfg_for, eval_loss, make_loss_fn, make_model
 
 ROOT = Path(__file__).resolve().parents[1]

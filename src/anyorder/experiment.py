@@ -33,7 +33,7 @@ from .plugins import load_plugins
 from .rundir import check_run_name, discard_if_empty, open_run_dir, run_dir_for
 from .tasks import Task, build_task
 from .train import Trainer, TrainConfig, barrier, cleanup, load_weights, save_weights
-from .train.trainer import finished_summary
+from .train.guard import finished_summary
 
 
 @dataclass

@@ -32,7 +32,7 @@ import yaml
 
 from .config import DEFAULTS, apply_overrides, load_config, merge
 from .experiment import build, run_dir_for, train
-from .train.trainer import finished_summary
+from .train.guard import finished_summary
 from .registry import unknown_choice
 
 SWEEP_KEYS = {"name", "out_dir", "base", "overrides", "grid", "launcher"}

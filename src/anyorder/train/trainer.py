@@ -19,20 +19,13 @@ A step is ``grad_accum`` micro-steps, then clip, AdamW, EMA. Step ``s`` (0-based
 ``lr * lr_multiplier(s, ...)``; ``self.step`` counts completed steps, so a checkpoint at
 ``self.step == k`` holds the state right after update k-1 and resumes with update k.
 
-Nothing lost: the last step is checkpointed (and ``on_trained`` called: ``experiment.train``
-writes the weights there) *before* the final evaluation; ``summary.json`` is written only after
-it, with ``"finished": true``. A resume of an unfinished run redoes just that evaluation; a
-finished run is left untouched. SIGINT/SIGTERM raise :class:`TrainingInterrupted` at a safe
-point (never inside an update or a checkpoint write), after checkpointing the current step; an
-evaluation it cut short is marked pending in the checkpoint and redone on resume. ``fit()`` holds
-the run directory's lock (``lock.py``; rank 0 only under torchrun).
+The last step is checkpointed (and ``on_trained`` called) *before* the final evaluation, and a
+resume redoes an evaluation cut short; signals, the lock and summary.json: ``guard.py``.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -45,56 +38,20 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CHECKPOINT_DIR, STATE_FILE, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .distributed import all_reduce_sum, barrier, init_distributed, unwrap
+from .distributed import LossStep, all_reduce_sum, barrier, init_distributed, unwrap
 from .ema import EMA
 from .faults import fault_point
 from .files import replace_json
-from .lock import RunLock, RunLockedError
-from .loggers import METRICS_FILE, Loggers, build_loggers, require_backends
-from .metrics import LogWindow, eval_line, progress_postfix, train_line, update_best
+from .guard import (SUMMARY_FILE, SignalGuard, TrainingInterrupted, finished_at_resume, last_train_row, lock_run_dir,
+                    save_on_interrupt)
+from .loggers import Loggers, build_loggers, require_backends
+from .metrics import LogWindow, eval_line, progress_postfix, train_line, unpack_loss, update_best
 from .provenance import write_run_json
 from .rng import capture_rng_state, forked_rng, gather_rng_states, seed_all
 from .schedule import lr_multiplier
 
 LossFn = Callable[[nn.Module, int, int, int, int], Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, Any]]]]
 EvalFn = Callable[[nn.Module], Mapping[str, float]]
-SUMMARY_FILE = "summary.json"
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT/SIGTERM stopped ``fit()`` after the current step was checkpointed; ``exit_code`` is
-    the shell's convention (130 for SIGINT, 143 for SIGTERM)."""
-
-    def __init__(self, signum: int, message: str = ""):
-        super().__init__(message or signal.Signals(signum).name)
-        self.signum = int(signum)
-        self.exit_code = 128 + int(signum)
-
-
-def finished_summary(run_dir: Union[str, Path]) -> Optional[Dict[str, Any]]:
-    """``run_dir/summary.json`` if it records a finished run (final evaluation done), else None."""
-    try:
-        summary = json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
-    except (FileNotFoundError, NotADirectoryError, ValueError):
-        return None
-    if not isinstance(summary, dict):
-        return None
-    # older summaries have no "finished": an empty "eval" there was a final evaluation cut short
-    return summary if summary.get("finished", bool(summary.get("eval"))) else None
-
-
-class LossStep(nn.Module):
-    """One micro-step's loss as a module: ``forward(step, micro, rank, world)`` runs
-    ``loss_fn(model, ...)``. DDP wraps this, not the model, so a loss that calls sub-modules or
-    several passes (e.g. LoMDM's heads) still goes through the forward DDP instruments."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, step: int, micro: int, rank: int, world_size: int):
-        return self.loss_fn(self.model, step, micro, rank, world_size)
 
 
 class Trainer:
@@ -167,11 +124,9 @@ class Trainer:
         self._saving = False
         self._rng_after_step: Optional[Dict[str, Any]] = None
         self._window = LogWindow(self.device, self.tokens_seen)
-        self._saved_step: Optional[int] = None  # step of the checkpoint on disk, as far as known
-        self._evaluated_step: Optional[int] = None
-        self._eval_pending = False  # the resumed checkpoint's evaluation was cut short: redo it
-        self._interruptible = False  # a signal may raise now (else it waits for the next safe point)
-        self._pending_signal: Optional[int] = None
+        # steps of the checkpoint on disk and of the last evaluation; the resumed step's evaluation was cut short
+        self._saved_step, self._evaluated_step, self._eval_pending = None, None, False
+        self._signals = SignalGuard()
 
     # ------------------------------------------------------------------ public
     @property
@@ -182,26 +137,17 @@ class Trainer:
         """Train to ``cfg.steps`` (resuming from ``run_dir/checkpoint``), evaluate, write summary.json."""
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        lock = self._lock_run_dir()
-        try:
-            with self._signal_handlers():
-                return self._fit()
-        finally:
-            if lock is not None:
-                lock.release()
+        with lock_run_dir(self.run_dir, self.is_main, self.world_size, self.device), self._signals.installed():
+            return self._fit()
 
     def _fit(self) -> Dict[str, Any]:
         cfg = self.cfg
         barrier()
         resumed_from = self._resume_or_seed()
         self._rng_after_step = capture_rng_state()
-        done = finished_summary(self.run_dir)
-        if done is not None and done.get("step") == self.step:  # the final evaluation at this step ran
-            self.best, self._eval_pending = dict(done.get("best") or self.best), False
-            if self.step >= cfg.steps:
-                if self.is_main:
-                    print(f"{self.run_dir} is finished (step {self.step}, {SUMMARY_FILE}); nothing to do", flush=True)
-                return done
+        done = finished_at_resume(self)
+        if done is not None:
+            return done  # a finished run is left as it is
         redo_eval = self.eval_fn is not None and (self._eval_pending or (resumed_from is not None and self.step >= cfg.steps))
         if self.is_main:
             write_run_json(self.run_dir, cfg, self.dist, resumed_from=resumed_from, run_info=self.run_info,
@@ -243,15 +189,14 @@ class Trainer:
                     self.evaluate()
                 if last or (cfg.checkpoint_every and s % cfg.checkpoint_every == 0):
                     self.save(eval_pending=last and self.eval_fn is not None)
-            # The final evaluation runs after the last checkpoint and the weights: whatever fails
-            # in it loses no training, and a resume redoes only the evaluation.
+            # the final evaluation comes after the last checkpoint and weights: a failure loses no training
             if self.on_trained is not None:
                 self.on_trained(self)
             if self.eval_fn is not None:
                 self.evaluate()
             fault_point("final")
         except KeyboardInterrupt as exc:
-            message = self._save_on_interrupt(getattr(exc, "signum", signal.SIGINT))
+            message = save_on_interrupt(self, getattr(exc, "signum", signal.SIGINT))
             raise TrainingInterrupted(getattr(exc, "signum", signal.SIGINT), message) from None
         finally:
             pbar.close()
@@ -263,7 +208,7 @@ class Trainer:
             "step": self.step,
             "finished": True,
             "resumed_from": resumed_from,
-            "metrics": dict(self.last_metrics or self._last_train_row()),
+            "metrics": dict(self.last_metrics or (last_train_row(self.run_dir, self.step) if self.is_main else {})),
             "eval": dict(self.last_eval),
             "best": {k: dict(v) for k, v in self.best.items()},
             "wall_time": wall,
@@ -287,13 +232,13 @@ class Trainer:
             target = self.ema.module if self.ema is not None else self.model
             was_training = target.training
             target.eval()
-            self._raise_pending_signal()
-            self._interruptible = True
+            self._signals.raise_pending()
+            self._signals.interruptible = True
             try:
                 with forked_rng(), self._autocast():
                     raw = self.eval_fn(target)
             finally:
-                self._interruptible = False
+                self._signals.interruptible = False
                 target.train(was_training)
             fault_point("eval")
             results = {k: float(v) for k, v in dict(raw or {}).items()}
@@ -310,8 +255,7 @@ class Trainer:
         return results
 
     def save(self, eval_pending: bool = False) -> Path:
-        """Checkpoint the current step (collective: every rank must call it). ``eval_pending``: this
-        step's evaluation has not run yet (a resume runs it)."""
+        """Checkpoint the current step (collective); ``eval_pending``: a resume evaluates it first."""
         t0 = time.perf_counter()
         self._sync_tokens()
         rng_states = gather_rng_states(self.world_size)
@@ -341,8 +285,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         ddp = isinstance(self.train_step, DDP)
         step_tokens = 0
-        self._raise_pending_signal()
-        self._interruptible = True  # a signal here abandons this step: the checkpoint holds the last one
+        self._signals.raise_pending()
+        self._signals.interruptible = True  # a signal here abandons this step: the checkpoint holds the last one
         for micro in range(cfg.grad_accum):
             fault_point("micro")
             # Gradients are all-reduced only on the last micro-step; earlier ones just accumulate.
@@ -355,7 +299,7 @@ class Trainer:
                 (loss / cfg.grad_accum).backward()
             step_tokens += self._window.add_micro(loss, metrics)
 
-        self._interruptible = False
+        self._signals.interruptible = False
         self._in_update = True
         if cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip)
@@ -374,17 +318,7 @@ class Trainer:
         self._window.add_step(grad_norm, lr)
         fault_point("step")
 
-    def _unpack(self, out: Any) -> Tuple[torch.Tensor, Mapping[str, Any]]:
-        if isinstance(out, tuple) and len(out) == 2:
-            loss, metrics = out
-        else:
-            loss, metrics = out, {}
-        if not torch.is_tensor(loss) or loss.numel() != 1:
-            raise TypeError(
-                "loss_fn must return (loss, metrics) with loss a scalar tensor; got "
-                f"{type(loss).__name__}{'' if not torch.is_tensor(loss) else ' of shape ' + str(list(loss.shape))}"
-            )
-        return loss.reshape(()), metrics or {}
+    _unpack = staticmethod(unpack_loss)
 
     # ------------------------------------------------------------------ logging
     def _sync_tokens(self) -> None:
@@ -421,88 +355,6 @@ class Trainer:
             rng_states=rng_states,
             extra={"run_info": self.run_info, "eval_pending": bool(eval_pending)},
         )
-
-    def _save_on_interrupt(self, signum: int) -> str:
-        """Ctrl-C / SIGTERM: keep the work done so far; returns the one-line message. No
-        collectives here -- other ranks may be gone."""
-        what = f"{signal.Signals(signum).name} at step {self.step}"
-        if not self.is_main:
-            return f"{what} (rank {self.rank})"
-        if self._in_update or self._saving:
-            return (f"{what}, while updating parameters or writing a checkpoint: not saved (the previous "
-                    f"checkpoint in {self.checkpoint_dir}, if any, is intact)")
-        if self.step == 0:
-            return f"{what}: nothing trained yet, nothing saved"
-        if self._saved_step != self.step:
-            # Only this rank's pending tokens are known; assume the other ranks processed as many.
-            tokens = self.tokens_seen + self._pending_tokens * self.world_size
-            due = self.step == self.cfg.steps or bool(self.cfg.eval_every and self.step % self.cfg.eval_every == 0)
-            pending = self.eval_fn is not None and due and self._evaluated_step != self.step
-            self._saving = True
-            self._write_checkpoint([self._rng_after_step or capture_rng_state()], tokens, pending)
-            self._saving = False
-            self._saved_step = self.step
-        return f"{what}: checkpoint saved in {self.checkpoint_dir}; run the same command again to resume"
-
-    def _raise_pending_signal(self) -> None:
-        if self._pending_signal is not None:
-            signum, self._pending_signal = self._pending_signal, None
-            raise TrainingInterrupted(signum)
-
-    def _on_signal(self, signum, frame) -> None:
-        if self._interruptible:
-            self._interruptible = False
-            raise TrainingInterrupted(signum)
-        self._pending_signal = signum  # raised at the next safe point (not inside an update or a save)
-
-    @contextlib.contextmanager
-    def _signal_handlers(self):
-        """SIGINT and SIGTERM go through :meth:`_on_signal` during ``fit()`` -- only in the main
-        thread and only where they have their default handlers (an ignored SIGINT stays ignored)."""
-        installed = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
-                if signal.getsignal(sig) is default:
-                    installed[sig] = signal.signal(sig, self._on_signal)
-        try:
-            yield
-        finally:
-            for sig, old in installed.items():
-                signal.signal(sig, old)
-
-    def _lock_run_dir(self) -> Optional[RunLock]:
-        """Rank 0 takes the run directory's lock; every rank learns whether it got it (no rank waits
-        at a barrier for a rank 0 that gave up)."""
-        lock, error = None, None
-        if self.is_main:
-            try:
-                lock = RunLock(self.run_dir).acquire()
-            except RunLockedError as e:
-                error = e
-        if self.world_size > 1:
-            failed = all_reduce_sum(torch.tensor(float(error is not None), device=self.device)).item()
-            if failed and error is None:
-                if lock is not None:
-                    lock.release()
-                raise RunLockedError(f"{self.run_dir} is in use by another writer (rank 0 could not lock it)")
-        if error is not None:
-            raise error
-        return lock
-
-    def _last_train_row(self) -> Dict[str, Any]:
-        """The last train row of metrics.jsonl at or before this step (a resume that only redoes
-        the final evaluation has logged none of its own)."""
-        path = self.run_dir / METRICS_FILE
-        row: Dict[str, Any] = {}
-        if self.is_main and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    r = json.loads(line)
-                except ValueError:
-                    continue
-                if r.get("event") == "train" and r.get("step", 0) <= self.step:
-                    row = {k: v for k, v in r.items() if k not in ("step", "time", "elapsed", "event")}
-        return row
 
     def _resume_or_seed(self) -> Optional[int]:
         """Load run_dir/checkpoint if there is one (returns its step); else seed the global RNGs."""
@@ -545,4 +397,4 @@ class Trainer:
         return self.step
 
 
-__all__ = ["Trainer", "LossFn", "EvalFn", "TrainingInterrupted", "finished_summary", "SUMMARY_FILE"]
+__all__ = ["Trainer", "LossFn", "EvalFn", "TrainingInterrupted"]
