@@ -39,8 +39,10 @@ def test_finished_runs_are_not_redone_and_killed_runs_resume(tmp_path):
     assert [r["status"] for r in out] == ["trained", "trained"]
     done = tmp_path / "s" / "seed=0" / "model.safetensors"
     stamp = done.stat().st_mtime_ns
-    # "kill" the second run after its checkpoint: drop the final weights, keep the checkpoint
+    # "kill" the second run after its checkpoint: drop the final weights and the summary.json that
+    # marks it finished, keep the checkpoint
     (tmp_path / "s" / "seed=1" / "model.safetensors").unlink()
+    (tmp_path / "s" / "seed=1" / "summary.json").unlink()
     out = run_sweep(s, workers=1)
     assert [r["status"] for r in out] == ["done (skipped)", "trained"]
     assert done.stat().st_mtime_ns == stamp

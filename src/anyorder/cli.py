@@ -260,6 +260,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except USER_ERRORS as exc:
         print(f"anyorder: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (training checkpoints first): one line, no traceback
+        print(f"anyorder: interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
     return 0
 
 

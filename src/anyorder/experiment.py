@@ -15,9 +15,7 @@ resolved config), ``run.json`` (versions, seed, hardware), ``metrics.jsonl``, ``
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -32,9 +30,10 @@ from .evaluation.decode import run_decoder  # noqa: F401  (part of this module's
 from .objectives import Objective, build_objective
 from .orders import Order, build_order
 from .plugins import load_plugins
-from .rundir import check_same_run, run_dir_for
+from .rundir import check_run_name, discard_if_empty, open_run_dir, run_dir_for
 from .tasks import Task, build_task
 from .train import Trainer, TrainConfig, barrier, cleanup, load_weights, save_weights
+from .train.guard import finished_summary
 
 
 @dataclass
@@ -109,34 +108,54 @@ def steps_for_budget(flops_budget, flops_per_step: float) -> int:
     return max(1, int(budget // float(flops_per_step)))
 
 
+def save_final_weights(trainer: Trainer) -> None:
+    """``model.safetensors`` (the EMA weights when EMA is on), written before the final evaluation."""
+    if trainer.is_main:  # under torchrun only rank 0 writes
+        save_weights(trainer.ema.module if trainer.ema is not None else trainer.model,
+                     trainer.run_dir / "model.safetensors")
+
+
 def train(cfg: Dict[str, Any], run_dir: Optional[Union[str, Path]] = None, resume: bool = True) -> Path:
+    """Train (or resume) the run of ``cfg`` in ``run_dir`` (default ``out_dir/name``); returns it.
+
+    A finished run is left as it is. ``resume=False`` refuses a directory that already holds a run.
+    Nothing is created before the config (run name included) is valid; a failure deletes only a
+    directory this call created that holds no results (no checkpoint, weights or metrics rows).
+    """
     exp = build(cfg)                                   # all validation happens here, before mkdir
+    check_run_name(exp.cfg.get("name"))
     tcfg, flops_budget = train_config(exp.cfg)
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(exp.cfg)
-    created = not run_dir.exists()
-    if not created and resume:
-        check_same_run(run_dir, exp.cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    info = {"config": exp.cfg, "task": exp.task.describe(), "order": exp.order.describe(),
+            "model_params": sum(p.numel() for p in exp.model.parameters()), "weighting": exp.weighting}
+    loss_fn = make_loss_fn(exp)
+    flops = step_flops(exp, loss_fn, tcfg)
+    info["flops_per_step"] = flops
+    if flops_budget is not None:  # equal-compute comparisons: the step count follows the step's cost
+        tcfg.steps = steps_for_budget(flops_budget, flops)
+        info["steps_from_flops_budget"] = tcfg.steps
+    main = int(os.environ.get("RANK", "0") or 0) == 0  # under torchrun rank 0 owns the directory
+    lock, created = open_run_dir(run_dir, exp.cfg, resume) if main else (None, False)
     try:
-        (run_dir / "config.yaml").write_text(dump(exp.cfg))
-        info = {"config": exp.cfg, "task": exp.task.describe(), "order": exp.order.describe(),
-                "model_params": sum(p.numel() for p in exp.model.parameters()), "weighting": exp.weighting}
-        loss_fn = make_loss_fn(exp)
-        flops = step_flops(exp, loss_fn, tcfg)
-        info["flops_per_step"] = flops
-        if flops_budget is not None:  # equal-compute comparisons: the step count follows the step's cost
-            tcfg.steps = steps_for_budget(flops_budget, flops)
-            info["steps_from_flops_budget"] = tcfg.steps
+        done = finished_summary(run_dir)
+        if done is not None and int(done.get("step", -1)) >= tcfg.steps:
+            if main:
+                print(f"{run_dir} is finished (step {done['step']}, summary.json); nothing to do", flush=True)
+            return run_dir
+        if main:
+            (run_dir / "config.yaml").write_text(dump(exp.cfg))
         trainer = Trainer(exp.model, loss_fn, tcfg, run_dir, eval_fn=make_eval_fn(exp), run_info=info,
-                          flops_per_step=flops, lr_scale=exp.objective.lr_scale(tcfg.lr))
-        summary = trainer.fit()
-    except Exception:
-        if created and not (run_dir / "checkpoint").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: leave no half-made run
+                          flops_per_step=flops, lr_scale=exp.objective.lr_scale(tcfg.lr),
+                          on_trained=save_final_weights)
+        trainer.fit()  # writes summary.json once the final evaluation is done
+    except BaseException:
+        if lock is not None and created:
+            discard_if_empty(run_dir, lock)  # a run that never trained leaves nothing behind
+            lock = None
         raise
-    if trainer.is_main:  # under torchrun only rank 0 writes
-        save_weights(trainer.ema.module if trainer.ema is not None else trainer.model, run_dir / "model.safetensors")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    finally:
+        if lock is not None:
+            lock.release()
     barrier()
     cleanup()  # a rank that exits with a live process group aborts (gloo)
     return run_dir

@@ -1,11 +1,17 @@
-"""Run directories: where a config's run lives, and refusing to mix two configs in one."""
+"""Run directories: where a config's run lives, and refusing to mix two configs in one.
+
+A run name is one path component (never a path); a directory is reused only if it holds a run of
+the same config (its ``config.yaml``), and written only under its lock (``train/lock.py``).
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import yaml
+
+from .train.lock import LOCK_FILE, RunLock
 
 # keys that do not change what training computes: a resumed run may change them
 _NOT_TRAJECTORY = ("name", "out_dir", "eval", "decode")
@@ -13,8 +19,73 @@ _NOT_TRAJECTORY_TRAIN = ("steps", "eval_every", "checkpoint_every", "log_every",
                          "wandb", "wandb_project")
 
 
+def check_run_name(name: Any) -> str:
+    """``name`` as a single path component, or a one-line ValueError naming the key and value."""
+    text = "" if name is None else str(name)
+    if (not text.strip() or text in (".", "..") or text.startswith(".") or any(c in text for c in "/\\\0")
+            or text != text.strip()):
+        raise ValueError(f"name={name!r}: a run name must be one non-empty path component (no '/', '\\', "
+                         "'..', leading '.' or surrounding spaces); put directories in out_dir=")
+    return text
+
+
 def run_dir_for(cfg) -> Path:
-    return Path(cfg["out_dir"]) / str(cfg["name"])
+    return Path(cfg["out_dir"]) / check_run_name(cfg.get("name"))
+
+
+def open_run_dir(run_dir: Path, cfg: Dict[str, Any], resume: bool = True) -> Tuple[RunLock, bool]:
+    """Create ``run_dir`` (or reopen a run of the same config in it) and lock it for writing.
+
+    Returns (the held lock, whether this call created the directory). Refuses, with one line: a
+    directory with files but no ``config.yaml`` (not ours to overwrite), any existing run when
+    ``resume`` is False, a run of a different config, and a directory another process is writing.
+    """
+    run_dir = Path(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir()
+        created = True
+    except FileExistsError:
+        created = False
+        if not run_dir.is_dir():
+            raise ValueError(f"{run_dir} exists and is not a directory; choose another name= or out_dir=") from None
+    lock = RunLock(run_dir).acquire()
+    try:
+        if not created:
+            contents = [p.name for p in run_dir.iterdir() if p.name != LOCK_FILE]
+            if contents and not (run_dir / "config.yaml").exists():
+                raise ValueError(f"{run_dir} exists and holds files ({', '.join(sorted(contents)[:4])}) but no "
+                                 "config.yaml: not a run directory; choose another name= or out_dir=")
+            if contents and not resume:
+                raise ValueError(f"{run_dir} already holds a run and resume=False never reuses one; choose "
+                                 "another name= or delete the directory")
+            check_same_run(run_dir, cfg)
+    except BaseException:
+        lock.release()
+        raise
+    return lock, created
+
+
+def discard_if_empty(run_dir: Path, lock: RunLock) -> None:
+    """After a failed start: remove ``run_dir`` (which this call created, under ``lock``) if it holds
+    nothing worth keeping -- no checkpoint, weights, summary or metrics rows, only the config and
+    the start-up record. Releases the lock either way."""
+    run_dir, empty = Path(run_dir), False
+    try:
+        names = {p.name for p in run_dir.iterdir()} - {LOCK_FILE}
+        metrics = run_dir / "metrics.jsonl"
+        empty = names <= {"config.yaml", "run.json", "metrics.jsonl"} and (
+            not metrics.exists() or metrics.stat().st_size == 0)
+        if empty:
+            for name in names:
+                (run_dir / name).unlink(missing_ok=True)
+    finally:
+        lock.release()
+    if empty:
+        try:
+            run_dir.rmdir()  # fails (and keeps it) if anyone wrote into it meanwhile
+        except OSError:
+            pass
 
 
 def trajectory(cfg: Dict[str, Any]) -> Dict[str, Any]:

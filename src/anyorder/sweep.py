@@ -10,7 +10,7 @@
     launcher: {name: local, workers: 2}   # or {name: submitit, cluster: slurm, ...}
 
 Each run lives in ``<out_dir>/<name>/<run label>/`` and is an ordinary run directory. A run
-with ``model.safetensors`` is finished and never redone; an unfinished one resumes from its
+whose ``summary.json`` says finished is never redone; an unfinished one resumes from its
 checkpoint, so a killed sweep continues where it stopped. Runs go to local processes by default
 (``concurrent.futures``) or to a cluster through submitit (Slurm; ``cluster: local`` or
 ``debug`` runs submitit's own local modes). No scheduler of our own.
@@ -32,6 +32,7 @@ import yaml
 
 from .config import DEFAULTS, apply_overrides, load_config, merge
 from .experiment import build, run_dir_for, train
+from .train.guard import finished_summary
 from .registry import unknown_choice
 
 SWEEP_KEYS = {"name", "out_dir", "base", "overrides", "grid", "launcher"}
@@ -99,7 +100,7 @@ def _train_one(cfg: Dict[str, Any], threads: int = 0) -> Dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
     run_dir = run_dir_for(cfg)
-    if (run_dir / "model.safetensors").exists():
+    if finished_summary(run_dir) is not None:
         return {"run": str(run_dir), "status": "done (skipped)"}
     build(cfg)  # validate before any work
     train(cfg, run_dir)

@@ -9,17 +9,21 @@ Layout of ``<run_dir>/checkpoint/``::
     rng.safetensors        RNG states of every rank (torch CPU/CUDA, python, numpy)
     state.json             step, tokens_seen, flops, best metrics, config + hash, versions, RNG scalars
 
-Atomicity: everything is written into a fresh ``ckpt.tmp-XXXX`` directory next to the target and
-fsynced; only then is it renamed onto ``checkpoint/``. POSIX cannot rename a directory onto a
+Atomicity: everything is written into a fresh ``ckpt.tmp-PID@HOST-XXXX`` directory next to the target
+and fsynced; only then is it renamed onto ``checkpoint/``. POSIX cannot rename a directory onto a
 non-empty one, so the previous checkpoint is first renamed aside to ``ckpt.old-XXXX`` and deleted
 after the swap. A crash at any point leaves either the old or the new checkpoint complete:
-``find_checkpoint`` recovers the one crash window in which only ``ckpt.old-XXXX`` exists.
+``find_checkpoint`` recovers the one crash window in which only ``ckpt.old-XXXX`` exists. Temp
+folders carry their writer's pid and host, and a writer removes only its own leftovers and those
+of dead processes, never a live writer's (one writer per run directory is the rule: ``lock.py``).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -30,7 +34,9 @@ import torch
 from torch import nn
 
 from .distributed import unwrap
+from .faults import fault_point
 from .files import CheckpointMismatchError, check_compatible, fsync_dir, load_tensors, save_tensors, write_json
+from .lock import pid_alive
 from .provenance import versions
 from .rng import capture_rng_state, restore_rng_state, rng_from_files, rng_to_files
 
@@ -148,14 +154,36 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, ckpt_dir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- directories
+_OWNED = re.compile(r"^ckpt\.(?:tmp|old)-(\d+)@(.+)-[^-]+$")
+
+
+def _writer_tag() -> str:
+    return f"{os.getpid()}@{socket.gethostname()}-"
+
+
+def _owner_gone(p: Path) -> bool:
+    """True for a leftover of this process or of a dead one (this host); False for a live writer's
+    or another host's. Untagged names come from older versions: leftovers."""
+    m = _OWNED.match(p.name)
+    if m is None:
+        return True
+    pid, host = int(m.group(1)), m.group(2)
+    if host != socket.gethostname():
+        return False
+    return pid == os.getpid() or not pid_alive(pid)
+
+
 def _cleanup_stale(parent: Path, live: Path) -> None:
     """Delete leftovers of a crashed save: half-written temp dirs, and superseded old checkpoints
-    (only while a complete live one exists -- otherwise find_checkpoint may still need them)."""
+    (only while a complete live one exists -- otherwise find_checkpoint may still need them).
+    Only folders of this process or of dead ones: a concurrent writer's are left alone."""
     for p in parent.glob(TMP_PREFIX + "*"):
-        shutil.rmtree(p, ignore_errors=True)
+        if _owner_gone(p):
+            shutil.rmtree(p, ignore_errors=True)
     if (live / STATE_FILE).exists():
         for p in parent.glob(OLD_PREFIX + "*"):
-            shutil.rmtree(p, ignore_errors=True)
+            if _owner_gone(p):
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def find_checkpoint(run_dir: PathLike) -> Optional[Path]:
@@ -205,15 +233,17 @@ def save_checkpoint(
     parent.mkdir(parents=True, exist_ok=True)
     _cleanup_stale(parent, ckpt_dir)
     model = unwrap(model)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + _writer_tag(), dir=parent))
     try:
         save_tensors(tmp / MODEL_FILE, model.state_dict())
+        fault_point("ckpt_write")
         if ema is not None:
             save_tensors(tmp / EMA_FILE, ema.state_dict())
         if optimizer is not None:
             names = _param_names(model, optimizer)
             tensors, meta = _optimizer_to_files(optimizer, names)
             save_tensors(tmp / OPTIMIZER_FILE, tensors)
+            fault_point("ckpt_write")
             write_json(tmp / OPTIMIZER_JSON, meta)
         rng_tensors, rng_scalars = rng_to_files(rng_states if rng_states is not None else [capture_rng_state()])
         save_tensors(tmp / RNG_FILE, rng_tensors)
@@ -239,11 +269,14 @@ def save_checkpoint(
         }
         write_json(tmp / STATE_FILE, state)
         fsync_dir(tmp)
+        fault_point("ckpt_write")
 
         if ckpt_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=OLD_PREFIX, dir=parent))
+            old = Path(tempfile.mkdtemp(prefix=OLD_PREFIX + _writer_tag(), dir=parent))
             os.replace(ckpt_dir, old)  # rename onto an empty dir is allowed
+            fault_point("ckpt_write")  # the window find_checkpoint repairs: only ckpt.old-* exists
             os.replace(tmp, ckpt_dir)
+            fault_point("ckpt_write")
             fsync_dir(parent)
             shutil.rmtree(old, ignore_errors=True)
         else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Callable, Union
 
 import torch
 import torch.distributed as dist
@@ -122,5 +122,19 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["DistInfo", "init_distributed", "is_distributed", "barrier", "cleanup", "all_reduce_mean", "all_reduce_sum",
+class LossStep(nn.Module):
+    """One micro-step's loss as a module: ``forward(step, micro, rank, world)`` runs
+    ``loss_fn(model, ...)``. DDP wraps this, not the model, so a loss that calls sub-modules or
+    several passes (e.g. LoMDM's heads) still goes through the forward DDP instruments."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[..., Any]):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, step: int, micro: int, rank: int, world_size: int):
+        return self.loss_fn(self.model, step, micro, rank, world_size)
+
+
+__all__ = ["LossStep", "DistInfo", "init_distributed", "is_distributed", "barrier", "cleanup", "all_reduce_mean", "all_reduce_sum",
            "unwrap"]

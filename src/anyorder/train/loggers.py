@@ -29,21 +29,23 @@ def _jsonable(v: Any) -> Any:
 class JsonlLogger:
     """Appends one JSON object per event: ``{"step", "time", "elapsed", "event", **metrics}``."""
 
-    def __init__(self, run_dir: str | os.PathLike, resume_step: Optional[int] = None):
+    def __init__(self, run_dir: str | os.PathLike, resume_step: Optional[int] = None, redo_eval: bool = False):
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            self._truncate_after(resume_step)
+            self._truncate_after(resume_step, redo_eval)
         self._start = time.time()
         self._f = open(self.path, "a", buffering=1)  # line-buffered: a crash loses at most one line
 
-    def _truncate_after(self, step: int) -> None:
+    def _truncate_after(self, step: int, redo_eval: bool = False) -> None:
         # A crashed run may have logged steps after its last checkpoint; the resumed run logs them
-        # again. Drop the stale ones so the file reads as one consistent history.
+        # again. Drop the stale ones so the file reads as one consistent history. ``redo_eval``:
+        # the evaluation at ``step`` itself is redone (it ran after that step's checkpoint).
         kept = []
         for line in self.path.read_text().splitlines():
             try:
-                if json.loads(line).get("step", 0) > step:
+                row = json.loads(line)
+                if row.get("step", 0) > step or (redo_eval and row.get("step") == step and row.get("event") == "eval"):
                     continue
             except (ValueError, AttributeError):
                 continue  # a torn last line from the crash
@@ -144,11 +146,12 @@ def build_loggers(
     config: Optional[Dict[str, Any]] = None,
     resume_step: Optional[int] = None,
     enabled: bool = True,
+    redo_eval: bool = False,
 ) -> Loggers:
     if not enabled:
         return Loggers([])
     require_backends(tensorboard=tensorboard, wandb=wandb)
-    sinks: List[Any] = [JsonlLogger(run_dir, resume_step=resume_step)]
+    sinks: List[Any] = [JsonlLogger(run_dir, resume_step=resume_step, redo_eval=redo_eval)]
     if tensorboard:
         sinks.append(TensorBoardLogger(run_dir, resume_step=resume_step))
     if wandb:

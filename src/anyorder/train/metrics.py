@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -119,4 +119,18 @@ def eval_line(step: int, results: Mapping[str, float]) -> str:
     return f"eval step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in results.items())
 
 
-__all__ = ["LogWindow", "eval_line", "higher_is_better", "progress_postfix", "train_line", "update_best"]
+def unpack_loss(out: Any) -> Tuple[torch.Tensor, Mapping[str, Any]]:
+    """``loss_fn``'s result as (scalar loss, metrics); a TypeError for anything else."""
+    if isinstance(out, tuple) and len(out) == 2:
+        loss, metrics = out
+    else:
+        loss, metrics = out, {}
+    if not torch.is_tensor(loss) or loss.numel() != 1:
+        raise TypeError(
+            "loss_fn must return (loss, metrics) with loss a scalar tensor; got "
+            f"{type(loss).__name__}{'' if not torch.is_tensor(loss) else ' of shape ' + str(list(loss.shape))}"
+        )
+    return loss.reshape(()), metrics or {}
+
+
+__all__ = ["unpack_loss", "LogWindow", "eval_line", "higher_is_better", "progress_postfix", "train_line", "update_best"]

@@ -18,11 +18,14 @@ Contract with the caller -- the reason exact resumption needs no data-loader sta
 A step is ``grad_accum`` micro-steps, then clip, AdamW, EMA. Step ``s`` (0-based) uses
 ``lr * lr_multiplier(s, ...)``; ``self.step`` counts completed steps, so a checkpoint at
 ``self.step == k`` holds the state right after update k-1 and resumes with update k.
+
+The last step is checkpointed (and ``on_trained`` called) *before* the final evaluation, and a
+resume redoes an evaluation cut short; signals, the lock and summary.json: ``guard.py``.
 """
 from __future__ import annotations
 
 import contextlib
-import sys
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -35,30 +38,20 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CHECKPOINT_DIR, STATE_FILE, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .distributed import all_reduce_sum, barrier, init_distributed, unwrap
+from .distributed import LossStep, all_reduce_sum, barrier, init_distributed, unwrap
 from .ema import EMA
+from .faults import fault_point
+from .files import replace_json
+from .guard import (SUMMARY_FILE, SignalGuard, TrainingInterrupted, finished_at_resume, last_train_row, lock_run_dir,
+                    save_on_interrupt)
 from .loggers import Loggers, build_loggers, require_backends
-from .metrics import LogWindow, eval_line, progress_postfix, train_line, update_best
+from .metrics import LogWindow, eval_line, progress_postfix, train_line, unpack_loss, update_best
 from .provenance import write_run_json
 from .rng import capture_rng_state, forked_rng, gather_rng_states, seed_all
 from .schedule import lr_multiplier
 
 LossFn = Callable[[nn.Module, int, int, int, int], Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, Any]]]]
 EvalFn = Callable[[nn.Module], Mapping[str, float]]
-
-
-class LossStep(nn.Module):
-    """One micro-step's loss as a module: ``forward(step, micro, rank, world)`` runs
-    ``loss_fn(model, ...)``. DDP wraps this, not the model, so a loss that calls sub-modules or
-    several passes (e.g. LoMDM's heads) still goes through the forward DDP instruments."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, step: int, micro: int, rank: int, world_size: int):
-        return self.loss_fn(self.model, step, micro, rank, world_size)
 
 
 class Trainer:
@@ -72,6 +65,7 @@ class Trainer:
         run_info: Optional[Dict[str, Any]] = None,
         flops_per_step: Optional[float] = None,
         lr_scale: Optional[Callable[[str], float]] = None,
+        on_trained: Optional[Callable[["Trainer"], None]] = None,
     ):
         if not isinstance(cfg, TrainConfig):
             raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
@@ -81,6 +75,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.run_info = dict(run_info or {})
         self.flops_per_step = flops_per_step
+        # called on every rank after the last step's checkpoint, before the final evaluation
+        self.on_trained = on_trained
 
         self.dist = init_distributed()
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
@@ -128,6 +124,9 @@ class Trainer:
         self._saving = False
         self._rng_after_step: Optional[Dict[str, Any]] = None
         self._window = LogWindow(self.device, self.tokens_seen)
+        # steps of the checkpoint on disk and of the last evaluation; the resumed step's evaluation was cut short
+        self._saved_step, self._evaluated_step, self._eval_pending = None, None, False
+        self._signals = SignalGuard()
 
     # ------------------------------------------------------------------ public
     @property
@@ -135,12 +134,21 @@ class Trainer:
         return self.run_dir / CHECKPOINT_DIR
 
     def fit(self) -> Dict[str, Any]:
-        cfg = self.cfg
+        """Train to ``cfg.steps`` (resuming from ``run_dir/checkpoint``), evaluate, write summary.json."""
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        with lock_run_dir(self.run_dir, self.is_main, self.world_size, self.device), self._signals.installed():
+            return self._fit()
+
+    def _fit(self) -> Dict[str, Any]:
+        cfg = self.cfg
         barrier()
         resumed_from = self._resume_or_seed()
         self._rng_after_step = capture_rng_state()
+        done = finished_at_resume(self)
+        if done is not None:
+            return done  # a finished run is left as it is
+        redo_eval = self.eval_fn is not None and (self._eval_pending or (resumed_from is not None and self.step >= cfg.steps))
         if self.is_main:
             write_run_json(self.run_dir, cfg, self.dist, resumed_from=resumed_from, run_info=self.run_info,
                            num_params=sum(p.numel() for p in self.model.parameters()),
@@ -155,6 +163,7 @@ class Trainer:
             config={"train": cfg.to_dict(), **self.run_info},
             resume_step=self.step,
             enabled=self.is_main,
+            redo_eval=redo_eval,
         )
         pbar = tqdm(
             total=cfg.steps,
@@ -168,29 +177,38 @@ class Trainer:
         self._window.reset(self.tokens_seen)
         self.model.train()
         try:
+            if self._eval_pending and self.step < cfg.steps:
+                self.evaluate()  # the periodic evaluation a signal cut short
             while self.step < cfg.steps:
                 self._train_step()
                 pbar.update(1)
                 s, last = self.step, self.step == cfg.steps
                 if last or (cfg.log_every and s % cfg.log_every == 0):
                     self._log(pbar)
-                if self.eval_fn is not None and (last or (cfg.eval_every and s % cfg.eval_every == 0)):
+                if self.eval_fn is not None and not last and (cfg.eval_every and s % cfg.eval_every == 0):
                     self.evaluate()
                 if last or (cfg.checkpoint_every and s % cfg.checkpoint_every == 0):
-                    self.save()
-        except KeyboardInterrupt:
-            self._save_on_interrupt()
-            raise
+                    self.save(eval_pending=last and self.eval_fn is not None)
+            # the final evaluation comes after the last checkpoint and weights: a failure loses no training
+            if self.on_trained is not None:
+                self.on_trained(self)
+            if self.eval_fn is not None:
+                self.evaluate()
+            fault_point("final")
+        except KeyboardInterrupt as exc:
+            message = save_on_interrupt(self, getattr(exc, "signum", signal.SIGINT))
+            raise TrainingInterrupted(getattr(exc, "signum", signal.SIGINT), message) from None
         finally:
             pbar.close()
             self.loggers.close()
             self.loggers = Loggers([])  # a later evaluate() outside fit() must not write to closed files
         wall = time.perf_counter() - t_start
         new_tokens = self.tokens_seen - tokens_at_start
-        return {
+        summary = {
             "step": self.step,
+            "finished": True,
             "resumed_from": resumed_from,
-            "metrics": dict(self.last_metrics),
+            "metrics": dict(self.last_metrics or (last_train_row(self.run_dir, self.step) if self.is_main else {})),
             "eval": dict(self.last_eval),
             "best": {k: dict(v) for k, v in self.best.items()},
             "wall_time": wall,
@@ -198,6 +216,10 @@ class Trainer:
             "tokens_per_s": new_tokens / wall if wall > 0 and new_tokens else None,
             "run_dir": str(self.run_dir),
         }
+        if self.is_main:
+            replace_json(self.run_dir / SUMMARY_FILE, summary)  # marks the run finished
+        barrier()
+        return summary
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
@@ -210,16 +232,21 @@ class Trainer:
             target = self.ema.module if self.ema is not None else self.model
             was_training = target.training
             target.eval()
+            self._signals.raise_pending()
+            self._signals.interruptible = True
             try:
                 with forked_rng(), self._autocast():
                     raw = self.eval_fn(target)
             finally:
+                self._signals.interruptible = False
                 target.train(was_training)
+            fault_point("eval")
             results = {k: float(v) for k, v in dict(raw or {}).items()}
             if self.flops_per_step is not None:  # cumulative training FLOPs at this evaluation (C(τ))
                 results["flops"] = float(self.flops_per_step * self.step)
             update_best(self.best, results, self.step)
             self.loggers.log(self.step, results, event="eval")
+            self._evaluated_step = self.step
             self.last_eval = results
             if not self.cfg.progress:
                 print(eval_line(self.step, results), flush=True)
@@ -227,17 +254,18 @@ class Trainer:
         self._window.excluded += time.perf_counter() - t0
         return results
 
-    def save(self) -> Path:
-        """Checkpoint the current step (collective: every rank must call it)."""
+    def save(self, eval_pending: bool = False) -> Path:
+        """Checkpoint the current step (collective); ``eval_pending``: a resume evaluates it first."""
         t0 = time.perf_counter()
         self._sync_tokens()
         rng_states = gather_rng_states(self.world_size)
         if self.is_main:
             self._saving = True
             try:
-                self._write_checkpoint(rng_states, self.tokens_seen)
+                self._write_checkpoint(rng_states, self.tokens_seen, eval_pending)
             finally:
                 self._saving = False
+        self._saved_step = self.step
         barrier()  # nobody moves on (or reads the checkpoint) before it is complete
         self._window.excluded += time.perf_counter() - t0
         return self.checkpoint_dir
@@ -257,7 +285,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         ddp = isinstance(self.train_step, DDP)
         step_tokens = 0
+        self._signals.raise_pending()
+        self._signals.interruptible = True  # a signal here abandons this step: the checkpoint holds the last one
         for micro in range(cfg.grad_accum):
+            fault_point("micro")
             # Gradients are all-reduced only on the last micro-step; earlier ones just accumulate.
             sync = micro == cfg.grad_accum - 1
             with self.train_step.no_sync() if (ddp and not sync) else contextlib.nullcontext():
@@ -268,6 +299,7 @@ class Trainer:
                 (loss / cfg.grad_accum).backward()
             step_tokens += self._window.add_micro(loss, metrics)
 
+        self._signals.interruptible = False
         self._in_update = True
         if cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip)
@@ -284,18 +316,9 @@ class Trainer:
         # The RNG state at a step boundary, for a checkpoint taken on Ctrl-C mid-step.
         self._rng_after_step = capture_rng_state()
         self._window.add_step(grad_norm, lr)
+        fault_point("step")
 
-    def _unpack(self, out: Any) -> Tuple[torch.Tensor, Mapping[str, Any]]:
-        if isinstance(out, tuple) and len(out) == 2:
-            loss, metrics = out
-        else:
-            loss, metrics = out, {}
-        if not torch.is_tensor(loss) or loss.numel() != 1:
-            raise TypeError(
-                "loss_fn must return (loss, metrics) with loss a scalar tensor; got "
-                f"{type(loss).__name__}{'' if not torch.is_tensor(loss) else ' of shape ' + str(list(loss.shape))}"
-            )
-        return loss.reshape(()), metrics or {}
+    _unpack = staticmethod(unpack_loss)
 
     # ------------------------------------------------------------------ logging
     def _sync_tokens(self) -> None:
@@ -318,7 +341,7 @@ class Trainer:
         self._window.reset(self.tokens_seen)  # pending is 0 here: _sync_tokens just summed it
 
     # ------------------------------------------------------------------ checkpoints
-    def _write_checkpoint(self, rng_states, tokens_seen: int) -> None:
+    def _write_checkpoint(self, rng_states, tokens_seen: int, eval_pending: bool = False) -> None:
         save_checkpoint(
             self.checkpoint_dir,
             self.model,
@@ -330,25 +353,8 @@ class Trainer:
             best=self.best,
             config=self.cfg,
             rng_states=rng_states,
-            extra={"run_info": self.run_info},
+            extra={"run_info": self.run_info, "eval_pending": bool(eval_pending)},
         )
-
-    def _save_on_interrupt(self) -> None:
-        """Ctrl-C: keep the work done so far. No collectives here -- other ranks may be gone."""
-        if not self.is_main:
-            return
-        if self._in_update or self._saving:
-            warnings.warn(
-                "interrupted while updating parameters or writing a checkpoint; not saving "
-                f"(the previous checkpoint in {self.checkpoint_dir}, if any, is intact)"
-            )
-            return
-        if self.step == 0:
-            return
-        # Only this rank's pending tokens are known; assume the other ranks processed as many.
-        tokens = self.tokens_seen + self._pending_tokens * self.world_size
-        print(f"\ninterrupted: saving a checkpoint at step {self.step} to {self.checkpoint_dir}", file=sys.stderr)
-        self._write_checkpoint([self._rng_after_step or capture_rng_state()], tokens)
 
     def _resume_or_seed(self) -> Optional[int]:
         """Load run_dir/checkpoint if there is one (returns its step); else seed the global RNGs."""
@@ -365,6 +371,8 @@ class Trainer:
 
         state = load_checkpoint(ckpt, self.model, self.optimizer, self.ema, rank=self.rank)
         self.step = int(state["step"])
+        self._saved_step = self.step
+        self._eval_pending = bool((state.get("extra") or {}).get("eval_pending"))
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.best = dict(state.get("best") or {})
         saved_cfg = state.get("config") or {}
@@ -389,4 +397,4 @@ class Trainer:
         return self.step
 
 
-__all__ = ["Trainer", "LossFn", "EvalFn"]
+__all__ = ["Trainer", "LossFn", "EvalFn", "TrainingInterrupted"]
