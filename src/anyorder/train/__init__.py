@@ -12,7 +12,7 @@ from .distributed import (
     unwrap,
 )
 from .ema import EMA
-from .files import CheckpointMismatchError
+from .files import CheckpointMismatchError, CorruptFileError
 from .loggers import JsonlLogger, Loggers, TensorBoardLogger, WandbLogger, build_loggers
 from .rng import capture_rng_state, restore_rng_state
 from .schedule import lr_multiplier
@@ -32,6 +32,7 @@ __all__ = [
     "save_weights",
     "load_weights",
     "CheckpointMismatchError",
+    "CorruptFileError",
     "capture_rng_state",
     "restore_rng_state",
     "unwrap",
