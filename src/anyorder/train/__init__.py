@@ -16,6 +16,7 @@ from .files import CheckpointMismatchError, CorruptFileError
 from .loggers import JsonlLogger, Loggers, TensorBoardLogger, WandbLogger, build_loggers
 from .rng import capture_rng_state, restore_rng_state
 from .schedule import lr_multiplier
+from .nonfinite import NonFiniteError
 from .trainer import EvalFn, LossFn, Trainer
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "load_weights",
     "CheckpointMismatchError",
     "CorruptFileError",
+    "NonFiniteError",
     "capture_rng_state",
     "restore_rng_state",
     "unwrap",

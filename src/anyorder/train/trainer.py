@@ -39,6 +39,7 @@ from .distributed import all_reduce_sum, barrier, init_distributed, unwrap
 from .ema import EMA
 from .loggers import Loggers, build_loggers, require_backends
 from .metrics import LogWindow, eval_line, progress_postfix, train_line, update_best
+from .nonfinite import NonFiniteGuard
 from .provenance import write_run_json
 from .rng import capture_rng_state, forked_rng, gather_rng_states, seed_all
 from .schedule import lr_multiplier
@@ -128,6 +129,7 @@ class Trainer:
         self._saving = False
         self._rng_after_step: Optional[Dict[str, Any]] = None
         self._window = LogWindow(self.device, self.tokens_seen)
+        self.nonfinite = NonFiniteGuard(cfg, self.optimizer, self.world_size, self.is_main, self.checkpoint_dir)
 
     # ------------------------------------------------------------------ public
     @property
@@ -256,7 +258,7 @@ class Trainer:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         ddp = isinstance(self.train_step, DDP)
-        step_tokens = 0
+        outs = []
         for micro in range(cfg.grad_accum):
             # Gradients are all-reduced only on the last micro-step; earlier ones just accumulate.
             sync = micro == cfg.grad_accum - 1
@@ -266,7 +268,7 @@ class Trainer:
                 loss, metrics = self._unpack(out)
                 # mean over micro-steps, so the gradient does not scale with grad_accum
                 (loss / cfg.grad_accum).backward()
-            step_tokens += self._window.add_micro(loss, metrics)
+            outs.append((loss, metrics))
 
         self._in_update = True
         if cfg.grad_clip > 0:
@@ -274,6 +276,10 @@ class Trainer:
         else:
             grads = [p.grad for p in self._params if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        if not self.nonfinite.check(step, [loss for loss, _ in outs], grad_norm):  # NaN/inf, skipped (:mod:`.nonfinite`)
+            self.step, self._in_update, self._rng_after_step = step + 1, False, capture_rng_state()
+            return
+        step_tokens = sum(self._window.add_micro(loss, metrics) for loss, metrics in outs)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
@@ -308,7 +314,7 @@ class Trainer:
         if self._window.steps == 0:
             return
         self._sync_tokens()
-        metrics = self._window.summary(self.tokens_seen, self.step, self.flops_per_step)
+        metrics = {**self._window.summary(self.tokens_seen, self.step, self.flops_per_step), **self.nonfinite.metrics()}
         self.last_metrics = metrics
         if self.is_main:
             self.loggers.log(self.step, metrics, event="train")
@@ -319,6 +325,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _write_checkpoint(self, rng_states, tokens_seen: int) -> None:
+        self.nonfinite.check_params(self.model.parameters(), self.step)  # never save NaN/inf parameters
         save_checkpoint(
             self.checkpoint_dir,
             self.model,
@@ -330,7 +337,7 @@ class Trainer:
             best=self.best,
             config=self.cfg,
             rng_states=rng_states,
-            extra={"run_info": self.run_info},
+            extra={"run_info": self.run_info, "nonfinite": self.nonfinite.state()},
         )
 
     def _save_on_interrupt(self) -> None:
@@ -367,6 +374,7 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.best = dict(state.get("best") or {})
+        self.nonfinite.load((state.get("extra") or {}).get("nonfinite") or {})
         saved_cfg = state.get("config") or {}
         if state.get("config_hash") not in (None, self.cfg.hash()):
             now = self.cfg.dynamics_dict()
