@@ -24,9 +24,9 @@ from typing import Any, Dict, Iterable, List
 
 import torch
 
-from .distributed import all_reduce_sum
 from .checkpoint import STATE_FILE
 from .config import TrainConfig
+from .distributed import all_reduce_sum
 from .files import read_json
 
 MAX_CONSECUTIVE_SKIPS = 10
