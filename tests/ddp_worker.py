@@ -23,7 +23,14 @@ try:
 except ImportError:  # not pip-installed: use the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from anyorder.train import Trainer, TrainConfig, cleanup, init_distributed, save_weights  # noqa: E402
+from anyorder.train import (  # noqa: E402
+    NonFiniteError,
+    Trainer,
+    TrainConfig,
+    cleanup,
+    init_distributed,
+    save_weights,
+)
 
 IN_DIM, BATCH = 6, 8
 
@@ -77,6 +84,27 @@ def resume_check(out: Path, run_dir: Path, steps: int, rank: int) -> None:
     save_weights(a.ema.module, out / f"rank{rank}_resume_a_ema.safetensors")
 
 
+def nonfinite_check(out: Path, run_dir: Path, steps: int, rank: int) -> None:
+    """Rank 1's loss is inf at step 2 while every gradient stays finite (an added constant): only the
+    all-reduced check keeps the ranks in step. "skip": both skip it; "error": both raise."""
+    clean = make_loss_fn(0, 1)
+
+    def loss_fn(model, step, micro, rank_, world_size):
+        loss, metrics = clean(model, step, micro, rank_, world_size)
+        return (loss + float("inf") if (step, rank_) == (2, 1) else loss), metrics
+
+    skip = Trainer(make_model(), loss_fn, make_config(steps, 1, nonfinite="skip"), run_dir / "nonfinite_skip")
+    skip.fit()
+    assert skip.nonfinite.skipped == 1, skip.nonfinite.skipped
+    save_weights(skip.model, out / f"rank{rank}_nonfinite_skip.safetensors")
+    stop = Trainer(make_model(), loss_fn, make_config(steps, 1), run_dir / "nonfinite_error")
+    try:
+        stop.fit()
+        raise AssertionError("no NonFiniteError")
+    except NonFiniteError as e:
+        assert "at step 3/" in str(e) and stop.step == 2, (str(e), stop.step)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -101,6 +129,7 @@ def main() -> None:
             print(f"world_size={info.world_size} backend={info.backend} ga={ga} summary={summary}", flush=True)
     if args.resume_check:
         resume_check(out, Path(args.run_dir), args.steps, info.rank)
+        nonfinite_check(out, Path(args.run_dir), args.steps, info.rank)
     cleanup()
 
 

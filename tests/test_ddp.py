@@ -123,3 +123,10 @@ def test_ddp_resume_is_bit_identical(ddp_run):
                 assert torch.equal(a[k], b[k]), f"rank {rank}{suffix}: {k} differs after resume"
     a0, a1 = (load_file(str(out / f"rank{r}_resume_a.safetensors")) for r in (0, 1))
     assert all(torch.equal(a0[k], a1[k]) for k in a0)
+
+
+def test_ddp_nonfinite_loss_on_one_rank_is_handled_by_every_rank(ddp_run):
+    """(ddp_worker.nonfinite_check asserted in each rank that "error" stopped both at the step.)"""
+    out, _, _ = ddp_run
+    r0, r1 = (load_file(str(out / f"rank{r}_nonfinite_skip.safetensors")) for r in (0, 1))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)  # both ranks skipped the same step

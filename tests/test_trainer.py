@@ -330,6 +330,7 @@ def test_all_reduce_mean_single_process():
         ({"grad_clip": -0.1}, r"grad_clip must be a number >= 0 \(0 = off\)"),
         ({"ema": 1.0}, r"ema must be a number in \[0, 1\) \(0 = off\)"),
         ({"precision": "fp16"}, r"precision must be one of 'fp32', 'bf16', got 'fp16'"),
+        ({"nonfinite": "ignore"}, r"TrainConfig\.nonfinite must be one of 'error', 'skip', got 'ignore'"),
         ({"log_every": -1}, r"log_every must be an integer >= 0"),
         ({"tensorboard": "yes"}, r"tensorboard must be true or false"),
         ({"lr": "fast"}, r"lr must be a number"),
@@ -352,7 +353,7 @@ def test_config_defaults_are_the_experiment_config_defaults():
     assert list(DEFAULTS["train"]) == [  # the order configs are dumped to YAML in
         "steps", "batch_size", "grad_accum", "lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio",
         "grad_clip", "ema", "precision", "eval_every", "checkpoint_every", "log_every", "tensorboard", "wandb",
-        "wandb_project", "progress", "flops_budget",
+        "wandb_project", "progress", "nonfinite", "flops_budget",
     ]
     assert DEFAULTS["train"]["betas"] == [0.9, 0.95]  # a list: YAML has no tuples
 

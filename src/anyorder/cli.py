@@ -103,6 +103,10 @@ def cmd_sample(args):
         if not hasattr(exp.task, "parse"):
             raise ValueError(f"task {exp.task.name!r} does not take --puzzle strings")
         x = torch.stack([exp.task.parse(s) for s in args.puzzle])
+        for i, s in enumerate(args.puzzle):  # decoded all the same: what the model does there may be the question
+            problem = exp.task.check_puzzle(s) if hasattr(exp.task, "check_puzzle") else None
+            if problem:
+                print(f"anyorder: warning: puzzle {i + 1} ({''.join(s.split())}) {problem}", file=sys.stderr)
         answer = x == exp.task.mask_id
         x0 = x.clone()
     else:

@@ -16,7 +16,7 @@ from .train.lock import LOCK_FILE, RunLock
 # keys that do not change what training computes: a resumed run may change them
 _NOT_TRAJECTORY = ("name", "out_dir", "eval", "decode")
 _NOT_TRAJECTORY_TRAIN = ("steps", "eval_every", "checkpoint_every", "log_every", "progress", "tensorboard",
-                         "wandb", "wandb_project")
+                         "wandb", "wandb_project", "nonfinite")
 
 
 def check_run_name(name: Any) -> str:

@@ -100,6 +100,15 @@ class SudokuTask(Task):
         x[self.cells] = self.sep_id
         return x
 
+    def check_puzzle(self, s: str):
+        """None if the puzzle string has exactly one solution, else a one-line note saying what is wrong."""
+        count = core.count_solutions(core.parse_grid(s, self.size), limit=2)
+        if count == 0:
+            return "has no solution (its clues clash or cannot be completed): no output can be a valid grid"
+        if count > 1:
+            return "has several solutions: the output is one valid completion at best, not the only answer"
+        return None
+
     def describe(self):
         return {**super().describe(), "size": self.size, "n_clues": self.n_clues,
                 "n_train": len(self.train_p), "n_eval": len(self.eval_p)}

@@ -12,10 +12,11 @@ from .distributed import (
     unwrap,
 )
 from .ema import EMA
-from .files import CheckpointMismatchError
+from .files import CheckpointMismatchError, CorruptFileError
 from .loggers import JsonlLogger, Loggers, TensorBoardLogger, WandbLogger, build_loggers
 from .rng import capture_rng_state, restore_rng_state
 from .schedule import lr_multiplier
+from .nonfinite import NonFiniteError
 from .trainer import EvalFn, LossFn, Trainer
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "save_weights",
     "load_weights",
     "CheckpointMismatchError",
+    "CorruptFileError",
+    "NonFiniteError",
     "capture_rng_state",
     "restore_rng_state",
     "unwrap",

@@ -7,7 +7,8 @@ Layout of ``<run_dir>/checkpoint/``::
     optimizer.safetensors  AdamW state tensors, keys ``state.{param_index}.{exp_avg|exp_avg_sq|step}``
     optimizer.json         param_groups hyper-parameters (+ any non-tensor state, parameter names)
     rng.safetensors        RNG states of every rank (torch CPU/CUDA, python, numpy)
-    state.json             step, tokens_seen, flops, best metrics, config + hash, versions, RNG scalars
+    state.json             step, tokens_seen, flops, best metrics, config + hash, versions, RNG scalars,
+                           the sha256 of every other file (``checksums``, checked on load)
 
 Atomicity: everything is written into a fresh ``ckpt.tmp-PID@HOST-XXXX`` directory next to the target
 and fsynced; only then is it renamed onto ``checkpoint/``. POSIX cannot rename a directory onto a
@@ -19,7 +20,6 @@ of dead processes, never a live writer's (one writer per run directory is the ru
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -35,7 +35,17 @@ from torch import nn
 
 from .distributed import unwrap
 from .faults import fault_point
-from .files import CheckpointMismatchError, check_compatible, fsync_dir, load_tensors, save_tensors, write_json
+from .files import (
+    CheckpointMismatchError,
+    check_compatible,
+    check_sha256,
+    file_sha256,
+    fsync_dir,
+    load_tensors,
+    read_json,
+    save_tensors,
+    write_json,
+)
 from .lock import pid_alive
 from .provenance import versions
 from .rng import capture_rng_state, restore_rng_state, rng_from_files, rng_to_files
@@ -106,9 +116,12 @@ def _optimizer_to_files(
     return tensors, meta
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, ckpt_dir: Path) -> None:
-    meta = json.loads((ckpt_dir / OPTIMIZER_JSON).read_text())
-    tensors = load_tensors(ckpt_dir / OPTIMIZER_FILE)
+def _load_optimizer(optimizer: torch.optim.Optimizer, ckpt_dir: Path, checksums: Dict[str, str]) -> None:
+    where = f"in {ckpt_dir / STATE_FILE}"
+    if OPTIMIZER_JSON in checksums:
+        check_sha256(ckpt_dir / OPTIMIZER_JSON, file_sha256(ckpt_dir / OPTIMIZER_JSON), checksums[OPTIMIZER_JSON], where)
+    meta = read_json(ckpt_dir / OPTIMIZER_JSON)
+    tensors = load_tensors(ckpt_dir / OPTIMIZER_FILE, checksums.get(OPTIMIZER_FILE), where)
     if meta.get("class") and meta["class"] != type(optimizer).__name__:
         raise CheckpointMismatchError(
             f"{ckpt_dir / OPTIMIZER_JSON} holds {meta['class']} state but the optimizer is "
@@ -200,7 +213,7 @@ def find_checkpoint(run_dir: PathLike) -> Optional[Path]:
         raise RuntimeError(f"{ckpt} exists but has no {STATE_FILE}; it was not written by save_checkpoint")
     olds = sorted(
         (p for p in run_dir.glob(OLD_PREFIX + "*") if (p / STATE_FILE).exists()),
-        key=lambda p: json.loads((p / STATE_FILE).read_text()).get("step", -1),
+        key=lambda p: read_json(p / STATE_FILE).get("step", -1),
     )
     if olds:
         os.replace(olds[-1], ckpt)
@@ -235,18 +248,19 @@ def save_checkpoint(
     model = unwrap(model)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + _writer_tag(), dir=parent))
     try:
-        save_tensors(tmp / MODEL_FILE, model.state_dict())
+        checksums = {MODEL_FILE: save_tensors(tmp / MODEL_FILE, model.state_dict())}
         fault_point("ckpt_write")
         if ema is not None:
-            save_tensors(tmp / EMA_FILE, ema.state_dict())
+            checksums[EMA_FILE] = save_tensors(tmp / EMA_FILE, ema.state_dict())
         if optimizer is not None:
             names = _param_names(model, optimizer)
             tensors, meta = _optimizer_to_files(optimizer, names)
-            save_tensors(tmp / OPTIMIZER_FILE, tensors)
+            checksums[OPTIMIZER_FILE] = save_tensors(tmp / OPTIMIZER_FILE, tensors)
             fault_point("ckpt_write")
             write_json(tmp / OPTIMIZER_JSON, meta)
+            checksums[OPTIMIZER_JSON] = file_sha256(tmp / OPTIMIZER_JSON)
         rng_tensors, rng_scalars = rng_to_files(rng_states if rng_states is not None else [capture_rng_state()])
-        save_tensors(tmp / RNG_FILE, rng_tensors)
+        checksums[RNG_FILE] = save_tensors(tmp / RNG_FILE, rng_tensors)
 
         if config is not None and hasattr(config, "to_dict"):
             config_dict, config_hash = config.to_dict(), config.hash()
@@ -266,6 +280,8 @@ def save_checkpoint(
             "has_optimizer": optimizer is not None,
             "rng": rng_scalars,
             "extra": extra or {},
+            # sha256 of each file: of the tensors for a .safetensors (tensors_sha256), of the bytes otherwise
+            "checksums": checksums,
         }
         write_json(tmp / STATE_FILE, state)
         fsync_dir(tmp)
@@ -306,16 +322,18 @@ def load_checkpoint(
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / STATE_FILE).exists():
         raise FileNotFoundError(f"no checkpoint at {ckpt_dir} (missing {STATE_FILE})")
-    state = json.loads((ckpt_dir / STATE_FILE).read_text())
+    state = read_json(ckpt_dir / STATE_FILE)
+    checksums = state.get("checksums") or {}  # none in a checkpoint written before checksums
+    where = f"in {ckpt_dir / STATE_FILE}"
     model = unwrap(model)
 
-    tensors = load_tensors(ckpt_dir / MODEL_FILE)
+    tensors = load_tensors(ckpt_dir / MODEL_FILE, checksums.get(MODEL_FILE), where)
     check_compatible(tensors, model.state_dict(), "model", ckpt_dir / MODEL_FILE)
     model.load_state_dict(tensors)
 
     if ema is not None:
         if (ckpt_dir / EMA_FILE).exists():
-            ema_tensors = load_tensors(ckpt_dir / EMA_FILE)
+            ema_tensors = load_tensors(ckpt_dir / EMA_FILE, checksums.get(EMA_FILE), where)
             check_compatible(ema_tensors, ema.state_dict(), "EMA model", ckpt_dir / EMA_FILE)
             ema.load_state_dict(ema_tensors)
         else:
@@ -324,12 +342,12 @@ def load_checkpoint(
 
     if optimizer is not None:
         if (ckpt_dir / OPTIMIZER_JSON).exists():
-            _load_optimizer(optimizer, ckpt_dir)
+            _load_optimizer(optimizer, ckpt_dir, checksums)
         else:
             warnings.warn(f"{ckpt_dir} has no optimizer state; the optimizer starts fresh")
 
     if restore_rng and (ckpt_dir / RNG_FILE).exists():
-        rng = rng_from_files(load_tensors(ckpt_dir / RNG_FILE), state.get("rng", {}), rank)
+        rng = rng_from_files(load_tensors(ckpt_dir / RNG_FILE, checksums.get(RNG_FILE), where), state.get("rng", {}), rank)
         if rng is None:
             warnings.warn(
                 f"{ckpt_dir} has no RNG state for rank {rank} (saved with world size "

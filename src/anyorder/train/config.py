@@ -17,12 +17,18 @@ from typing import Any, Dict, Tuple
 from ..registry import unknown_choice
 
 PRECISIONS = ("fp32", "bf16")
+# what a step with a non-finite loss or gradient norm does: stop the run there, or skip its update
+NONFINITE_MODES = ("error", "skip")
 
 # Fields that only change what is observed (logging, progress, how often we save/evaluate), not the
 # trajectory of the parameters. Changing them between a run and its resume is harmless, so they are
 # left out of the hash that guards exact resumption.
+# ``nonfinite`` is here too: every run that completes computes the same numbers in either mode (an
+# "error" run never gets past a non-finite step), so switching to "skip" to resume a run stopped by
+# a NaN continues the same trajectory.
 _OBSERVATION_FIELDS = frozenset(
-    {"eval_every", "checkpoint_every", "log_every", "tensorboard", "wandb", "wandb_project", "progress"}
+    {"eval_every", "checkpoint_every", "log_every", "tensorboard", "wandb", "wandb_project", "progress",
+     "nonfinite"}
 )
 
 
@@ -48,6 +54,10 @@ class TrainConfig:
     wandb: bool = False
     wandb_project: str = "anyorder"
     progress: bool = True
+    # a step whose loss or gradient norm is NaN/inf: "error" stops the run before applying it (the
+    # last checkpoint is kept, the run is not finished); "skip" drops its update and goes on (logged
+    # as nonfinite_skipped; more than 10 in a row is an error)
+    nonfinite: str = "error"
 
     def __post_init__(self) -> None:
         # YAML has no tuples; accept a 2-list for betas and normalise it so the hash and
@@ -89,6 +99,11 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.precision must be one of {', '.join(repr(p) for p in PRECISIONS)}, "
                 f"got {self.precision!r}"
+            )
+        if self.nonfinite not in NONFINITE_MODES:
+            raise ValueError(
+                f"TrainConfig.nonfinite must be one of {', '.join(repr(m) for m in NONFINITE_MODES)}, "
+                f"got {self.nonfinite!r}"
             )
         _int(self, "eval_every", minimum=0)
         _int(self, "checkpoint_every", minimum=0)
@@ -159,4 +174,4 @@ def _float(
     setattr(cfg, name, float(value))
 
 
-__all__ = ["TrainConfig", "PRECISIONS"]
+__all__ = ["TrainConfig", "PRECISIONS", "NONFINITE_MODES"]

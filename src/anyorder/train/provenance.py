@@ -1,7 +1,6 @@
 """What ran where: library versions and ``run.json`` (config, host, devices, command line, resumes)."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import socket
@@ -16,7 +15,7 @@ import torch
 
 from .config import TrainConfig
 from .distributed import DistInfo
-from .files import replace_json
+from .files import read_json, replace_json
 
 RUN_FILE = "run.json"
 
@@ -42,7 +41,7 @@ def write_run_json(
     path = run_dir / RUN_FILE
     now = time.time()
     if path.exists() and resumed_from is not None:
-        info = json.loads(path.read_text())
+        info = read_json(path)
         info.setdefault("resumes", []).append(
             {
                 "time": now,

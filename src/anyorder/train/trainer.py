@@ -46,8 +46,10 @@ from .guard import (SUMMARY_FILE, SignalGuard, TrainingInterrupted, finished_at_
                     save_on_interrupt)
 from .loggers import Loggers, build_loggers, require_backends
 from .metrics import LogWindow, eval_line, progress_postfix, train_line, unpack_loss, update_best
+from .nonfinite import NonFiniteGuard
 from .provenance import write_run_json
 from .rng import capture_rng_state, forked_rng, gather_rng_states, seed_all
+from .resume import reconcile_resumed
 from .schedule import lr_multiplier
 
 LossFn = Callable[[nn.Module, int, int, int, int], Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, Any]]]]
@@ -127,6 +129,7 @@ class Trainer:
         # steps of the checkpoint on disk and of the last evaluation; the resumed step's evaluation was cut short
         self._saved_step, self._evaluated_step, self._eval_pending = None, None, False
         self._signals = SignalGuard()
+        self.nonfinite = NonFiniteGuard(cfg, self.optimizer, self.world_size, self.is_main, self.checkpoint_dir)
 
     # ------------------------------------------------------------------ public
     @property
@@ -284,7 +287,7 @@ class Trainer:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         ddp = isinstance(self.train_step, DDP)
-        step_tokens = 0
+        outs = []
         self._signals.raise_pending()
         self._signals.interruptible = True  # a signal here abandons this step: the checkpoint holds the last one
         for micro in range(cfg.grad_accum):
@@ -297,7 +300,7 @@ class Trainer:
                 loss, metrics = self._unpack(out)
                 # mean over micro-steps, so the gradient does not scale with grad_accum
                 (loss / cfg.grad_accum).backward()
-            step_tokens += self._window.add_micro(loss, metrics)
+            outs.append((loss, metrics))
 
         self._signals.interruptible = False
         self._in_update = True
@@ -306,6 +309,10 @@ class Trainer:
         else:
             grads = [p.grad for p in self._params if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        if not self.nonfinite.check(step, [loss for loss, _ in outs], grad_norm):  # NaN/inf, skipped (:mod:`.nonfinite`)
+            self.step, self._in_update, self._rng_after_step = step + 1, False, capture_rng_state()
+            return
+        step_tokens = sum(self._window.add_micro(loss, metrics) for loss, metrics in outs)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
@@ -331,7 +338,7 @@ class Trainer:
         if self._window.steps == 0:
             return
         self._sync_tokens()
-        metrics = self._window.summary(self.tokens_seen, self.step, self.flops_per_step)
+        metrics = {**self._window.summary(self.tokens_seen, self.step, self.flops_per_step), **self.nonfinite.metrics()}
         self.last_metrics = metrics
         if self.is_main:
             self.loggers.log(self.step, metrics, event="train")
@@ -342,6 +349,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _write_checkpoint(self, rng_states, tokens_seen: int, eval_pending: bool = False) -> None:
+        self.nonfinite.check_params(self.model.parameters(), self.step)  # never save NaN/inf parameters
         save_checkpoint(
             self.checkpoint_dir,
             self.model,
@@ -353,7 +361,7 @@ class Trainer:
             best=self.best,
             config=self.cfg,
             rng_states=rng_states,
-            extra={"run_info": self.run_info, "eval_pending": bool(eval_pending)},
+            extra={"run_info": self.run_info, "eval_pending": bool(eval_pending), "nonfinite": self.nonfinite.state()},
         )
 
     def _resume_or_seed(self) -> Optional[int]:
@@ -375,25 +383,8 @@ class Trainer:
         self._eval_pending = bool((state.get("extra") or {}).get("eval_pending"))
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.best = dict(state.get("best") or {})
-        saved_cfg = state.get("config") or {}
-        if state.get("config_hash") not in (None, self.cfg.hash()):
-            now = self.cfg.dynamics_dict()
-            changed = sorted(k for k in now if saved_cfg.get(k) != now[k])
-            warnings.warn(
-                f"resuming from {ckpt} with a different config ({', '.join(changed)}); training continues "
-                "but will not match an uninterrupted run with either config"
-            )
-        if state.get("world_size") not in (None, self.world_size):
-            warnings.warn(
-                f"checkpoint was saved with world size {state['world_size']}, resuming with {self.world_size}: "
-                "batches differ from the original run, so the result is not bit-exact"
-            )
-        # The config wins over hyper-parameters stored with the optimizer state (lr is set per step).
-        for g in self.optimizer.param_groups:
-            g["weight_decay"] = self.cfg.weight_decay if g.get("decay", True) else 0.0
-            g["betas"] = self.cfg.betas
-        if self.step > self.cfg.steps:
-            warnings.warn(f"checkpoint is at step {self.step}, past cfg.steps={self.cfg.steps}; nothing to do")
+        self.nonfinite.load((state.get("extra") or {}).get("nonfinite") or {})
+        reconcile_resumed(state, self.cfg, self.world_size, self.optimizer, ckpt)
         return self.step
 
 
