@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
