@@ -164,7 +164,11 @@ def cmd_zipf(args):
 
 
 def cmd_sweep(args):
-    for r in run_sweep(args.config, workers=args.workers, launcher=args.launcher):
+    try:
+        results = run_sweep(args.config, workers=args.workers, launcher=args.launcher, force=args.force)
+    except KeyboardInterrupt:  # the sweep said so in one line and stopped its workers
+        raise SystemExit(130)
+    for r in results:
         print(f"{r['status']:>15}  {r['run']}")
 
 
@@ -241,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("config")
     sw.add_argument("--workers", type=int, default=None)
     sw.add_argument("--launcher", choices=["local", "submitit"], default=None)
+    sw.add_argument("--force", action="store_true", help="rerun runs whose stored config differs from their grid "
+                                                         "point (the old directory is moved to NAME.old-TIME)")
     sw.set_defaults(func=cmd_sweep)
     rp = sub.add_parser("report", help="training-stability report of a sweep directory")
     sweep_report.add_arguments(rp)

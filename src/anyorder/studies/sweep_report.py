@@ -35,6 +35,7 @@ import yaml
 from ..analysis.table import format_table
 from ..decoding.regression import predict
 from ..experiment import load_run
+from ..sweep import OLD_RUN
 from ..tasks import TASKS
 from ..tasks.linear_regression import LinearRegressionTask, least_squares, ridge
 
@@ -51,6 +52,8 @@ def load_runs(sweep_dir) -> List[dict]:
     runs = []
     for cfg_path in sorted(Path(sweep_dir).glob("*/config.yaml")):
         run = cfg_path.parent
+        if OLD_RUN.search(run.name):
+            continue  # moved aside by `anyorder sweep --force`: not part of the sweep any more
         cfg = yaml.safe_load(cfg_path.read_text())
         metrics = run / "metrics.jsonl"
         evals = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.exists() else []
