@@ -2,7 +2,9 @@
 (``--plugin``, ``--trust-plugins``); ``anyorder train CONFIG`` imports its config's plugins,
 relative paths resolved against the config file's directory; ``plugins.json`` records them."""
 import json
-import shutil
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,12 @@ def test_train_resolves_plugins_against_the_config_and_records_them(tmp_path, mo
     assert yaml.safe_load((run / "config.yaml").read_text())["plugins"] == ["plug/p.py"]   # as written
     assert json.loads((run / "plugins.json").read_text()) == {"plugins": ["plug/p.py"], "resolved": [str(plug)]}
     load_run(run)                                       # imported in this process already
+    # a fresh process, elsewhere: nothing imported without asking; trusted, the recorded absolute path
+    (tmp_path / "p-ran").unlink()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    r = subprocess.run([sys.executable, "-m", "anyorder.cli", "eval", str(run), "--n", "4", "--trust-plugins"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and (tmp_path / "p-ran").exists(), r.stderr
     # a resume takes the command's plugins (here: the same file named by its absolute path)
     assert cli_train(cfg, tmp_path, "r", f"plugins=[{plug}]", "train.steps=3") == 0
     assert yaml.safe_load((run / "config.yaml").read_text())["plugins"] == [str(plug)]
