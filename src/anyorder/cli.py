@@ -47,7 +47,7 @@ from .experiment import evaluate, load_run, run_decoder, train
 from .orders import ORDERS
 from .plugins import allowed
 from .studies import estimate, sweep_report, text_compare, toy
-from .sweep import run_sweep
+from .sweep import SweepStopped, run_sweep
 
 USER_ERRORS = (ValueError, FileNotFoundError)
 
@@ -166,7 +166,9 @@ def cmd_zipf(args):
 def cmd_sweep(args):
     try:
         results = run_sweep(args.config, workers=args.workers, launcher=args.launcher, force=args.force)
-    except KeyboardInterrupt:  # the sweep said so in one line and stopped its workers
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line (a stopped pool of workers has said it), no traceback
+        if not isinstance(exc, SweepStopped):
+            print("anyorder: sweep interrupted (rerun the sweep to resume)", file=sys.stderr)
         raise SystemExit(130)
     for r in results:
         print(f"{r['status']:>15}  {r['run']}")

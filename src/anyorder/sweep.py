@@ -250,16 +250,20 @@ def _run_local_pool(cfgs, n: int, threads: int, config_dir) -> List[Dict[str, An
     pool = ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                initargs=(os.getpid(),))
     try:
-        with _stop_workers_on_signal():
+        with _stop_workers_on_signal(pool):
             return list(pool.map(_train_one, cfgs, [threads] * len(cfgs), [config_dir] * len(cfgs)))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # after a failed run: the others finish theirs
 
 
-def _stop_workers() -> None:
+class SweepStopped(KeyboardInterrupt):
+    """Ctrl-C stopped the sweep and its workers (already said on stderr)."""
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
     """SIGTERM to every worker's process group (a worker checkpoints and exits), SIGKILL after
     :data:`STOP_GRACE_S`."""
-    procs = mp.active_children()
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # this pool's processes only
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for p in procs:
             try:
@@ -276,9 +280,9 @@ def _stop_workers() -> None:
 
 
 @contextlib.contextmanager
-def _stop_workers_on_signal():
+def _stop_workers_on_signal(pool: ProcessPoolExecutor):
     """While the pool runs: SIGTERM or SIGINT to the sweep stops its workers first, then the sweep
-    (SystemExit 143 with one line, or KeyboardInterrupt)."""
+    (one line on stderr, then SystemExit 143 or :class:`SweepStopped`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -287,9 +291,9 @@ def _stop_workers_on_signal():
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stopping short
         print(f"anyorder: sweep stopped by {signal.Signals(signum).name}; stopping its workers "
               f"(rerun the sweep to resume)", file=sys.stderr, flush=True)
-        _stop_workers()
+        _stop_workers(pool)
         if signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise SweepStopped
         raise SystemExit(128 + signum)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
