@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -44,8 +45,9 @@ from .demo import run_demo
 from .evaluation.likelihood import likelihood_of_run
 from .experiment import evaluate, load_run, run_decoder, train
 from .orders import ORDERS
+from .plugins import allowed
 from .studies import estimate, sweep_report, text_compare, toy
-from .sweep import run_sweep
+from .sweep import SweepStopped, run_sweep
 
 USER_ERRORS = (ValueError, FileNotFoundError)
 
@@ -79,7 +81,7 @@ def _add_decoder_args(p):
 
 def cmd_train(args):
     cfg = load_config(args.config, args.overrides)
-    run_dir = train(cfg)
+    run_dir = train(cfg, config_dir=Path(args.config).parent)  # its plugins: relative to the config file
     print(f"run directory: {run_dir}")
 
 
@@ -166,7 +168,13 @@ def cmd_zipf(args):
 
 
 def cmd_sweep(args):
-    for r in run_sweep(args.config, workers=args.workers, launcher=args.launcher):
+    try:
+        results = run_sweep(args.config, workers=args.workers, launcher=args.launcher, force=args.force)
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line (a stopped pool of workers has said it), no traceback
+        if not isinstance(exc, SweepStopped):
+            print("anyorder: sweep interrupted (rerun the sweep to resume)", file=sys.stderr)
+        raise SystemExit(130)
+    for r in results:
         print(f"{r['status']:>15}  {r['run']}")
 
 
@@ -243,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("config")
     sw.add_argument("--workers", type=int, default=None)
     sw.add_argument("--launcher", choices=["local", "submitit"], default=None)
+    sw.add_argument("--force", action="store_true", help="rerun runs whose stored config differs from their grid "
+                                                         "point (the old directory is moved to NAME.old-TIME)")
     sw.set_defaults(func=cmd_sweep)
     rp = sub.add_parser("report", help="training-stability report of a sweep directory")
     sweep_report.add_arguments(rp)
@@ -254,13 +264,24 @@ def build_parser() -> argparse.ArgumentParser:
                                              "unigram entropy, LoMDM velocity plots")
     text_compare.add_arguments(tc)
     tc.set_defaults(func=text_compare.run_from_args)
+    for cmd in ("eval", "sample", "likelihood", "analyze", "report", "text-compare"):  # commands that load runs
+        _add_plugin_args(sub.choices[cmd])
     return p
+
+
+def _add_plugin_args(p):
+    p.add_argument("--plugin", dest="plugins", action="append", default=None, metavar="PATH_OR_MODULE",
+                   help="import this plugin (a .py file or a module) instead of those the run's config lists "
+                        "(repeatable); loading a run imports nothing by itself")
+    p.add_argument("--trust-plugins", dest="trust_plugins", action="store_true",
+                   help="import exactly the plugins the run's config lists (runs their code)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with allowed(getattr(args, "plugins", None), getattr(args, "trust_plugins", False)):
+            args.func(args)
     except USER_ERRORS as exc:
         print(f"anyorder: error: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ resolved config), ``run.json`` (versions, seed, hardware), ``metrics.jsonl``, ``
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from .decoding import build_decoder
 from .evaluation.decode import run_decoder  # noqa: F401  (part of this module's API)
 from .objectives import Objective, build_objective
 from .orders import Order, build_order
-from .plugins import load_plugins
+from . import plugins as plugins_
 from .rundir import check_run_name, discard_if_empty, open_run_dir, run_dir_for
 from .tasks import Task, build_task
 from .train import Trainer, TrainConfig, barrier, cleanup, load_weights, save_weights
@@ -55,17 +56,22 @@ def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 1_013 + rank)
 
 
-def build(cfg: Dict[str, Any]) -> Experiment:
-    """Build everything a config names, validating it all before any file is written."""
+def build(cfg: Dict[str, Any], config_dir: Optional[Union[str, Path]] = None, *, plugins: bool = True,
+          meta: bool = False) -> Experiment:
+    """Build everything a config names, validating it all before any file is written. Imports the
+    config's plugins (relative paths: against ``config_dir``, then the current directory) unless
+    ``plugins=False``; ``meta=True`` builds the model without memory (validation only)."""
     cfg = normalise(cfg)
-    load_plugins(cfg.get("plugins"))
+    if plugins:
+        plugins_.load_plugins(cfg.get("plugins"), config_dir)
     task = build_task(cfg["task"])
     order = build_order(cfg["order"])
     objective = build_objective(task, order, cfg["weighting"], cfg.get("objective"))
     for d in cfg["decode"]:
         build_decoder(dict(d))
     torch.manual_seed(int(cfg["seed"]))
-    return Experiment(cfg, task, order, objective, objective.build_model(dict(cfg["model"])))
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return Experiment(cfg, task, order, objective, objective.build_model(dict(cfg["model"])))
 
 
 def make_loss_fn(exp: Experiment):
@@ -115,14 +121,16 @@ def save_final_weights(trainer: Trainer) -> None:
                      trainer.run_dir / "model.safetensors")
 
 
-def train(cfg: Dict[str, Any], run_dir: Optional[Union[str, Path]] = None, resume: bool = True) -> Path:
+def train(cfg: Dict[str, Any], run_dir: Optional[Union[str, Path]] = None, resume: bool = True,
+          config_dir: Optional[Union[str, Path]] = None) -> Path:
     """Train (or resume) the run of ``cfg`` in ``run_dir`` (default ``out_dir/name``); returns it.
+    ``config_dir``: the directory of the config file, which relative plugin paths resolve against.
 
     A finished run is left as it is. ``resume=False`` refuses a directory that already holds a run.
     Nothing is created before the config (run name included) is valid; a failure deletes only a
     directory this call created that holds no results (no checkpoint, weights or metrics rows).
     """
-    exp = build(cfg)                                   # all validation happens here, before mkdir
+    exp = build(cfg, config_dir)                       # all validation happens here, before mkdir
     check_run_name(exp.cfg.get("name"))
     tcfg, flops_budget = train_config(exp.cfg)
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(exp.cfg)
@@ -144,6 +152,7 @@ def train(cfg: Dict[str, Any], run_dir: Optional[Union[str, Path]] = None, resum
             return run_dir
         if main:
             (run_dir / "config.yaml").write_text(dump(exp.cfg))
+            plugins_.record(run_dir, exp.cfg.get("plugins"), config_dir)  # plugins.json: the absolute paths
         trainer = Trainer(exp.model, loss_fn, tcfg, run_dir, eval_fn=make_eval_fn(exp), run_info=info,
                           flops_per_step=flops, lr_scale=exp.objective.lr_scale(tcfg.lr),
                           on_trained=save_final_weights)
@@ -161,12 +170,18 @@ def train(cfg: Dict[str, Any], run_dir: Optional[Union[str, Path]] = None, resum
     return run_dir
 
 
-def load_run(run_dir: Union[str, Path]) -> Experiment:
+def load_run(run_dir: Union[str, Path], plugins=None, trust_plugins: Optional[bool] = None) -> Experiment:
+    """A trained run, ready to decode. Imports no plugin its config lists unless asked: ``plugins``
+    are imported instead (the user's own, e.g. ``["examples/right_to_left.py"]``), or with
+    ``trust_plugins=True`` exactly those the run lists; a listed plugin not imported in this
+    process is otherwise refused (:class:`anyorder.plugins.PluginsNotAllowed`)."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    exp = build(yaml.safe_load(cfg_path.read_text()))
+    cfg = yaml.safe_load(cfg_path.read_text())
+    plugins_.for_run(run_dir, cfg.get("plugins"), plugins, trust_plugins)
+    exp = build(cfg, plugins=False)
     weights = run_dir / "model.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"{run_dir} has no model.safetensors (training not finished? "

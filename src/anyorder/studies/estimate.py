@@ -21,7 +21,6 @@ a step do not depend on how many examples the task holds, and the paper-scale da
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import sys
@@ -31,12 +30,11 @@ from typing import Any, Dict, List
 import torch
 
 from ..experiment import build, make_loss_fn, step_flops, steps_for_budget, train_config
-from ..sweep import expand, load_sweep
+from ..sweep import DATA_KEYS, cap_data, expand, load_sweep  # noqa: F401  (DATA_KEYS: this module's API)
 from ..train import Trainer
 
 H100_BF16_DENSE_TFLOPS = 989.0   # H100 SXM, dense BF16 tensor-core peak (1979 is with 2:4 sparsity)
 DEFAULT_MFU = 0.4
-DATA_KEYS = ("n_train", "n_eval")  # task options that only size the dataset
 
 
 def gpu_hours(total_flops: float, peak_tflops: float = H100_BF16_DENSE_TFLOPS, mfu: float = DEFAULT_MFU) -> float:
@@ -46,16 +44,6 @@ def gpu_hours(total_flops: float, peak_tflops: float = H100_BF16_DENSE_TFLOPS, m
     if not 0 < mfu <= 1:
         raise ValueError(f"MFU must be in (0, 1], got {mfu}")
     return float(total_flops) / (peak_tflops * 1e12 * mfu) / 3600.0
-
-
-def cap_data(cfg: Dict[str, Any], max_data: int) -> Dict[str, Any]:
-    """A copy of ``cfg`` whose task holds at most ``max_data`` train / eval examples (0 = as is)."""
-    cfg = copy.deepcopy(cfg)
-    if max_data:
-        for key in DATA_KEYS:
-            if key in cfg["task"]:
-                cfg["task"][key] = min(int(cfg["task"][key]), int(max_data))
-    return cfg
 
 
 def _shape_key(cfg: Dict[str, Any]) -> str:

@@ -35,8 +35,10 @@ import yaml
 from ..analysis.table import format_table
 from ..decoding.regression import predict
 from ..experiment import load_run
+from ..sweep import OLD_RUN
 from ..tasks import TASKS
 from ..tasks.linear_regression import LinearRegressionTask, least_squares, ridge
+from ..train.guard import finished_summary
 
 OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 REFERENCE_ORDER = "ar"  # task affinity compares every order with this one
@@ -51,6 +53,8 @@ def load_runs(sweep_dir) -> List[dict]:
     runs = []
     for cfg_path in sorted(Path(sweep_dir).glob("*/config.yaml")):
         run = cfg_path.parent
+        if OLD_RUN.search(run.name):
+            continue  # moved aside by `anyorder sweep --force`: not part of the sweep any more
         cfg = yaml.safe_load(cfg_path.read_text())
         metrics = run / "metrics.jsonl"
         evals = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.exists() else []
@@ -58,7 +62,7 @@ def load_runs(sweep_dir) -> List[dict]:
         evals = [e for e in evals if e.get("event") == "eval"]
         info = run / "run.json"
         start = json.loads(info.read_text()).get("start_time") if info.exists() else None
-        runs.append({"dir": run, "cfg": cfg, "evals": evals, "finished": (run / "model.safetensors").exists(),
+        runs.append({"dir": run, "cfg": cfg, "evals": evals, "finished": finished_summary(run) is not None,
                      # start of training to its last log line (a resumed run: its first start)
                      "wall_s": (times[-1] - start) if times and start is not None else float("nan")})
     # a sweep over task sizes (d, degree, path_len, ...) gets one group per size, not one per task name
