@@ -2,7 +2,7 @@
 and select it with `objective: label_smoothed`).
 
 ``label_smoothed``: the NELBO of any fixed order with label smoothing ε on the masked
-cross-entropy (−(1−ε) log p(x) − ε mean_v log p(v)). Everything else — the model, validation,
+cross-entropy (−(1−ε) log p(x) − ε mean_v log p(v), over the tokens the model can predict). Everything else — the model, validation,
 decoding, the likelihood bound — is the ``nelbo`` objective's.
 """
 import torch
@@ -21,7 +21,9 @@ class LabelSmoothedNelbo(NelboObjective):
         plan = self.order.train_plan(x0, self.order.layout(answer), self.task.mask_id, gen)
         logp = F.log_softmax(plan_logits(model, plan, self.extra).float(), dim=-1)
         logp_target = logp.gather(-1, plan.targets.unsqueeze(-1)).squeeze(-1)
-        ce = -(1 - self.epsilon) * logp_target - self.epsilon * logp.mean(-1)
+        allowed = torch.isfinite(logp)  # the model never predicts [MASK]: its log-probability is -inf
+        uniform_ce = -logp.masked_fill(~allowed, 0.0).sum(-1) / allowed.sum(-1)
+        ce = -(1 - self.epsilon) * logp_target + self.epsilon * uniform_ce
         w = token_weights(self.weighting, plan, logp_target)
         loss = torch.where(plan.scored, w * ce, torch.zeros_like(ce)).sum() / plan.answer.sum().clamp_min(1)
         return loss, {"tokens": int(plan.tokens.numel())}
