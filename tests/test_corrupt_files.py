@@ -88,7 +88,9 @@ def test_checksum_covers_every_dtype_and_shape(tmp_path):
 def checkpoint_run(tmp_path):
     cfg = cfg_for(ema=0.9, steps=6, checkpoint_every=3)
     Trainer(make_model(), make_loss_fn(), cfg, tmp_path / "run").fit()
-    return tmp_path / "run" / "checkpoint", cfg  # resuming with it loads the checkpoint, then has nothing to do
+    # resuming with two more steps loads the checkpoint (a finished run at its own step count has
+    # nothing to do: fit() returns its summary without touching the checkpoint)
+    return tmp_path / "run" / "checkpoint", cfg_for(ema=0.9, steps=8, checkpoint_every=3)
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors"])
