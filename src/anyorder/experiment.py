@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from .analysis.flops import count_step_flops
+from .checks import check_config, check_size
 from .config import dump, normalise
 from .decoding import build_decoder
 from .evaluation.decode import run_decoder  # noqa: F401  (part of this module's API)
@@ -56,15 +57,20 @@ def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 1_013 + rank)
 
 
-def build(cfg: Dict[str, Any]) -> Experiment:
-    """Build everything a config names, validating it all before any file is written."""
+def build(cfg: Dict[str, Any], training: bool = True) -> Experiment:
+    """Build everything a config names, validating it all before any file is written; the model
+    only once its size is known to fit (for training, unless ``force_size``)."""
     cfg = normalise(cfg)
+    check_config(cfg)
     load_plugins(cfg.get("plugins"))
     task = build_task(cfg["task"])
     order = build_order(cfg["order"])
     objective = build_objective(task, order, cfg["weighting"], cfg.get("objective"))
     for d in cfg["decode"]:
         build_decoder(dict(d))
+    train = cfg.get("train", {})
+    batch = train.get("batch_size", TrainConfig.batch_size) if training else None  # None: weights only
+    check_size(objective, cfg["model"], batch, cfg.get("force_size", False))
     torch.manual_seed(int(cfg["seed"]))
     return Experiment(cfg, task, order, objective, objective.build_model(dict(cfg["model"])))
 
@@ -147,7 +153,7 @@ def load_run(run_dir: Union[str, Path]) -> Experiment:
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    exp = build(yaml.safe_load(cfg_path.read_text()))
+    exp = build(yaml.safe_load(cfg_path.read_text()), training=False)
     weights = run_dir / "model.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"{run_dir} has no model.safetensors (training not finished? "

@@ -8,7 +8,7 @@ from typing import Any, Dict
 import yaml
 
 # keys that do not change what training computes: a resumed run may change them
-_NOT_TRAJECTORY = ("name", "out_dir", "eval", "decode")
+_NOT_TRAJECTORY = ("name", "out_dir", "eval", "decode", "force_size")
 _NOT_TRAJECTORY_TRAIN = ("steps", "eval_every", "checkpoint_every", "log_every", "progress", "tensorboard",
                          "wandb", "wandb_project")
 
