@@ -59,6 +59,9 @@ def check_int(key: str, value: Any, lo: Optional[int] = None, hi: Optional[int] 
     if value is None and optional:
         return None
     v = int(value) if isinstance(value, float) and value.is_integer() else value
+    if isinstance(v, int) and not isinstance(v, bool) and not -2 ** 63 <= v < 2 ** 63:
+        note += " (and a 64-bit integer)"
+        v = None
     if not isinstance(v, int) or isinstance(v, bool) or not in_range(v, lo, hi):
         if isinstance(value, str) and _as_number(value) is not None:
             note += " (YAML reads 1e6 as a string: write 1000000 or 1.0e+6)"

@@ -118,6 +118,13 @@ def cmd_eval(args):
         print(format_table(rows, exp.task.headline()))
 
 
+def _parse_puzzle(task, text: str):
+    try:
+        return task.parse(text)
+    except ValueError as exc:
+        raise ValueError(f"--puzzle {text!r}: {exc}") from None
+
+
 def cmd_sample(args):
     spec = _decoder_spec(args)
     exp = load_run(args.run_dir)
@@ -125,7 +132,7 @@ def cmd_sample(args):
     if args.puzzle:
         if not hasattr(exp.task, "parse"):
             raise ValueError(f"task {exp.task.name!r} does not take --puzzle strings")
-        x = torch.stack([exp.task.parse(s) for s in args.puzzle])
+        x = torch.stack([_parse_puzzle(exp.task, s) for s in args.puzzle])
         answer = x == exp.task.mask_id
         x0 = x.clone()
     else:

@@ -102,7 +102,7 @@ def step_flops(exp: Experiment, loss_fn, tcfg) -> int:
 def train_config(cfg: Dict[str, Any], **changes):
     """(TrainConfig, flops_budget) of a resolved config; a budget is resolved into steps once the
     step's FLOPs are counted (:func:`steps_for_budget`)."""
-    train_cfg = {k: (tuple(v) if k == "betas" else v) for k, v in cfg["train"].items()}
+    train_cfg = {k: (tuple(v) if k == "betas" and isinstance(v, list) else v) for k, v in cfg["train"].items()}
     flops_budget = train_cfg.pop("flops_budget", None)
     return TrainConfig(seed=int(cfg["seed"]), **{**train_cfg, **changes}), flops_budget
 
