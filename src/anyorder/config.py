@@ -139,6 +139,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
 
 
 def normalise(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    missing = [k for k in ("seed", "task", "order", "model", "decode") if k not in check_mapping("a config", cfg)]
+    if missing:
+        raise ValueError(f"the config has no {', '.join(map(repr, missing))} (a run's config.yaml holds every key)")
     for sec in ("task", "order"):
         if isinstance(cfg[sec], str):
             cfg[sec] = {"name": cfg[sec]}
@@ -146,6 +149,7 @@ def normalise(cfg: Dict[str, Any]) -> Dict[str, Any]:
             raise ValueError(f"config section {sec!r} needs a 'name', got {show(cfg[sec])}")
     for sec in ("model", "train", "eval"):
         check_mapping(sec, cfg.get(sec, {}))
+    cfg["eval"] = {**DEFAULTS["eval"], **cfg.get("eval", {})}  # eval={} or an older run: the defaults
     if isinstance(cfg["decode"], (str, dict)):
         cfg["decode"] = [cfg["decode"]]
     if not isinstance(cfg["decode"], list) or not all(isinstance(d, (str, dict)) for d in cfg["decode"]):

@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import torch
-import yaml
 
 from .analysis.flops import count_step_flops
 from .checks import check_config, check_size
-from .config import dump, normalise
+from .config import dump, normalise, read_yaml
 from .decoding import build_decoder
 from .evaluation.decode import run_decoder  # noqa: F401  (part of this module's API)
 from .objectives import Objective, build_objective
@@ -153,7 +152,7 @@ def load_run(run_dir: Union[str, Path]) -> Experiment:
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    exp = build(yaml.safe_load(cfg_path.read_text()), training=False)
+    exp = build(read_yaml(cfg_path.read_text(errors="replace"), f"run config {str(cfg_path)!r}"), training=False)
     weights = run_dir / "model.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"{run_dir} has no model.safetensors (training not finished? "
