@@ -53,5 +53,5 @@ def test_task_encoding_and_metrics():
 def test_impossible_settings():
     with pytest.raises(ValueError, match=r"num_nodes=10 is too small.*needs degree\*\(path_len-1\)\+1 = 13"):
         build_task({"name": "star_graph", "num_nodes": 10, "degree": 3, "path_len": 5})
-    with pytest.raises(ValueError, match="path_len must be >= 2"):
+    with pytest.raises(ValueError, match="path_len must be an integer >= 2"):
         build_task({"name": "star_graph", "path_len": 1})

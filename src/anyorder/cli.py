@@ -39,7 +39,7 @@ from . import bench
 from .analysis.report import analyze_run
 from .analysis.table import format_table
 from .analysis.zipf import ppl_table
-from .config import load_config
+from .config import load_config, read_yaml
 from .decoding import DECODERS
 from .demo import run_demo
 from .evaluation.likelihood import likelihood_of_run
@@ -50,11 +50,30 @@ from .studies import estimate, sweep_report, text_compare, toy
 from .sweep import SweepStopped, run_sweep
 
 USER_ERRORS = (ValueError, FileNotFoundError)
+DECODER_OPTIONS = ("k", "steps", "window", "temperature", "top_k", "top_p", "seed")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: a bad argument is a user error like any other."""
+
+    def error(self, message):
+        raise ValueError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def count(text: str) -> int:
+    """An argparse type: an integer >= 1 (``--n 0`` or ``--n -5`` is an error, not a default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def _decoder_spec(args) -> dict:
     spec = {"name": args.decoder}
-    for key in ("k", "steps", "window", "temperature", "top_k", "top_p", "seed"):
+    for key in DECODER_OPTIONS:
         val = getattr(args, key, None)
         if val is not None:
             spec[key] = val
@@ -62,7 +81,9 @@ def _decoder_spec(args) -> dict:
         key, sep, val = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--opt expects key=value, got {item!r}")
-        spec[key.strip()] = yaml.safe_load(val)
+        spec[key.strip()] = read_yaml(val, f"--opt {item!r}")
+    if args.decoder is None and len(spec) > 1:  # options of no decoder would be silently dropped
+        raise ValueError(f"decoder options ({', '.join(sorted(set(spec) - {'name'}))}) need --decoder NAME")
     return spec
 
 
@@ -86,8 +107,9 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
+    spec = _decoder_spec(args)  # checked before the run is loaded
     exp = load_run(args.run_dir)
-    specs = [_decoder_spec(args)] if args.decoder else exp.cfg["decode"]
+    specs = [spec] if args.decoder else exp.cfg["decode"]
     rows = []
     for spec in specs:
         res = evaluate(exp, spec, n=args.n or int(exp.cfg["eval"]["n"]))
@@ -98,13 +120,21 @@ def cmd_eval(args):
         print(format_table(rows, exp.task.headline()))
 
 
+def _parse_puzzle(task, text: str):
+    try:
+        return task.parse(text)
+    except ValueError as exc:
+        raise ValueError(f"--puzzle {text!r}: {exc}") from None
+
+
 def cmd_sample(args):
+    spec = _decoder_spec(args)
     exp = load_run(args.run_dir)
-    spec = _decoder_spec(args) if args.decoder else exp.cfg["decode"][0]
+    spec = spec if args.decoder else exp.cfg["decode"][0]
     if args.puzzle:
         if not hasattr(exp.task, "parse"):
             raise ValueError(f"task {exp.task.name!r} does not take --puzzle strings")
-        x = torch.stack([exp.task.parse(s) for s in args.puzzle])
+        x = torch.stack([_parse_puzzle(exp.task, s) for s in args.puzzle])
         for i, s in enumerate(args.puzzle):  # decoded all the same: what the model does there may be the question
             problem = exp.task.check_puzzle(s) if hasattr(exp.task, "check_puzzle") else None
             if problem:
@@ -143,7 +173,8 @@ def cmd_bench(args):
 
 
 def cmd_analyze(args):
-    specs = [_decoder_spec(args)] if args.decoder else None
+    spec = _decoder_spec(args)
+    specs = [spec] if args.decoder else None
     out = args.out or f"{args.run_dir.rstrip('/')}/analysis"
     res = analyze_run(args.run_dir, decoders=specs, n=args.n, out=out, s=args.s, vocab=args.vocab,
                       far=args.far, max_parallel=args.max_parallel)
@@ -186,7 +217,7 @@ def cmd_names(registry):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="anyorder", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="anyorder", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("config")
@@ -194,13 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="decode the evaluation set and measure")
     e.add_argument("run_dir")
-    e.add_argument("--n", type=int, default=None)
+    e.add_argument("--n", type=count, default=None, help="evaluation rows (default: the config's eval.n)")
     e.add_argument("--json", action="store_true")
     _add_decoder_args(e)
     e.set_defaults(func=cmd_eval)
     s = sub.add_parser("sample", help="decode and print")
     s.add_argument("run_dir")
-    s.add_argument("--n", type=int, default=4)
+    s.add_argument("--n", type=count, default=4)
     s.add_argument("--puzzle", action="append", help="a puzzle string (Sudoku), may repeat")
     _add_decoder_args(s)
     s.set_defaults(func=cmd_sample)
@@ -223,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     an = sub.add_parser("analyze", help="decoding diagnostics of a run (AFP / τ, distance, Zipf, factorisation "
                                         "gap): report.md + PNGs + results.json")
     an.add_argument("run_dir")
-    an.add_argument("--n", type=int, default=256, help="evaluation rows")
+    an.add_argument("--n", type=count, default=256, help="evaluation rows")
     an.add_argument("--out", default=None, help="output folder (default RUN_DIR/analysis)")
     an.add_argument("--s", type=float, default=1.05, help="Zipf exponent of the plotted bound")
     an.add_argument("--vocab", type=int, default=None, help="Zipf N (default: distinct answer tokens)")
@@ -240,16 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(func=cmd_zipf)
     lk = sub.add_parser("likelihood", help="NELBO / perplexity bound of a run (exact NLL for AR)")
     lk.add_argument("run_dir")
-    lk.add_argument("--samples", type=int, default=8, help="Monte-Carlo replicates (t and masks)")
+    lk.add_argument("--samples", type=count, default=8, help="Monte-Carlo replicates (t and masks)")
     lk.add_argument("--split", default="test", help="train | validation | test | zero_shot (text tasks)")
-    lk.add_argument("--n", type=int, default=None, help="rows (spread over the split); default all")
-    lk.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    lk.add_argument("--n", type=count, default=None, help="rows (spread over the split); default all")
+    lk.add_argument("--batch-size", dest="batch_size", type=count, default=64)
     lk.add_argument("--seed", type=int, default=0)
     lk.add_argument("--json", action="store_true")
     lk.set_defaults(func=cmd_likelihood)
     sw = sub.add_parser("sweep", help="train a grid of runs (orders x tasks x seeds ...); finished runs are skipped")
     sw.add_argument("config")
-    sw.add_argument("--workers", type=int, default=None)
+    sw.add_argument("--workers", type=count, default=None)
     sw.add_argument("--launcher", choices=["local", "submitit"], default=None)
     sw.add_argument("--force", action="store_true", help="rerun runs whose stored config differs from their grid "
                                                          "point (the old directory is moved to NAME.old-TIME)")
@@ -278,12 +309,12 @@ def _add_plugin_args(p):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         with allowed(getattr(args, "plugins", None), getattr(args, "trust_plugins", False)):
             args.func(args)
     except USER_ERRORS as exc:
-        print(f"anyorder: error: {exc}", file=sys.stderr)
+        print(f"anyorder: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (training checkpoints first): one line, no traceback
         print(f"anyorder: interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from .checks import check_mapping, show
 from .model.transformer import ModelConfig
 from .train.config import TrainConfig
 
@@ -41,6 +42,9 @@ DEFAULTS: Dict[str, Any] = {
     "plugins": [],
     "task": {"name": "sudoku"},
     "order": {"name": "random"},
+    # build a model whose training the memory estimate says will not fit (anyorder.checks.check_size).
+    # Top level, not in train: it guards building the model, and train: stays TrainConfig's fields
+    "force_size": False,
     "weighting": None,             # None = the order's default (elbo / clamp)
     "objective": None,             # None = the one the task or the order names (anyorder.objectives)
     "model": {k: _MODEL_DEFAULTS[k] for k in _MODEL_KEYS},
@@ -60,7 +64,7 @@ OPEN_SECTIONS = {"task", "order"}
 
 
 def _suggest(key: str, choices) -> str:
-    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(str(key), [str(c) for c in choices], n=1, cutoff=0.5)
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
@@ -80,11 +84,23 @@ def merge(base: Dict[str, Any], update: Dict[str, Any], path: str = "") -> Dict[
     return out
 
 
+def read_yaml(text: str, where: str):
+    """``yaml.safe_load(text)``, a malformed document being a one-line ValueError naming ``where``
+    (a file or an override) and the line and column of the problem."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ValueError(f"{where} is not valid YAML{at}: {what}") from None
+
+
 def parse_override(item: str):
     if "=" not in item:
         raise ValueError(f"override {item!r} is not of the form key=value (e.g. train.steps=200)")
     key, val = item.split("=", 1)
-    return key.strip(), yaml.safe_load(val) if val.strip() else ""
+    return key.strip(), read_yaml(val, f"override {item!r}") if val.strip() else ""
 
 
 def apply_overrides(cfg: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
@@ -102,6 +118,8 @@ def apply_overrides(cfg: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]
         if not isinstance(node, dict) or (last not in node and not open_section):
             valid = sorted(node) if isinstance(node, dict) else []
             raise ValueError(f"unknown config key {key!r}.{_suggest(last, valid)} Valid keys: {', '.join(valid)}")
+        if node is cfg and last not in OPEN_SECTIONS and isinstance(DEFAULTS.get(last), dict):
+            merge(DEFAULTS[last], check_mapping(last, val), last + ".")  # a whole section: its keys checked
         node[last] = val
     return cfg
 
@@ -110,9 +128,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     user: Dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-        user = yaml.safe_load(p.read_text()) or {}
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {str(p)!r} does not exist" + (" (a folder)" if p.exists() else ""))
+        user = read_yaml(p.read_text(errors="replace"), f"config file {str(p)!r}") or {}
         if not isinstance(user, dict):
             raise ValueError(f"config file {str(p)!r} must hold a mapping at the top level")
     cfg = merge(DEFAULTS, user)
@@ -121,13 +139,22 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
 
 
 def normalise(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    missing = [k for k in ("seed", "task", "order", "model", "decode") if k not in check_mapping("a config", cfg)]
+    if missing:
+        raise ValueError(f"the config has no {', '.join(map(repr, missing))} (a run's config.yaml holds every key)")
     for sec in ("task", "order"):
         if isinstance(cfg[sec], str):
             cfg[sec] = {"name": cfg[sec]}
         if not isinstance(cfg[sec], dict) or "name" not in cfg[sec]:
-            raise ValueError(f"config section {sec!r} needs a 'name'")
+            raise ValueError(f"config section {sec!r} needs a 'name', got {show(cfg[sec])}")
+    for sec in ("model", "train", "eval"):
+        check_mapping(sec, cfg.get(sec, {}))
+    cfg["eval"] = {**DEFAULTS["eval"], **cfg.get("eval", {})}  # eval={} or an older run: the defaults
     if isinstance(cfg["decode"], (str, dict)):
         cfg["decode"] = [cfg["decode"]]
+    if not isinstance(cfg["decode"], list) or not all(isinstance(d, (str, dict)) for d in cfg["decode"]):
+        raise ValueError(f"decode must be a list of decoder names or {{name: ..., option: value}} dicts, "
+                         f"got {show(cfg['decode'])}")
     cfg["decode"] = [{"name": d} if isinstance(d, str) else dict(d) for d in cfg["decode"]]
     return cfg
 

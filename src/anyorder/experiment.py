@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import torch
-import yaml
 
 from .analysis.flops import count_step_flops
-from .config import dump, normalise
+from .checks import check_config, check_size
+from .config import dump, normalise, read_yaml
 from .decoding import build_decoder
 from .evaluation.decode import run_decoder  # noqa: F401  (part of this module's API)
 from .objectives import Objective, build_objective
@@ -57,11 +57,13 @@ def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch
 
 
 def build(cfg: Dict[str, Any], config_dir: Optional[Union[str, Path]] = None, *, plugins: bool = True,
-          meta: bool = False) -> Experiment:
+          meta: bool = False, training: bool = True) -> Experiment:
     """Build everything a config names, validating it all before any file is written. Imports the
     config's plugins (relative paths: against ``config_dir``, then the current directory) unless
-    ``plugins=False``; ``meta=True`` builds the model without memory (validation only)."""
+    ``plugins=False``; builds the model only once its size is known to fit (for training, unless
+    ``force_size``); ``meta=True`` builds it without memory (validation only)."""
     cfg = normalise(cfg)
+    check_config(cfg)
     if plugins:
         plugins_.load_plugins(cfg.get("plugins"), config_dir)
     task = build_task(cfg["task"])
@@ -69,6 +71,9 @@ def build(cfg: Dict[str, Any], config_dir: Optional[Union[str, Path]] = None, *,
     objective = build_objective(task, order, cfg["weighting"], cfg.get("objective"))
     for d in cfg["decode"]:
         build_decoder(dict(d))
+    train = cfg.get("train", {})
+    batch = train.get("batch_size", TrainConfig.batch_size) if training else None  # None: weights only
+    check_size(objective, cfg["model"], batch, cfg.get("force_size", False))
     torch.manual_seed(int(cfg["seed"]))
     with torch.device("meta") if meta else contextlib.nullcontext():
         return Experiment(cfg, task, order, objective, objective.build_model(dict(cfg["model"])))
@@ -101,7 +106,7 @@ def step_flops(exp: Experiment, loss_fn, tcfg) -> int:
 def train_config(cfg: Dict[str, Any], **changes):
     """(TrainConfig, flops_budget) of a resolved config; a budget is resolved into steps once the
     step's FLOPs are counted (:func:`steps_for_budget`)."""
-    train_cfg = {k: (tuple(v) if k == "betas" else v) for k, v in cfg["train"].items()}
+    train_cfg = {k: (tuple(v) if k == "betas" and isinstance(v, list) else v) for k, v in cfg["train"].items()}
     flops_budget = train_cfg.pop("flops_budget", None)
     return TrainConfig(seed=int(cfg["seed"]), **{**train_cfg, **changes}), flops_budget
 
@@ -179,9 +184,9 @@ def load_run(run_dir: Union[str, Path], plugins=None, trust_plugins: Optional[bo
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg = read_yaml(cfg_path.read_text(errors="replace"), f"run config {str(cfg_path)!r}")
     plugins_.for_run(run_dir, cfg.get("plugins"), plugins, trust_plugins)
-    exp = build(cfg, plugins=False)
+    exp = build(cfg, plugins=False, training=False)
     weights = run_dir / "model.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"{run_dir} has no model.safetensors (training not finished? "

@@ -43,7 +43,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from .config import DEFAULTS, apply_overrides, load_config, merge
+from .checks import check_mapping, show
+from .config import DEFAULTS, apply_overrides, load_config, merge, read_yaml
 from .experiment import build, run_dir_for, train
 from .train.guard import finished_summary
 from .registry import unknown_choice
@@ -69,15 +70,28 @@ def load_sweep(path_or_dict) -> Dict[str, Any]:
         path = Path(path_or_dict)
         if not path.exists():
             raise FileNotFoundError(f"sweep file {str(path)!r} does not exist")
-        spec, base_dir = yaml.safe_load(path.read_text()) or {}, path.parent
+        if not path.is_file():
+            raise FileNotFoundError(f"sweep file {str(path)!r} is a folder, not a file")
+        spec, base_dir = read_yaml(path.read_text(errors="replace"), f"sweep file {str(path)!r}") or {}, path.parent
+    check_mapping("a sweep file", spec)
     unknown = set(spec) - SWEEP_KEYS
     if unknown:
-        raise unknown_choice("sweep key", sorted(unknown)[0], sorted(SWEEP_KEYS))
+        raise unknown_choice("sweep key", str(sorted(map(str, unknown))[0]), sorted(SWEEP_KEYS))
     if not isinstance(spec.get("grid", {}), dict):
         raise ValueError("sweep 'grid' must map dotted config keys to lists of values")
     spec.setdefault("name", "sweep")
     spec.setdefault("out_dir", "runs/sweeps")
     spec.setdefault("launcher", {"name": "local"})
+    for key in ("name", "out_dir"):
+        if not isinstance(spec[key], str) or not spec[key].strip():
+            raise ValueError(f"sweep {key!r} must be a non-empty string, got {show(spec[key])}")
+    if spec.get("base") is not None and not isinstance(spec["base"], str):
+        raise ValueError(f"sweep 'base' must be a config file path, got {show(spec['base'])}")
+    if not isinstance(spec.get("overrides") or [], list) or not all(isinstance(o, str) for o in spec.get("overrides") or []):
+        raise ValueError(f"sweep 'overrides' must be a list of key=value strings, got {show(spec.get('overrides'))}")
+    if isinstance(spec["launcher"], str):
+        spec["launcher"] = {"name": spec["launcher"]}
+    check_mapping("sweep 'launcher'", spec["launcher"])
     if spec.get("base"):
         spec["base"] = str((base_dir / spec["base"]).resolve()) if not Path(spec["base"]).is_absolute() else spec["base"]
     if spec["launcher"].get("name", "local") not in LAUNCHERS:

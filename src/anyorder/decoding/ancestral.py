@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check_bool
 from .loop import DECODERS, Decoder
 
 
@@ -38,7 +39,7 @@ class AncestralDecoder(Decoder):
         if kw.get("k") is not None:
             raise ValueError("decoder 'ancestral' unmasks by the time grid; give decoder.steps, not decoder.k")
         super().__init__(**kw)
-        self.skip_unchanged = bool(skip_unchanged)
+        self.skip_unchanged = check_bool("decoder.skip_unchanged", skip_unchanged)
 
     def grid_length(self, st) -> torch.Tensor:
         """[B] steps on the grid of each row's current window."""

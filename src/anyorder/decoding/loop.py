@@ -40,6 +40,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_bool, check_float, check_int, in_range, show
 from ..orders.base import Layout, Order
 from ..registry import Registry
 from .forward import cached_forward, uncached_forward
@@ -146,22 +147,18 @@ class Decoder:
                  score: Optional[str] = None, cache: bool = False):
         if k is not None and steps is not None:
             raise ValueError("give either decoder.k (tokens per step) or decoder.steps, not both")
-        if k is not None and int(k) < 1:
-            raise ValueError(f"decoder.k must be >= 1, got {k}")
-        if steps is not None and int(steps) < 1:
-            raise ValueError(f"decoder.steps must be >= 1, got {steps}")
-        if window is not None and int(window) < 1:
-            raise ValueError(f"decoder.window must be >= 1, got {window}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"decoder.top_p must be in (0, 1], got {top_p}")
+        # every option checked here, at construction: a bad one fails before a run starts
+        self.k = check_int("decoder.k", k, 1, optional=True)
+        self.steps = check_int("decoder.steps", steps, 1, optional=True)
+        self.window = check_int("decoder.window", window, 1, optional=True)
+        self.temperature = check_float("decoder.temperature", temperature, 0, note=" (0 = greedy)")
+        self.top_k = check_int("decoder.top_k", 0 if top_k is None else top_k, 0, note=" (0 = off)")
+        self.top_p = check_float("decoder.top_p", top_p, 0, 1, lo_open=True)
+        self.seed = check_int("decoder.seed", seed, 0)
         if score is not None:
             SCORES.get(score)  # validate early, with the valid choices in the error
             self.score = score
-        self.k = None if k is None else int(k)
-        self.steps = None if steps is None else int(steps)
-        self.window = None if window is None else int(window)
-        self.temperature, self.top_k, self.top_p, self.seed = float(temperature), int(top_k), float(top_p), int(seed)
-        self.cache = bool(cache)
+        self.cache = check_bool("decoder.cache", cache)
 
     def make_forward(self, model, order: Order, layout: Layout, extra=None):
         """``forward(x, masked) -> logits`` for this decode: the plain full pass under the order's
@@ -322,18 +319,16 @@ for _name, _doc in [("random", "Uniformly random positions (LLaDA 'random')."),
 
 
 def check_range(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False, kind=float):
-    """``value`` converted by ``kind``, or a ValueError naming the valid range of decoder.<name>."""
+    """``value`` as a ``kind`` (int or float) in the range, or a ValueError naming decoder.<name>,
+    the value and the range. NaN, ±inf, bools and non-whole numbers for an int never pass."""
+    rng = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open else ']'}"
     try:
-        v = kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"decoder.{name} must be a {kind.__name__}, got {value!r}") from None
-    bad = ((lo is not None and (v <= lo if lo_open else v < lo)) or
-           (hi is not None and (v >= hi if hi_open else v > hi)))
-    if bad:
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
-        rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
-        raise ValueError(f"decoder.{name} must be in {rng}, got {value!r}")
+        v = (check_int if kind is int else check_float)(f"decoder.{name}", value)
+    except ValueError:
+        raise ValueError(f"decoder.{name} must be {'an integer' if kind is int else 'a finite number'} in {rng}, "
+                         f"got {show(value)}") from None
+    if not in_range(v, lo, hi, lo_open, hi_open):
+        raise ValueError(f"decoder.{name} must be in {rng}, got {show(value)}")
     return v
 
 

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..checks import check_int, show
 from .loop import DECODERS, Decoder, check_range
 
 
@@ -34,9 +35,10 @@ class RandomInitDecoder(Decoder):
         super().__init__(**kw)
         self.ratio = check_range("ratio", ratio, 0.0, 1.0, hi_open=True)
         if fill_tokens is not None:
-            fill_tokens = [int(t) for t in fill_tokens]
-            if not fill_tokens:
-                raise ValueError("decoder.fill_tokens must be a non-empty list of token ids (or None)")
+            if not isinstance(fill_tokens, (list, tuple)) or not fill_tokens:
+                raise ValueError(f"decoder.fill_tokens must be a non-empty list of token ids (or null), "
+                                 f"got {show(fill_tokens)}")
+            fill_tokens = [check_int("decoder.fill_tokens[]", t, 0) for t in fill_tokens]
         self.fill_tokens = fill_tokens
 
     def random_fill(self, st):

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..checks import check_bool, check_int
 from .transformer import Block, ModelConfig, RMSNorm, Transformer, rope_tables
 
 
@@ -39,8 +40,8 @@ class ContinuousConfig:
     type_embedding: bool = True
 
     def __post_init__(self):
-        if int(self.d_in) < 1:
-            raise ValueError(f"model.d_in must be >= 1, got {self.d_in}")
+        self.d_in = check_int("model.d_in", self.d_in, 1)
+        check_bool("model.type_embedding", self.type_embedding)
         self.block_config()  # validates width/heads/mlp with the token model's rules
 
     def block_config(self) -> ModelConfig:

@@ -21,11 +21,12 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..checks import check_float
 from .transformer import Block, ModelConfig, RMSNorm, Transformer, rope_tables
 
 
 def check_c(c1: float, c2: float) -> Tuple[float, float]:
-    c1, c2 = float(c1), float(c2)
+    c1, c2 = check_float("order.c1", c1, 0, lo_open=True), check_float("order.c2", c2, 0)
     if not (c2 >= 0 and c1 > c2):
         raise ValueError(f"LoMDM needs c1 > c2 >= 0 so that every exponent c1 + c2·NormSig is positive; "
                          f"got c1={c1}, c2={c2} (c2 = 0 is the polynomial schedule, (1, 0) is MDLM)")

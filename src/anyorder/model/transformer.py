@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checks import check_bool, check_choice, check_float, check_int, check_mapping
+
 
 @dataclass
 class ModelConfig:
@@ -34,14 +36,26 @@ class ModelConfig:
     tie_embeddings: bool = False
 
     def __post_init__(self):
-        if self.mlp not in ("swiglu", "gelu"):
-            raise ValueError(f"model.mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
+            setattr(self, key, check_int(f"model.{key}", getattr(self, key), 1))
+        check_choice("model.mlp", self.mlp, ("swiglu", "gelu"))
+        self.mlp_ratio = check_float("model.mlp_ratio", self.mlp_ratio, 0, lo_open=True)
+        self.rope_base = check_float("model.rope_base", self.rope_base, 0, lo_open=True)
+        for key in ("time_conditioning", "tie_embeddings"):
+            check_bool(f"model.{key}", getattr(self, key))
         if self.d_model % self.n_heads != 0:
             raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
         if (self.d_model // self.n_heads) % 2 != 0:
-            raise ValueError("model.d_model / model.n_heads must be even for RoPE")
-        if not 0 <= self.mask_id < self.vocab_size:
+            raise ValueError(f"model.d_model / model.n_heads must be even for RoPE, got {self.d_model} / {self.n_heads} "
+                             f"= {self.d_model // self.n_heads}")
+        hidden = int(self.mlp_ratio * self.d_model)
+        if (int(2 * hidden / 3) if self.mlp == "swiglu" else hidden) < 1:  # the MLP's width (see MLP)
+            raise ValueError(f"model.mlp_ratio={self.mlp_ratio} x model.d_model={self.d_model} leaves the MLP "
+                             f"without a hidden unit; make it larger")
+        if not 0 <= check_int("model.mask_id", self.mask_id) < self.vocab_size:
             raise ValueError(f"model.mask_id {self.mask_id} outside vocabulary of size {self.vocab_size}")
+        for name, size in check_mapping("model.extra_embeddings", self.extra_embeddings).items():
+            check_int(f"model.extra_embeddings.{name}", size, 1)
 
     def to_dict(self):
         return asdict(self)

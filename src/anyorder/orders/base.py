@@ -18,6 +18,8 @@ from typing import Dict, Optional
 
 import torch
 
+from ..checks import check_int
+
 
 @dataclass
 class Layout:
@@ -81,9 +83,7 @@ class Order:
     exact_likelihood = False     # True where train_plan's loss is the exact NLL, not an upper bound
 
     def __init__(self, block_size: int = 1):
-        if int(block_size) < 1:
-            raise ValueError(f"order.block_size must be >= 1, got {block_size}")
-        self.block_size = int(block_size)
+        self.block_size = check_int("order.block_size", block_size, 1)
 
     def layout(self, answer: torch.Tensor) -> Layout:
         return Layout.from_answer(answer, self.block_size)

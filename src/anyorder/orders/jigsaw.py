@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from ..checks import check_bool
 from . import masks
 from .plans import jigsaw_rules, masked_plan, two_stream_plan
 from .base import Order, low_discrepancy_t
@@ -33,7 +34,7 @@ class JigsawOrder(Order):
 
     def __init__(self, block_size: int = 4, teacher_forced: bool = True, **kw):
         super().__init__(block_size=block_size, **kw)
-        self.teacher_forced = bool(teacher_forced)
+        self.teacher_forced = check_bool("order.teacher_forced", teacher_forced)
 
     def train_plan(self, x0, layout, mask_id, gen):
         B, L = x0.shape

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from ..checks import check_bool, check_float
 from ..model.lomdm import LoMDM, check_c
 from .base import Order
 from .registry import ORDERS
@@ -30,8 +31,8 @@ class LearnedOrder(Order):
                  **kw):
         super().__init__(**kw)
         self.c1, self.c2 = check_c(c1, c2)
-        self.head_lr = None if head_lr is None else float(head_lr)
-        self.center = bool(center)  # centre the head's logits before NormSig (anyorder.model.lomdm.normsig)
+        self.head_lr = check_float("order.head_lr", head_lr, 0, lo_open=True, optional=True)
+        self.center = check_bool("order.center", center)  # centre the head's logits before NormSig (anyorder.model.lomdm.normsig)
 
     def wrap(self, backbone) -> LoMDM:
         """A :class:`LoMDM`: the backbone plus fresh g_φ / g_ψ heads with this order's c1, c2."""

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from ..checks import check_float
 from ..registry import Registry
 
 SCHEDULES: Registry = Registry("schedule")
@@ -60,9 +61,7 @@ class Polynomial(Schedule):
     """α = 1 − t^c, A = c/t (c = 1 is linear)."""
 
     def __init__(self, c: float = 1.0):
-        if c <= 0:
-            raise ValueError(f"polynomial schedule needs c > 0, got {c}")
-        self.c = float(c)
+        self.c = check_float("order.schedule.c", c, 0, lo_open=True, note=" (polynomial schedule)")
 
     def alpha_and_rate(self, t, aidx, n):
         t = _bt(t, aidx)
@@ -76,9 +75,7 @@ class EpsBlock(Schedule):
     With block_size 1 this is the ε-AR schedule (:class:`EpsAR`)."""
 
     def __init__(self, eps: float = 1e-3, block_size: int = 1):
-        if not 0 <= eps < 1:
-            raise ValueError(f"eps must be in [0, 1), got {eps}")
-        self.eps, self.block_size = float(eps), int(block_size)
+        self.eps, self.block_size = check_float("order.eps", eps, 0, 1, hi_open=True), int(block_size)
 
     def _nb(self, n):
         return (n + self.block_size - 1) // self.block_size

@@ -31,6 +31,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from ..checks import check_float, check_int, check_mapping, check_memory
 from .base import TASKS, Task
 
 
@@ -74,25 +75,23 @@ class LinearRegressionTask(Task):
 
     def __init__(self, d: int = 20, n_prompt: int = 20, n_query: int = 20, curriculum: Optional[Dict] = None,
                  ridge_lambda: float = 0.1, tau_nmse: float = 0.01, n_eval: int = 1280, seed: int = 0):
-        if int(d) < 1:
-            raise ValueError(f"task.d must be >= 1, got {d}")
-        if int(n_prompt) < 1:
-            raise ValueError(f"task.n_prompt (P, in-context pairs) must be >= 1, got {n_prompt}")
-        if int(n_query) < 1:
-            raise ValueError(f"task.n_query (R, query pairs) must be >= 1, got {n_query}")
-        if float(ridge_lambda) < 0:
-            raise ValueError(f"task.ridge_lambda must be >= 0, got {ridge_lambda}")
-        self.d, self.P, self.R = int(d), int(n_prompt), int(n_query)
-        self.ridge_lambda, self.tau_nmse = float(ridge_lambda), float(tau_nmse)
-        self.n_eval, self.seed = int(n_eval), int(seed)
+        self.d = check_int("task.d", d, 1)
+        self.P = check_int("task.n_prompt", n_prompt, 1, note=" (P, in-context pairs)")
+        self.R = check_int("task.n_query", n_query, 1, note=" (R, query pairs)")
+        self.ridge_lambda = check_float("task.ridge_lambda", ridge_lambda, 0)
+        self.tau_nmse = check_float("task.tau_nmse", tau_nmse, 0, lo_open=True)
+        self.n_eval, self.seed = check_int("task.n_eval", n_eval, 1), check_int("task.seed", seed, 0)
         self.seq_len = 2 * (self.P + self.R)
+        check_memory(f"task.n_eval = {self.n_eval:,} regression prompts of {self.seq_len} slots x task.d = {self.d}",
+                     4 * 3 * self.n_eval * self.seq_len * self.d, "make task.n_eval, task.d or the prompts smaller")
         self.curriculum = None
         if curriculum:
-            cur = dict(curriculum)
+            cur = dict(check_mapping("task.curriculum", curriculum))
             unknown = set(cur) - {"d_start", "d_inc", "d_interval"}
             if unknown:
                 raise ValueError(f"task.curriculum got unknown keys {sorted(unknown)}; valid: d_start, d_inc, d_interval")
-            start, inc, every = int(cur.get("d_start", 1)), int(cur.get("d_inc", 1)), int(cur.get("d_interval", 2000))
+            start, inc, every = (check_int(f"task.curriculum.{k}", cur.get(k, v)) for k, v in
+                                 (("d_start", 1), ("d_inc", 1), ("d_interval", 2000)))
             if not 1 <= start <= self.d:
                 raise ValueError(f"task.curriculum.d_start must be in [1, d={self.d}], got {start}")
             if inc < 0 or every < 1:

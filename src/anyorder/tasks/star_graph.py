@@ -14,8 +14,13 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
+import sys
+
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from ..checks import check_bool, check_int, check_memory
 
 from .base import TASKS, Task
 
@@ -24,7 +29,7 @@ def star_graph(degree: int, path_len: int, num_nodes: int, rng: np.random.Genera
     """(edges [E, 2], path [path_len]) with node labels drawn without replacement."""
     need = degree * (path_len - 1) + 1
     if num_nodes < need:
-        raise ValueError(f"num_nodes={num_nodes} is too small for degree={degree} arms of path_len={path_len} "
+        raise ValueError(f"task.num_nodes={num_nodes} is too small for degree={degree} arms of path_len={path_len} "
                          f"nodes: a star needs degree*(path_len-1)+1 = {need} distinct nodes")
     nodes = rng.permutation(num_nodes)[:need]
     source, rest = int(nodes[0]), nodes[1:].reshape(degree, path_len - 1)
@@ -42,11 +47,13 @@ class StarGraphTask(Task):
 
     def __init__(self, num_nodes: int = 20, degree: int = 3, path_len: int = 5, n_train: int = 50000,
                  n_eval: int = 1000, reverse: bool = False, seed: int = 0):
-        if degree < 2:
-            raise ValueError(f"task.degree must be >= 2 (one arm is trivial), got {degree}")
-        if path_len < 2:
-            raise ValueError(f"task.path_len must be >= 2 (source and goal), got {path_len}")
-        self.num_nodes, self.degree, self.path_len, self.reverse = int(num_nodes), int(degree), int(path_len), bool(reverse)
+        degree = check_int("task.degree", degree, 2, note=" (one arm is trivial)")
+        path_len = check_int("task.path_len", path_len, 2, note=" (source and goal)")
+        num_nodes = check_int("task.num_nodes", num_nodes, 1)  # enough for the star: star_graph() below
+        n_train, n_eval = check_int("task.n_train", n_train, 1), check_int("task.n_eval", n_eval, 1)
+        seed = check_int("task.seed", seed, 0)
+        self.num_nodes, self.degree, self.path_len = num_nodes, degree, path_len
+        self.reverse = check_bool("task.reverse", reverse)
         N = self.num_nodes
         self.bar, self.slash, self.eq, self.mask_id = N, N + 1, N + 2, N + 3
         self.vocab_size = N + 4
@@ -54,10 +61,14 @@ class StarGraphTask(Task):
         self.prompt_len = 3 * self.n_edges + 3
         self.seq_len = self.prompt_len + path_len
         rng = np.random.default_rng(seed)
-        total = int(n_train) + int(n_eval)
+        total = n_train + n_eval
+        check_memory(f"task.n_train + task.n_eval = {total:,} star graphs", 2 * 8 * total * self.seq_len,
+                     "make task.n_train smaller")
+        check_memory(f"task.num_nodes = {N:,} node labels", 8 * N, "make task.num_nodes smaller")
         star_graph(degree, path_len, num_nodes, rng)  # validate the settings before the loop
+        rows = tqdm(range(total), desc="star graphs", unit="graph", delay=2, file=sys.stderr, leave=False)
         self.data = torch.from_numpy(np.stack([self.encode(*star_graph(degree, path_len, num_nodes, rng))
-                                               for _ in range(total)]))
+                                               for _ in rows]))
         self.eval_x, self.train_x = self.data[: int(n_eval)], self.data[int(n_eval):]
         self.answer_mask = torch.zeros(self.seq_len, dtype=torch.bool)
         self.answer_mask[self.prompt_len:] = True

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from . import sudoku_core as core
-from .sudoku_gen import generate_dataset
+from ..checks import check_int, check_memory, show
+from .sudoku_gen import MIN_CLUES, generate_dataset
 from .base import TASKS, Task
 
 
@@ -26,11 +27,16 @@ class SudokuTask(Task):
     unique_solution = True  # the generator verifies every puzzle's uniqueness with its solver
 
     def __init__(self, size: int = 4, n_clues: int = 6, n_train: int = 20000, n_eval: int = 1000, seed: int = 0):
-        box = {4: 2, 9: 3}.get(int(size))
-        if box is None:
-            raise ValueError(f"task.size must be 4 or 9, got {size}")
-        self.size, self.box, self.n_clues = int(size), box, int(n_clues)
-        n = self.size
+        if isinstance(size, bool) or size not in (4, 9):
+            raise ValueError(f"task.size must be 4 or 9 (4x4 or 9x9), got {show(size)}")
+        n = int(size)
+        n_clues = check_int("task.n_clues", n_clues, MIN_CLUES[n], n * n, note=f" for a {n}x{n} sudoku")
+        n_train, n_eval = check_int("task.n_train", n_train, 1), check_int("task.n_eval", n_eval, 1)
+        seed = check_int("task.seed", seed, 0)
+        # the int8 grids and the int64 sequences of every example, before any is generated
+        check_memory(f"task.n_train + task.n_eval = {n_train + n_eval:,} sudoku examples",
+                     (n_train + n_eval) * (2 * n * n + 1) * 10, "make task.n_train smaller")
+        self.size, self.box, self.n_clues = n, {4: 2, 9: 3}[n], n_clues
         self.cells = n * n
         self.grid_shape = (n, n)
         self.sep_id, self.mask_id = n + 1, n + 2

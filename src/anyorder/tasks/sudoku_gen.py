@@ -9,10 +9,12 @@ symmetric variants of a few such base puzzles, every base checked by the solver 
 from __future__ import annotations
 
 import random
+import sys
 import time
 from typing import List, Optional, Tuple
 
 import numpy as np
+from tqdm import tqdm
 
 from .sudoku_core import _check_size, _grid_size, _run, count_solutions, is_valid_solution
 
@@ -127,7 +129,7 @@ def _generate_bases(n: int, k: int, n_clues: int, rng: np.random.Generator,
                     max_tries: int) -> Tuple[np.ndarray, np.ndarray]:
     """``k`` base puzzles with exactly ``n_clues`` clues, each checked to be unique."""
     puzzles, solutions = [], []
-    for _ in range(k):
+    for _ in tqdm(range(k), desc=f"{n}x{n} base puzzles", unit="puzzle", delay=2, file=sys.stderr, leave=False):
         lowest = n * n
         for _ in range(max_tries):
             p, s = generate_puzzle(n, n_clues, rng)
@@ -190,6 +192,8 @@ def generate_dataset(size: int, count: int, n_clues: int, seed: int,
     # also brings new bases, so the last few missing puzzles of a nearly exhausted space
     # are still found.
     stale, max_stale = 0, 10
+    # long requests (a large 4x4 set nears the number of distinct puzzles) show progress on stderr
+    progress = tqdm(total=count, desc=f"{n}x{n} sudoku puzzles", unit="puzzle", delay=2, file=sys.stderr, leave=False)
     while len(out_p) < count:
         need = count - len(out_p)
         draw = need + max(need // 50, 256)  # small margin covers the rare duplicates
@@ -200,11 +204,14 @@ def generate_dataset(size: int, count: int, n_clues: int, seed: int,
         keep = _first_unique_rows(all_p)
         added = len(keep) - len(out_p)
         out_p, out_s = all_p[keep], np.concatenate([out_s, s])[keep]
+        progress.update(min(len(out_p), count) - progress.n)
+        progress.set_postfix(rounds_without_new=stale + (added <= 0), refresh=False)
         if added > 0:
             stale = 0
             continue
         stale += 1
         if stale >= max_stale:
+            progress.close()
             raise ValueError(
                 f"asked for {count} distinct {n}x{n} puzzles with {n_clues} clues but found "
                 f"only {len(out_p)} after {stale} rounds without a new one; fewer distinct "
@@ -214,6 +221,7 @@ def generate_dataset(size: int, count: int, n_clues: int, seed: int,
             more_p, more_s = _generate_bases(n, n_base, n_clues, rng, max_tries)
             base_p = np.concatenate([base_p, more_p])
             base_s = np.concatenate([base_s, more_s])
+    progress.close()
     return out_p[:count], out_s[:count]
 
 

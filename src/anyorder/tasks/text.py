@@ -20,6 +20,7 @@ import torch
 from ..data import build_corpus, build_tokenizer, default_cache_dir, pack, pad_rows, split_documents
 from ..data.corpus import SPLITS
 from ..data.encode import concat, encode_corpus
+from ..checks import check_bool, check_choice, check_float, check_int, show
 from .base import TASKS, Task
 
 MODES = ("packed", "padded")
@@ -33,12 +34,18 @@ class TextTask(Task):
     def __init__(self, sources=("wiki", "shakespeare"), zero_shot=("bible",), tokenizer=None,
                  seq_len: int = 128, mode: str = "packed", val_frac: float = 0.05, test_frac: float = 0.05,
                  zero_shot_split: str = "test", truncate: bool = False, cache_dir: Optional[str] = None):
-        if mode not in MODES:
-            raise ValueError(f"text task mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if zero_shot_split not in SPLITS + ("all",):
-            raise ValueError(f"zero_shot_split must be one of {', '.join(SPLITS + ('all',))}, got {zero_shot_split!r}")
-        if int(seq_len) < 2:
-            raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+        check_choice("task.mode", mode, MODES)
+        check_choice("task.zero_shot_split", zero_shot_split, SPLITS + ("all",))
+        seq_len = check_int("task.seq_len", seq_len, 2)
+        val_frac, test_frac = check_float("task.val_frac", val_frac, 0, 1), check_float("task.test_frac", test_frac, 0, 1)
+        if val_frac + test_frac >= 1:
+            raise ValueError(f"task.val_frac + task.test_frac must be < 1 (the rest trains), got {val_frac} + {test_frac}")
+        check_bool("task.truncate", truncate)
+        if cache_dir is not None and not isinstance(cache_dir, str):
+            raise ValueError(f"task.cache_dir must be a folder path or null, got {show(cache_dir)}")
+        if not isinstance(sources, (str, dict, list, tuple)) or not isinstance(zero_shot, (str, dict, list, tuple, type(None))):
+            raise ValueError(f"task.sources and task.zero_shot must be a corpus name, a {{name: ...}} spec or a list "
+                             f"of them, got {show(sources)} and {show(zero_shot)}")
         sources = [sources] if isinstance(sources, (str, dict)) else list(sources)
         zero_shot = [zero_shot] if isinstance(zero_shot, (str, dict)) else list(zero_shot or [])
         if not sources:
