@@ -282,12 +282,12 @@ def test_checkpoint_saves_leave_a_live_writers_temp_folder_alone(tmp_path):
 @pytest.mark.parametrize("name", ["../../x", "a/b", "", ".", "..", ".hidden", "a\\b"])
 def test_run_names_are_single_path_components(tmp_path, name, capsys):
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"^name="):
+    with pytest.raises(ValueError, match=r"^name(=| must be a non-empty string)"):
         train(tiny(out, name=name))
     assert not out.exists()
     assert main(["train", str(ROOT / "configs" / "sudoku4.yaml"), *TINY, f"out_dir={out}", f"name={name}"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("anyorder: error: name=") and len(err.strip().splitlines()) == 1
+    assert err.startswith("anyorder: error: name") and len(err.strip().splitlines()) == 1
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 

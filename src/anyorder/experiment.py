@@ -1,13 +1,7 @@
 """Config -> (task, order, objective, model) -> trained run directory -> decoded, measured results.
 
-The Python API the CLI wraps:
-
-    cfg = load_config("configs/sudoku4.yaml", ["order.name=ar"])
-    run_dir = train(cfg)                       # runs/<name>/ with weights, metrics, config
-    exp = load_run(run_dir)
-    table = evaluate(exp, {"name": "margin", "k": 2}, n=256)
-
-This file is wiring only: the task hands out data, the order lays out a training pass, the
+The Python API the CLI wraps: ``train(load_config(path, overrides))`` -> run directory,
+``evaluate(load_run(run_dir), {"name": "margin", "k": 2}, n=256)`` -> metrics. Wiring only: the task hands out data, the order lays out a training pass, the
 objective (named by the task or the order) turns both into a model, a loss and metrics, and the
 :class:`~anyorder.train.Trainer` runs the loop. A run directory holds ``config.yaml`` (the
 resolved config), ``run.json`` (versions, seed, hardware), ``metrics.jsonl``, ``checkpoint/``
@@ -71,8 +65,7 @@ def build(cfg: Dict[str, Any], config_dir: Optional[Union[str, Path]] = None, *,
     objective = build_objective(task, order, cfg["weighting"], cfg.get("objective"))
     for d in cfg["decode"]:
         build_decoder(dict(d))
-    train = cfg.get("train", {})
-    batch = train.get("batch_size", TrainConfig.batch_size) if training else None  # None: weights only
+    batch = cfg.get("train", {}).get("batch_size", TrainConfig.batch_size) if training else None  # None: weights only
     check_size(objective, cfg["model"], batch, cfg.get("force_size", False))
     torch.manual_seed(int(cfg["seed"]))
     with torch.device("meta") if meta else contextlib.nullcontext():

@@ -131,8 +131,9 @@ def cap_data(cfg: Dict[str, Any], max_data: int) -> Dict[str, Any]:
     cfg = copy.deepcopy(cfg)
     if max_data:
         for key in DATA_KEYS:
-            if key in cfg["task"]:
-                cfg["task"][key] = min(int(cfg["task"][key]), int(max_data))
+            value = cfg["task"].get(key)
+            if isinstance(value, int) and not isinstance(value, bool):  # anything else: validation names it
+                cfg["task"][key] = min(value, int(max_data))
     return cfg
 
 
