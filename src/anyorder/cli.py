@@ -40,7 +40,7 @@ from .analysis.report import analyze_run
 from .analysis.table import format_table
 from .analysis.zipf import ppl_table
 from .config import load_config, read_yaml
-from .decoding import DECODERS
+from .decoding import DECODERS, build_decoder
 from .demo import run_demo
 from .evaluation.likelihood import likelihood_of_run
 from .experiment import evaluate, load_run, run_decoder, train
@@ -131,6 +131,7 @@ def cmd_sample(args):
     spec = _decoder_spec(args)
     exp = load_run(args.run_dir)
     spec = spec if args.decoder else exp.cfg["decode"][0]
+    build_decoder(spec)  # a bad decoder option is the error, before any warning about the input
     if args.puzzle:
         if not hasattr(exp.task, "parse"):
             raise ValueError(f"task {exp.task.name!r} does not take --puzzle strings")
