@@ -140,10 +140,12 @@ def _as_number(value: Any) -> Optional[float]:
 
 
 def available_memory() -> int:
-    """Bytes a run can still allocate: free GPU memory where training would use the GPU, else the
-    host's MemAvailable (``/proc/meminfo``; ``os.sysconf`` where there is none)."""
+    """Bytes a run can still allocate: the memory of this process's GPU where training would use
+    one (its total: asking for the free memory would open a CUDA context on it before training
+    does), else the host's MemAvailable (``/proc/meminfo``; ``os.sysconf`` where there is none)."""
     if torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info()[0])
+        index = int(os.environ.get("LOCAL_RANK", "0") or 0) % torch.cuda.device_count()
+        return int(torch.cuda.get_device_properties(index).total_memory)
     try:
         with open("/proc/meminfo") as f:
             for line in f:

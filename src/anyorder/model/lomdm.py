@@ -26,7 +26,7 @@ from .transformer import Block, ModelConfig, RMSNorm, Transformer, rope_tables
 
 
 def check_c(c1: float, c2: float) -> Tuple[float, float]:
-    c1, c2 = check_float("order.c1", c1, 0, lo_open=True), check_float("order.c2", c2, 0)
+    c1, c2 = check_float("order.c1", c1), check_float("order.c2", c2)  # finite numbers; the range below
     if not (c2 >= 0 and c1 > c2):
         raise ValueError(f"LoMDM needs c1 > c2 >= 0 so that every exponent c1 + c2·NormSig is positive; "
                          f"got c1={c1}, c2={c2} (c2 = 0 is the polynomial schedule, (1, 0) is MDLM)")
