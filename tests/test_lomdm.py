@@ -63,13 +63,9 @@ def test_fixed_exponent_is_the_polynomial_nelbo(c1, schedule):
 
 
 def test_c1_c2_validated():
-    for c1, c2 in [(0.5, 0.5), (0.5, 0.7)]:
+    for c1, c2 in [(0.5, 0.5), (0.5, 0.7), (1.0, -0.1), (0.0, 0.0)]:
         with pytest.raises(ValueError, match="c1 > c2 >= 0"):
             lomdm(c1, c2)
-    with pytest.raises(ValueError, match="c1 must be a finite number > 0, got 0.0"):
-        lomdm(0.0, 0.0)
-    with pytest.raises(ValueError, match="c2 must be a finite number >= 0, got -0.1"):
-        lomdm(1.0, -0.1)
     with pytest.raises(ValueError, match="c1 > c2"):
         build_order({"name": "learned", "c1": 0.3, "c2": 0.4})
 
