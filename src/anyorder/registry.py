@@ -86,20 +86,14 @@ class Registry(Generic[T]):
 
     def build(self, spec: Any, **kwargs: Any):
         """Build from ``"name"`` or ``{"name": "name", **options}`` (see :meth:`resolve`), or return
-        an already built instance as is. A ValueError raised inside the constructor propagates
-        unchanged; a TypeError (an option of a type the class cannot use) becomes a ValueError
-        naming the options."""
+        an already built instance as is. Errors raised inside the constructor propagate unchanged."""
         if isinstance(spec, (int, float, list, tuple, type(None))):  # config data, but not a spec
             raise ValueError(f"a {self.kind} spec is a name or a dict with a 'name' (valid: {', '.join(self.names())}); "
                              f"got {spec!r}")
         if not isinstance(spec, (str, dict)):
             return spec
         cls, options = self.resolve(spec, **kwargs)
-        try:
-            return cls(**options)
-        except TypeError as exc:
-            raise ValueError(f"{self.kind} {getattr(cls, 'registered_name', cls.__name__)!r}: an option has a type it cannot use ({exc}); "
-                             f"given: {options!r}") from exc
+        return cls(**options)  # constructors validate their options (ValueError); anything else is a bug
 
     def names(self) -> List[str]:
         return sorted(self._items)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
+from ..checks import is_number
 from ..registry import unknown_choice
 
 PRECISIONS = ("fp32", "bf16")
@@ -81,7 +81,7 @@ class TrainConfig:
         if (
             not isinstance(self.betas, tuple)
             or len(self.betas) != 2
-            or not all(_is_number(b) and 0.0 <= b < 1.0 for b in self.betas)
+            or not all(is_number(b) and 0.0 <= b < 1.0 for b in self.betas)
         ):
             raise ValueError(
                 f"TrainConfig.betas must be a pair (beta1, beta2) with each in [0, 1), got {self.betas!r}"
@@ -139,11 +139,6 @@ class TrainConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _is_number(x: Any) -> bool:
-    # bool is an int subclass; "ema: true" in a YAML file is a mistake, not 1.0
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _int(cfg: TrainConfig, name: str, minimum: int) -> None:
     value = getattr(cfg, name)
     if isinstance(value, float) and value.is_integer():
@@ -164,7 +159,7 @@ def _float(
     range_text: str,
 ) -> None:
     value = getattr(cfg, name)
-    ok = _is_number(value)
+    ok = is_number(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
