@@ -14,6 +14,8 @@
     anyorder report SWEEP_DIR [--out DIR]          curves with seed bands, FLOPs to threshold, affinity
     anyorder text-compare RUN_DIR... --judge AR_RUN --out DIR   text runs: PPL bounds, gen PPL, unigram entropy
     anyorder estimate SWEEP.yaml ... [--steps N] [--gpu-peak TFLOPS] [--mfu 0.4] [--json]   FLOPs and GPU hours
+    anyorder view PATH... [--decoder NAME ...] [--n N] [--out view.html]   step-by-step trace viewer (one HTML file)
+    anyorder serve RUN_DIR [--port 8765]           live decoding page on 127.0.0.1
 
 The toy and the Zipf table are those of "Why mask diffusion does not work"; ``analyze`` adds the
 AFP / Kendall τ statistics of "Parallelism and Generation Order in Masked Diffusion Language
@@ -48,6 +50,7 @@ from .orders import ORDERS
 from .plugins import allowed
 from .studies import estimate, sweep_report, text_compare, toy
 from .sweep import SweepStopped, run_sweep
+from .viewer import server as viewer_server, view as viewer_view
 
 USER_ERRORS = (ValueError, FileNotFoundError)
 DECODER_OPTIONS = ("k", "steps", "window", "temperature", "top_k", "top_p", "seed")
@@ -210,6 +213,11 @@ def cmd_sweep(args):
         print(f"{r['status']:>15}  {r['run']}")
 
 
+def cmd_view(args):
+    spec = _decoder_spec(args)
+    viewer_view.run_from_args(args, [spec] if args.decoder else None)
+
+
 def cmd_names(registry):
     def run(args):
         names = registry.names()
@@ -296,7 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
                                              "unigram entropy, LoMDM velocity plots")
     text_compare.add_arguments(tc)
     tc.set_defaults(func=text_compare.run_from_args)
-    for cmd in ("eval", "sample", "likelihood", "analyze", "report", "text-compare"):  # commands that load runs
+    vw = sub.add_parser("view", help="one self-contained HTML page: the traces of runs step by step, side by side")
+    viewer_view.add_arguments(vw)
+    _add_decoder_args(vw)
+    vw.set_defaults(func=cmd_view)
+    sv = sub.add_parser("serve", help="a local page (127.0.0.1) that decodes a puzzle and streams it step by step")
+    viewer_server.add_arguments(sv)
+    sv.set_defaults(func=viewer_server.run_from_args)
+    for cmd in ("eval", "sample", "likelihood", "analyze", "report", "text-compare", "view", "serve"):  # load runs
         _add_plugin_args(sub.choices[cmd])
     return p
 

@@ -46,6 +46,7 @@ from ..registry import Registry
 from .forward import cached_forward, uncached_forward
 from .sampling import row_generators, sample_tokens
 from .scores import SCORES
+from .events import EventLog
 from .trace import Trace
 
 DECODERS: Registry = Registry("decoder")
@@ -83,6 +84,7 @@ class DecodeState:
     row_step: Optional[torch.Tensor] = None  # [B] steps taken by each row (while it had holes)
     info: Dict[str, Any] = field(default_factory=dict)  # decoder-specific (phase, counters)
     seeds: List[int] = field(default_factory=list)        # the row seeds gens were made from
+    events: Optional[EventLog] = None   # every commit / re-mask / edit (decoding/events.py)
 
     def reseed(self, phase: int) -> None:
         """Fresh per-row generators for a new phase of a decode (an edit round). A batched row
@@ -107,6 +109,8 @@ class DecodeState:
         # started later in the batch) records the same steps as when decoded alone
         self.finalize = torch.where(where, self.row_step.unsqueeze(-1).expand_as(self.finalize), self.finalize)
         self.masked = self.masked & ~where
+        if self.events is not None:
+            self.events.commit(where, tokens, conf, self.row_step)
 
     def remask(self, where: torch.Tensor) -> None:
         """Put [MASK] back at ``where`` (answer positions only). The position's trace entry is
@@ -114,18 +118,23 @@ class DecodeState:
         where = where & self.answer
         self.x = torch.where(where, torch.full_like(self.x, self.mask_id), self.x)
         self.masked = self.masked | where
+        if self.events is not None:
+            self.events.remask(where, self.row_step)
 
     def advance(self, active: torch.Tensor) -> None:
         """End a step: ``active`` [B] rows took part in it."""
         self.step += 1
         self.row_step = self.row_step + active.long()
+        if self.events is not None:
+            self.events.end_step(self)
 
     def check_limit(self) -> None:
         if self.step >= self.limit:
             raise RuntimeError(f"decoding did not finish in {self.limit} steps (order {self.order.name!r})")
 
     def trace(self) -> Trace:
-        return Trace(self.finalize, self.conf, self.answer, self.nfe)
+        return Trace(self.finalize, self.conf, self.answer, self.nfe,
+                     None if self.events is None else self.events.finish())
 
 
 class Decoder:
@@ -141,6 +150,9 @@ class Decoder:
     """
 
     score: str = "top_prob"
+    # what the trace's event log keeps (not decoder options: they never change a decode)
+    alternatives: int = 0      # top-K tokens kept per committed position
+    on_step = None             # called with the state after every step (the live viewer)
 
     def __init__(self, k: Optional[int] = None, steps: Optional[int] = None, window: Optional[int] = None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
@@ -188,6 +200,8 @@ class Decoder:
     def propose(self, logits: torch.Tensor, st: DecodeState):
         """float64 log-probs and probs of the model, and the proposed token at every position."""
         logp = F.log_softmax(logits.double(), dim=-1)
+        if st.events is not None:
+            st.events.propose(logp)
         return logp, logp.exp(), sample_tokens(logits, self.temperature, st.gens, self.top_k, self.top_p)
 
     def allowed(self, st: DecodeState, logp: torch.Tensor, masked: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -259,7 +273,9 @@ class Decoder:
             cur_window=torch.full((B,), -1, dtype=torch.long),
             finalize=torch.full((B, L), -1, dtype=torch.long), conf=torch.zeros(B, L, dtype=torch.float64),
             nfe=torch.zeros(B, dtype=torch.long), limit=max_steps or 4 * L * max(1, self.steps or 1) + 16,
-            seeds=seeds, row_step=torch.zeros(B, dtype=torch.long))
+            seeds=seeds, row_step=torch.zeros(B, dtype=torch.long),
+            events=EventLog((B, L), x.device, self.alternatives, self.on_step,
+                            initial=torch.where(answer & ~masked, x, -1)))
 
     def windows(self, layout: Layout) -> torch.Tensor:
         """[B, L] semi-AR window of each answer position (-1 on prompt): contiguous runs of

@@ -2,7 +2,8 @@
 Generation Order in Masked Diffusion Language Models: Limits Today, Potential Tomorrow".
 
 ``finalize_step[b, i]`` is the step at which position i took its final value (-1 on prompt);
-``confidence[b, i]`` the model's probability of that value then.
+``confidence[b, i]`` the model's probability of that value then. ``events`` holds every
+commit, re-mask and edit of the decode, from which both are rebuilt (:meth:`Events.finalize`).
 
 - AFP (Average Finalization Parallelism) = n / #{steps that finalise >= 1 token};
 - Kendall's τ_b (ties counted) between finalisation step and left-to-right position:
@@ -12,8 +13,11 @@ Generation Order in Masked Diffusion Language Models: Limits Today, Potential To
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+from .events import Events
 
 
 @dataclass
@@ -22,6 +26,7 @@ class Trace:
     confidence: torch.Tensor      # [B, L] float64
     answer: torch.Tensor          # [B, L] bool
     nfe: torch.Tensor             # [B] forward passes until the row was complete
+    events: Optional[Events] = None  # every commit / re-mask / edit (decoding/events.py)
 
     def afp(self) -> torch.Tensor:
         return afp(self.finalize_step, self.answer)

@@ -66,6 +66,10 @@ class Task:
         """KL(joint ‖ product of marginals) where the task can enumerate the joint; else None."""
         return None
 
+    def token_str(self, token: int) -> str:
+        """How a viewer shows one token id (default: the id; [MASK] as ``_``)."""
+        return "_" if token == self.mask_id else str(token)
+
     def headline(self) -> str:
         """The metric a table leads with."""
         return "seq_acc"

@@ -98,6 +98,9 @@ class SudokuTask(Task):
     def headline(self):
         return "puzzle_acc"
 
+    def token_str(self, token: int) -> str:
+        return {0: ".", self.sep_id: "|", self.mask_id: "_"}.get(token, str(token))
+
     def parse(self, s: str) -> torch.Tensor:
         """A puzzle string -> a prompt row with the answer masked (malformed input: ValueError)."""
         grid = core.parse_grid(s, self.size)

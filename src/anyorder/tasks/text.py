@@ -133,6 +133,9 @@ class TextTask(Task):
     def decode_text(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids])
 
+    def token_str(self, token: int) -> str:
+        return "[MASK]" if token == self.mask_id else self.decode_text([token])
+
     def describe(self):
         out = super().describe()
         out.update({"tokenizer": self.tokenizer.describe(), "mode": self.mode,
