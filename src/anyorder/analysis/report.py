@@ -4,7 +4,9 @@ The trace statistics of "Parallelism and Generation Order in Masked Diffusion La
 Limits Today, Potential Tomorrow" (AFP, Kendall's τ, easy first) and the distance, Zipf and
 factorisation diagnostics of "Why mask diffusion does not work".
 
-Writes ``report.md`` (tables + PNGs) and ``results.json`` (all numbers) to the output folder:
+Writes ``report.md`` (tables + PNGs), ``results.json`` (all numbers), every decode with its
+events (``decodes/*.safetensors``) and the step-by-step viewer of them (``viewer.html``, linked
+from the report) to the output folder:
 
 1. per decoder: task metrics, AFP / Kendall τ_b overall, for correct vs incorrect outputs and per
    third of the answer; tokens finalised per step (histogram PNG); position × step heatmap PNG;
@@ -22,24 +24,15 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
+from ..evaluation.saved import decoder_label as _label, file_slug as _slug, save_decode
 from ..experiment import load_run, run_decoder
+from ..viewer.view import write_view
 from . import plots
 from .distance import distance_analysis
 from .factorization import sudoku_gap
 from .table import format_table
 from .trace_stats import heatmap_matrix, split_stats, tokens_per_step
 from .zipf import fit_s, zipf_curve
-
-
-def _label(spec) -> str:
-    if isinstance(spec, str):
-        return spec
-    opts = ",".join(f"{k}={v}" for k, v in spec.items() if k != "name")
-    return f"{spec['name']}({opts})" if opts else spec["name"]
-
-
-def _slug(label: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in label).strip("_")
 
 
 def analyze_run(run_dir: Union[str, Path], decoders: Optional[Sequence] = None, n: int = 256,
@@ -65,9 +58,12 @@ def analyze_run(run_dir: Union[str, Path], decoders: Optional[Sequence] = None, 
     res: Dict[str, object] = {"run_dir": str(run_dir), "order": order.name, "task": task.name, "n": len(x0),
                               "decoders": {}, "zipf": {"s": s, "vocab": N}}
     first = None
+    saved = []
     for spec in specs:
         label = _label(spec)
-        metrics, dec = run_decoder(model, exp, spec, x0, answer, return_results=True)
+        metrics, dec = run_decoder(model, exp, spec, x0, answer, return_results=True, alternatives=3)
+        saved.append(save_decode(out / "decodes" / f"{_slug(label)}.safetensors", exp, spec, x0, answer, dec, metrics,
+                                 run_dir=str(run_dir)))
         tr = dec.trace
         correct = task.row_correct(dec.tokens, x0, answer)
         entry: Dict[str, object] = {"metrics": metrics, "split": split_stats(tr, correct),
@@ -107,6 +103,8 @@ def analyze_run(run_dir: Union[str, Path], decoders: Optional[Sequence] = None, 
     gap = task.marginal_gap(model)
     if gap is not None:
         res["toy_gap"] = gap
+    write_view(saved, out / "viewer.html", f"anyorder analyze: {run_dir}")
+    res["viewer"] = "viewer.html"
     (out / "results.json").write_text(json.dumps(res, indent=1, default=float))
     (out / "report.md").write_text(render(res))
     return res
@@ -116,6 +114,8 @@ def render(res: Dict[str, object]) -> str:
     """The Markdown report of :func:`analyze_run`'s numbers."""
     L: List[str] = [f"# Decoding diagnostics: `{res['run_dir']}`", "",
                     f"order `{res['order']}`, task `{res['task']}`, {res['n']} evaluation rows.", ""]
+    if res.get("viewer"):
+        L += [f"Every decode step by step (open in a browser; one self-contained file): [{res['viewer']}]({res['viewer']})", ""]
     L += ["## AFP and Kendall τ_b", "",
           "As in 'Parallelism and Generation Order in Masked Diffusion Language Models'. Split by whether "
           "the output is correct and by stage (first / middle / last third of the answer, AFP and τ_b on "

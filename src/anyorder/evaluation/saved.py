@@ -38,6 +38,11 @@ def decoder_label(spec) -> str:
     return f"{spec['name']}({opts})" if opts else spec["name"]
 
 
+def file_slug(label: str) -> str:
+    """A file name for a decoder label (letters and digits kept, the rest ``_``)."""
+    return "".join(ch if ch.isalnum() else "_" for ch in label).strip("_")
+
+
 def save_decode(path: Union[str, Path], exp, spec, x0: torch.Tensor, answer: torch.Tensor, result: DecodeResult,
                 metrics: Dict[str, Any], run_dir: str = "") -> Path:
     """Write one decode (see the module docstring); ``exp`` has ``task`` and ``order``."""

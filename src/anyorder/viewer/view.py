@@ -12,16 +12,12 @@ import argparse
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from ..evaluation.saved import decoder_label, load_decode, save_decode
+from ..evaluation.saved import decoder_label, file_slug, load_decode, save_decode
 from ..experiment import load_run, run_decoder
 from .data import page_data
 from .page import render_page
 
 DEFAULT_ALTERNATIVES = 3
-
-
-def slug(label: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "=.-" else "_" for ch in label).strip("_")
 
 
 def decode_run(run_dir, specs: Optional[Sequence] = None, n: int = 16,
@@ -34,7 +30,7 @@ def decode_run(run_dir, specs: Optional[Sequence] = None, n: int = 16,
     paths = []
     for spec in specs:
         metrics, res = run_decoder(exp.model, exp, spec, x0, answer, return_results=True, alternatives=alternatives)
-        paths.append(save_decode(out_dir / f"{slug(decoder_label(spec))}.safetensors", exp, spec, x0, answer, res,
+        paths.append(save_decode(out_dir / f"{file_slug(decoder_label(spec))}.safetensors", exp, spec, x0, answer, res,
                                  metrics, run_dir=str(run_dir)))
     return paths
 
