@@ -42,6 +42,7 @@
       for (const x of d.ev) P.row.ev.push(x);
       for (const x of d.alt) P.row.alt.push(x);
       P.row.steps = Math.max(P.row.steps, d.steps);
+      card.el.dataset.streamed = (+card.el.dataset.streamed || 0) + 1;
       V.drawHeat(P);
       V.setStep(card, P.row.steps);  // follow the decode
     });

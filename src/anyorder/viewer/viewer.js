@@ -206,7 +206,9 @@ document.addEventListener("mouseover", ev => {
 });
 
 document.addEventListener("keydown", ev => {
-  if (!active || /INPUT|TEXTAREA|SELECT/.test(document.activeElement.tagName) && document.activeElement.type !== "range") return;
+  // typing in a field, or a focused slider (it steps itself), keeps its keys
+  const tag = document.activeElement.tagName;
+  if (!active || /INPUT|TEXTAREA|SELECT/.test(tag) || (ev.key === " " && tag === "BUTTON")) return;
   if (ev.key === "ArrowRight") setStep(active, active.step + 1);
   else if (ev.key === "ArrowLeft") setStep(active, active.step - 1);
   else if (ev.key === "Home") setStep(active, 0);
