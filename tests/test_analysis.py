@@ -13,6 +13,7 @@ from anyorder.analysis.distance import (bounds, distance_to_visible, first_maske
 from anyorder.analysis.easy_first import easy_first, spearman
 from anyorder.analysis.factorization import kl_joint_vs_product, sudoku_gap, toy_gap
 from anyorder.analysis.trace_stats import heatmap_matrix, split_stats, stage_masks, tokens_per_step
+from anyorder.evaluation.saved import load_decode
 from anyorder.analysis.zipf import (SEED_PPL_TABLE, fit_s, implied_probabilities, independence_ppl, zipf_bound,
                                     zipf_curve, zipf_weights)
 from anyorder.cli import main
@@ -236,3 +237,8 @@ def test_analyze_report_end_to_end(tmp_path, capsys):
         assert key in report
     for f in dec["files"] + ["distance.png"]:
         assert (out / f).stat().st_size > 1000 and f in report
+    # every decode saved with its events, and the viewer of them linked from the report
+    assert "[viewer.html](viewer.html)" in report and res["viewer"] == "viewer.html"
+    saved = load_decode(out / "decodes" / "top_prob_k_4.safetensors")
+    assert torch.equal(saved["trace"].events.finalize(saved["finalize_step"].shape)[0], saved["finalize_step"])
+    assert f'"label":"MDLM (random) / top_prob(k=4)"' in (out / "viewer.html").read_text()

@@ -153,9 +153,26 @@ def test_tooltip_shows_token_confidence_step_and_alternatives(page, view):
         assert text.splitlines()[-1] == "alternatives: " + ", ".join(alts)
 
 
-def test_screenshot_for_the_readme(page, view, tmp_path):
+@pytest.fixture(scope="module")
+def picture(view, tmp_path_factory):
+    """The page of the screenshot: the tiny run's, or -- when ANYORDER_VIEWER_SCREENSHOT names the
+    README's file -- that of a run trained like the demo's random-order model (500 steps of batch
+    64, width 128, 4 layers; fp32, about 5 minutes on 2 cores), so the picture shows solved puzzles."""
+    if not os.environ.get("ANYORDER_VIEWER_SCREENSHOT"):
+        return view[0]
+    from anyorder.config import load_config
+    from anyorder.experiment import train
+    over = ["train.steps=500", "train.precision=fp32", "train.progress=false", "eval.n=64",
+            f"out_dir={tmp_path_factory.mktemp('runs')}", "name=picture"]
+    run = train(load_config(str(ROOT / "configs" / "sudoku4.yaml"), over))
+    specs = ["margin", {"name": "top_prob", "k": 4}, {"name": "remask", "k": 3}, {"name": "edit", "k": 8}]
+    return write_view(decode_run(run, specs, n=8), tmp_path_factory.mktemp("picture") / "view.html",
+                      "anyorder view: 4x4 Sudoku, one random-order model, four decoders")
+
+
+def test_screenshot_for_the_readme(page, picture, tmp_path):
     """Writes the README's picture when ANYORDER_VIEWER_SCREENSHOT names a file (docs/viewer.png)."""
-    out, saved = view
+    out = picture
     page.goto(out.as_uri())
     card = page.locator(".example[data-example='1']")
     card.hover()
@@ -247,16 +264,18 @@ def test_serve_streams_what_sample_prints(page, server, run, capsys):
 
 STEP_TIMES = """async card => {
   const V = window.anyorderViewer, c = V.cards[card], S = V.maxSteps(c), slider = c.el.querySelector('input[type=range]');
-  const t = [];
+  const t = [], f = [];
+  c.el.scrollIntoView();
   for (let rep = 0; rep < 3; rep++) for (let s = 0; s <= S; s++) {
     const t0 = performance.now();
     slider.value = s; slider.dispatchEvent(new Event('input'));
-    document.body.offsetHeight;                                   // layout included
-    await new Promise(r => requestAnimationFrame(() => r()));     // and the next frame
+    document.body.offsetHeight;                                   // style and layout included
     t.push(performance.now() - t0);
+    await new Promise(r => requestAnimationFrame(() => r()));     // until the next frame
+    f.push(performance.now() - t0);
   }
-  t.sort((a, b) => a - b);
-  return {steps: S, median_ms: t[t.length >> 1], max_ms: t[t.length - 1]};
+  const med = a => a.sort((x, y) => x - y)[a.length >> 1];
+  return {steps: S, median_ms: med(t), max_ms: t[t.length - 1], frame_median_ms: med(f), frame_max_ms: f[f.length - 1]};
 }"""
 
 
@@ -280,12 +299,53 @@ def test_500_puzzles_x_4_decoders_load_and_scrub(browser, run, tmp_path):
     res = {"examples": 500, "decoders": len(DECODERS), "html_mb": round(out.stat().st_size / 1e6, 2),
            "decode_s": round(decode_s, 1), "load_ms_best_of_3": round(min(loads), 1),
            "step_change_ms_median": round(first["median_ms"], 1), "step_change_ms_max": round(first["max_ms"], 1),
+           "step_to_next_frame_ms_median": round(first["frame_median_ms"], 1),
+           "step_to_next_frame_ms_max": round(first["frame_max_ms"], 1),
            "render_all_500_cards_ms": round(render_all, 1),
            "step_change_ms_median_all_rendered": round(after["median_ms"], 1),
-           "step_change_ms_max_all_rendered": round(after["max_ms"], 1)}
+           "step_change_ms_max_all_rendered": round(after["max_ms"], 1),
+           "step_to_next_frame_ms_median_all_rendered": round(after["frame_median_ms"], 1)}
     print(json.dumps(res))
     if os.environ.get("ANYORDER_VIEWER_BENCH"):
         Path(os.environ["ANYORDER_VIEWER_BENCH"]).write_text(json.dumps(res, indent=1) + "\n")
     pg.close()
-    # "without visible lag": a step change within two frames at 60 Hz, the page ready in 3 s
-    assert res["step_change_ms_max_all_rendered"] < 100 and res["load_ms_best_of_3"] < 3000
+    # "without visible lag": a step change's work within one 60 Hz frame (median), the page ready in 3 s
+    assert res["step_change_ms_median_all_rendered"] < 16 and res["load_ms_best_of_3"] < 3000
+
+
+@pytest.mark.slow
+def test_1k_token_sequences_scrub(browser, tmp_path):
+    from anyorder.decoding import build_decoder
+    from anyorder.model import ModelConfig, Transformer
+    from anyorder.orders import build_order
+    from anyorder.viewer.data import panel_rows
+    from anyorder.viewer.page import render_page
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=51, mask_id=50, d_model=32, n_layers=1, n_heads=2, max_len=1024)).eval()
+    B, L = 8, 1024
+    x0 = torch.randint(0, 50, (B, L), generator=torch.Generator().manual_seed(0))
+    answer = torch.zeros(B, L, dtype=torch.bool)
+    answer[:, 24:] = True
+    panels = []
+    for spec in ({"name": "top_prob", "k": 4}, {"name": "remask", "k": 6, "n_remask": 2}):
+        dec = build_decoder(spec)
+        dec.alternatives = 3
+        r = dec.decode(model, build_order("random"), torch.where(answer, 50, x0), answer)
+        panels.append({"label": spec["name"], "grid": None, "metrics": r.trace.summary(), "k_alt": 3,
+                       "rows": panel_rows(x0, answer, r.tokens, r.trace, torch.zeros(B, dtype=torch.bool), 50)})
+    out = tmp_path / "long.html"
+    out.write_text(render_page({"mode": "static", "title": "1k tokens", "panels": panels, "examples": B,
+                                "vocab": {str(i): f"w{i} " for i in range(51)}}))
+    pg = browser.new_page(viewport={"width": 1280, "height": 820})
+    pg.goto(out.as_uri())
+    pg.wait_for_function("window.__viewerReady !== undefined")
+    load = pg.evaluate("window.__viewerReady")
+    t = pg.evaluate(STEP_TIMES, 0)
+    res = {"tokens": 1000, "steps": t["steps"], "load_ms": round(load, 1), "step_change_ms_median": round(t["median_ms"], 1),
+           "step_change_ms_max": round(t["max_ms"], 1), "html_mb": round(out.stat().st_size / 1e6, 2)}
+    print(json.dumps(res))
+    if os.environ.get("ANYORDER_VIEWER_BENCH"):
+        p = Path(os.environ["ANYORDER_VIEWER_BENCH"])
+        p.write_text(json.dumps({**json.loads(p.read_text()), "long_sequences": res} if p.exists() else res, indent=1) + "\n")
+    pg.close()
+    assert res["step_change_ms_median"] < 33   # within two 60 Hz frames, on a loaded 2-core machine

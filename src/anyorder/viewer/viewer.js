@@ -72,6 +72,7 @@ function buildPanel(card, panel, row) {
   const grid = panel.grid && panel.grid[0] * panel.grid[1] === row.ans.length, inAns = new Set(row.ans);
   box.append(el("div", "prompt", row.x.filter((t, i) => !inAns.has(i)).map(tokStr).join(grid ? " " : "")));
   const seq = el("div", grid ? "seq grid" : "seq text");
+  P.text = !grid;
   if (grid) seq.style.gridTemplateColumns = `repeat(${panel.grid[1]}, 22px)`;
   for (let j = 0; j < row.ans.length; j++) {
     const c = el("span", "cell c-masked", "_");
@@ -105,11 +106,19 @@ function setStep(card, s) {
   for (const P of card.panels) {
     const { st, committed } = replay(P.row, s);
     P.state = st;
+    if (!P.shown) P.shown = new Array(P.cells.length).fill("");
     for (let j = 0; j < P.cells.length; j++) {
-      const idx = st[j], c = P.cells[j], [cls, a] = cellClass(P.row, idx, s);
+      const idx = st[j], [cls, a] = cellClass(P.row, idx, s);
+      let tok = idx >= 0 ? P.row.ev[idx * 5 + 3] : -1;
+      // text: a hole keeps the width of its final token (drawn blank), so a step re-paints and
+      // never re-flows a 1k-token line
+      if (tok < 0 && P.text && P.row.tok && P.row.tok.length) tok = P.row.tok[j];
+      const key = `${cls}|${a.toFixed(3)}|${tok}`;
+      if (P.shown[j] === key) continue;  // touch only the cells that change: no needless style work
+      P.shown[j] = key;
+      const c = P.cells[j];
       c.className = "cell " + cls;
       c.style.setProperty("--a", a.toFixed(3));
-      const tok = idx >= 0 ? P.row.ev[idx * 5 + 3] : -1;
       c.textContent = tokStr(tok);
     }
     P.count.textContent = `${committed} / ${P.cells.length}`;
