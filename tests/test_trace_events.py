@@ -67,6 +67,9 @@ def test_recording_changes_nothing(tiny_model, spec):
     # what was streamed step by step is every event, once
     assert sum(len(e.row) for e in seen) == len(rich.trace.events.row) == len(plain.trace.events.row)
     assert plain.trace.events.alt_token.shape[1] == 0 and rich.trace.events.alt_token.shape[1] == 4
+    off = _decode(tiny_model, spec, record_events=False)                 # the opt-out
+    assert off.trace.events is None and torch.equal(off.tokens, plain.tokens)
+    assert torch.equal(off.trace.finalize_step, plain.trace.finalize_step)
 
 
 def test_alternatives_are_the_top_tokens(tiny_model):

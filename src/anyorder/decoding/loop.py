@@ -151,6 +151,7 @@ class Decoder:
 
     score: str = "top_prob"
     # what the trace's event log keeps (not decoder options: they never change a decode)
+    record_events: bool = True  # keep trace.events (False: finalize_step / confidence only)
     alternatives: int = 0      # top-K tokens kept per committed position
     on_step = None             # called with the state after every step (the live viewer)
 
@@ -275,7 +276,7 @@ class Decoder:
             nfe=torch.zeros(B, dtype=torch.long), limit=max_steps or 4 * L * max(1, self.steps or 1) + 16,
             seeds=seeds, row_step=torch.zeros(B, dtype=torch.long),
             events=EventLog((B, L), x.device, self.alternatives, self.on_step,
-                            initial=torch.where(answer & ~masked, x, -1)))
+                            initial=torch.where(answer & ~masked, x, -1)) if self.record_events else None)
 
     def windows(self, layout: Layout) -> torch.Tensor:
         """[B, L] semi-AR window of each answer position (-1 on prompt): contiguous runs of
