@@ -201,3 +201,27 @@ def test_serve_inputs(tiny_run):
         s.rows({})
     x0, answer, first, warning = s.rows({"example": ["2"]})
     assert first == 2 and torch.equal(x0[0], s.exp.task.eval_set(3)[0][2]) and warning is None
+
+
+@pytest.mark.slow
+def test_event_recording_overhead(capsys):
+    """What recording the events costs a decode (README): interleaved, best of 5."""
+    import time
+    from anyorder.model import ModelConfig, Transformer
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=9, mask_id=8, d_model=32, n_layers=2, n_heads=2, max_len=128)).eval()
+    x0, answer = make_batch(B=32, L=128, prompt=8)
+    x = torch.where(answer, torch.full_like(x0, 8), x0)
+    best = {True: float("inf"), False: float("inf")}
+    for _ in range(5):
+        for record in (True, False):
+            dec = build_decoder({"name": "top_prob", "k": 2})
+            dec.record_events = record
+            t = time.perf_counter()
+            dec.decode(model, build_order("random"), x, answer)
+            best[record] = min(best[record], time.perf_counter() - t)
+    ratio = best[True] / best[False]
+    with capsys.disabled():
+        print(json.dumps({"event_recording_overhead": round(ratio, 3), "with_s": round(best[True], 3),
+                          "without_s": round(best[False], 3)}))
+    assert ratio < 1.25
