@@ -225,3 +225,17 @@ def test_event_recording_overhead(capsys):
         print(json.dumps({"event_recording_overhead": round(ratio, 3), "with_s": round(best[True], 3),
                           "without_s": round(best[False], 3)}))
     assert ratio < 1.25
+
+
+def test_text_prompts_parse_for_sample_and_serve(tmp_path):
+    from anyorder.tasks import build_task
+    from test_text import write_corpus
+    task = build_task({"name": "text", "sources": [write_corpus(tmp_path, "a", 40, 0)], "zero_shot": [],
+                       "tokenizer": "byte", "seq_len": 16, "cache_dir": str(tmp_path / "c")})
+    x = task.parse("Hi there")
+    assert x[:8].tolist() == list(b"Hi there") and (x[8:] == task.mask_id).all()
+    assert task.token_str(ord("H")) == "H" and task.token_str(task.mask_id) == "[MASK]"
+    with pytest.raises(ValueError, match="the prompt has 20 tokens; at most 15 fit before the answer"):
+        task.parse("x" * 20)
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        task.parse("")

@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="decode and print")
     s.add_argument("run_dir")
     s.add_argument("--n", type=count, default=4)
-    s.add_argument("--puzzle", action="append", help="a puzzle string (Sudoku), may repeat")
+    s.add_argument("--puzzle", action="append", help="a puzzle string (Sudoku) or a text prompt, may repeat")
     _add_decoder_args(s)
     s.set_defaults(func=cmd_sample)
     for name, registry in (("orders", ORDERS), ("decoders", DECODERS)):

@@ -133,6 +133,18 @@ class TextTask(Task):
     def decode_text(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids])
 
+    def parse(self, s: str) -> torch.Tensor:
+        """A text prompt -> a row: its tokens, then [MASK] up to ``seq_len`` (the answer to decode)."""
+        ids = self.tokenizer.encode(s)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.seq_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; at most {self.seq_len - 1} fit before the answer "
+                             f"(task.seq_len {self.seq_len})")
+        x = torch.full((self.seq_len,), self.mask_id, dtype=torch.long)
+        x[: len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return x
+
     def token_str(self, token: int) -> str:
         return "[MASK]" if token == self.mask_id else self.decode_text([token])
 
