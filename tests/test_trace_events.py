@@ -239,3 +239,16 @@ def test_text_prompts_parse_for_sample_and_serve(tmp_path):
         task.parse("x" * 20)
     with pytest.raises(ValueError, match="the prompt is empty"):
         task.parse("")
+
+
+def test_events_of_batches_join_as_one_decode(tiny_run):
+    from anyorder.experiment import load_run, run_decoder
+    exp = load_run(tiny_run)
+    x0, answer = exp.task.eval_set(5)
+    spec = {"name": "remask", "k": 3, "temperature": 1.0}
+    _, one = run_decoder(exp.model, exp, spec, x0, answer, return_results=True)
+    _, parts = run_decoder(exp.model, exp, spec, x0, answer, batch_size=2, return_results=True)
+    a, b = one.trace.events, parts.trace.events
+    for f in ("row", "step", "pos", "kind", "token", "conf"):
+        assert torch.equal(getattr(a, f), getattr(b, f))
+    assert torch.equal(b.finalize(x0.shape)[0], parts.trace.finalize_step)

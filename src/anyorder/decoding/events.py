@@ -90,9 +90,9 @@ class Events:
         """Concatenate the events of consecutive batches (row b of part i becomes row b + offset i)."""
         off = 0
         orders = []
-        for e in parts:
+        for e in parts:  # record indices stay increasing across the parts
             orders.append(e.order + off)
-            off += len(e.order)
+            off += int(e.order.max()) + 1 if len(e.order) else 0
         return cls(torch.cat([e.row + o for e, o in zip(parts, row_offsets)]), *(torch.cat([getattr(e, f) for e in parts])
                    for f in ("step", "pos", "kind", "token", "conf")), torch.cat(orders),
                    torch.cat([e.alt_token for e in parts]), torch.cat([e.alt_prob for e in parts]))
