@@ -252,3 +252,19 @@ def test_events_of_batches_join_as_one_decode(tiny_run):
     for f in ("row", "step", "pos", "kind", "token", "conf"):
         assert torch.equal(getattr(a, f), getattr(b, f))
     assert torch.equal(b.finalize(x0.shape)[0], parts.trace.finalize_step)
+
+
+def test_view_puts_orders_side_by_side_on_the_same_prompts(tiny_run, tmp_path):
+    from anyorder.config import load_config
+    from anyorder.experiment import train
+    over = ["task.n_train=64", "task.n_eval=16", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+            "train.steps=2", "train.warmup_steps=1", "train.batch_size=8", "train.progress=false", "train.precision=fp32",
+            "eval.n=4", f"out_dir={tmp_path}", "name=ar", "order.name=ar"]
+    ar_run = str(train(load_config("configs/sudoku4.yaml", over)))
+    out = tmp_path / "v.html"
+    assert cli.main(["view", tiny_run, ar_run, "--decoder", "top_prob", "--n", "3", "--out", str(out)]) == 0
+    data = json.loads(re.search(r'type="application/json">(.*?)</script>', out.read_text(), re.S).group(1))
+    random_panel, ar_panel = data["panels"]
+    assert (random_panel["order"], ar_panel["order"]) == ("MDLM (random)", "AR")
+    assert [r["x"] for r in random_panel["rows"]] == [r["x"] for r in ar_panel["rows"]]
+    assert all(r["tau"] == 1.0 for r in ar_panel["rows"])                 # AR finalises left to right
