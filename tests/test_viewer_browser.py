@@ -255,7 +255,7 @@ def test_serve_streams_what_sample_prints(page, server, run, capsys):
         assert s.recv(64).startswith(b"HTTP/1.0 403")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0 and "server stopped" in out and "Traceback" not in err
+    assert proc.returncode == 0 and "server stopped" in out and "Traceback" not in err, err
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 

@@ -26,7 +26,8 @@
     for (const [k, v] of new FormData($("form")).entries()) if (String(v).trim() !== "") q.append(k, v);
     let card = null, P = null;
     source = new EventSource("/decode?" + q.toString());
-    const on = (name, fn) => source.addEventListener(name, e => fn(JSON.parse(e.data)));
+    // only messages with data: a connection error is also an "error" event, without data
+    const on = (name, fn) => source.addEventListener(name, e => { if (e.data !== undefined) fn(JSON.parse(e.data)); });
     on("start", d => {
       Object.assign(D.vocab, d.vocab);
       d.row.tok = []; d.row.ok = null;
@@ -58,7 +59,7 @@
         .map(([k, v]) => `${k} ${v === null ? "–" : (+v).toFixed(3)}`).join(", ");
       stop();
     });
-    on("error", d => {
+    on("failure", d => {
       $("error").textContent = d.message;
       $("status").textContent = "";
       if (card) card.el.dataset.state = "error";

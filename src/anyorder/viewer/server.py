@@ -11,7 +11,7 @@ routes and one one-way stream, so a web framework would add a dependency and not
   parser and decoder registry, so every option is validated as the CLI does; no field is a
   file path (the run is the server's), and no other CLI flag can be reached.
 - ``GET /`` is the page; ``GET /decode?...`` streams ``start``, ``step`` (new events),
-  ``done`` (tokens, metrics) or ``error`` (a one-line message, shown in the page).
+  ``done`` (tokens, metrics) or ``failure`` (a one-line message, shown in the page).
 - One decode at a time; Ctrl-C or SIGTERM stops the server cleanly (exit status 0).
 """
 from __future__ import annotations
@@ -153,6 +153,12 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # quiet: one line per decode is printed instead
         pass
 
+    def handle(self):
+        try:
+            super().handle()
+        except ConnectionError:  # the client went away mid-reply: nothing to answer, nothing to log
+            pass
+
     def _host_ok(self) -> bool:
         host, port = self.server.server_address[:2]
         allowed = {f"{h}:{port}" for h in (host, "localhost", "127.0.0.1")}
@@ -193,17 +199,17 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
         if not self.session.lock.acquire(blocking=False):
-            return send("error", {"message": "another decode is running; try again when it has finished"})
+            return send("failure", {"message": "another decode is running; try again when it has finished"})
         try:
             self.session.decode(query, send)
             print(f"decoded: {query.get('decoder', ['?'])[-1]}", file=sys.stderr, flush=True)
-        except (BrokenPipeError, ConnectionResetError):
+        except ConnectionError:
             pass  # the page went away mid-decode
         except USER_ERRORS as exc:
-            send("error", {"message": " ".join(str(exc).split())})
+            send("failure", {"message": " ".join(str(exc).split())})
         except Exception as exc:  # a bug: keep serving, show it, log the traceback
             traceback.print_exc()
-            send("error", {"message": f"internal error ({type(exc).__name__}: {exc}); see the server's log"})
+            send("failure", {"message": f"internal error ({type(exc).__name__}: {exc}); see the server's log"})
         finally:
             self.session.lock.release()
 
