@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from anyorder.bench_cache import bench_cache_speed
 from anyorder.decoding import build_decoder
 from anyorder.decoding.approx_cache import ApproxCachedForward
 from anyorder.decoding.forward import CachedForward
@@ -237,3 +238,16 @@ def test_exact_orders_use_the_exact_cache(sharp_model, order_spec, mode):
     assert type(fwd[0]) is CachedForward
     assert torch.equal(got.tokens, ref.tokens)
     assert torch.equal(got.trace.finalize_step, ref.trace.finalize_step)
+
+
+def test_the_benchmark_counts_less_work():
+    """``bench cache``'s speed half, small: exact options agree with exact tokens, and the
+    approximate caches run fewer query tokens per step than the full length (a count, not a
+    timing)."""
+    r = bench_cache_speed(d_model=32, n_layers=1, prompt_len=4, answer_len=16, window=4, vocab=16, repeats=1)
+    rows = {row["cache"]: row for row in r["results"]}
+    assert rows["none (exact)"]["agreement_with_exact"] == rows["true (exact KV cache)"]["agreement_with_exact"] == 1.0
+    assert rows["none (exact)"]["query_tokens_per_step"] == 20
+    # dual: per window of 4 steps one full pass (20) and 3 passes of the window (4)
+    assert rows["dual"]["query_tokens_per_step"] == (20 + 3 * 4) / 4
+    assert rows["dual"]["refreshes"] == 4
