@@ -21,7 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .analysis.flops import register_cpu_attention_flops
-from .bench_cache import bench_cache_speed
+from .bench_cache import bench_cache_speed, bench_cache_sudoku
 from .decoding import build_decoder
 from .decoding.forward import cached_forward
 from .model import ModelConfig, Transformer
@@ -199,6 +199,12 @@ def bench_decode_cache(d_model: int = 256, n_layers: int = 6, prompt_len: int = 
                 "weights": f"random init, head x{head_scale:g}", "results": rows}
     finally:
         torch.set_num_threads(prev_threads)
+
+
+def bench_cache() -> Dict[str, object]:
+    """``anyorder bench cache``: the approximate KV caches' speed-up and agreement with exact
+    tokens, and their puzzle accuracy on a small trained Sudoku model (bench_cache.py)."""
+    return {"speed": bench_cache_speed(), "sudoku": bench_cache_sudoku(), "machine": _machine()}
 
 
 def bench_sudoku_gen(count: int = 100_000) -> Dict[str, object]:

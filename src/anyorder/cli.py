@@ -36,7 +36,6 @@ import torch
 import yaml
 
 from . import bench
-from .bench_cache import bench_cache
 from .analysis.report import analyze_run
 from .analysis.table import format_table
 from .analysis.zipf import ppl_table
@@ -171,7 +170,7 @@ def cmd_demo(args):
 
 def cmd_bench(args):
     res = {"train": bench.bench_train, "decode": bench.bench_decode, "sudoku-gen": bench.bench_sudoku_gen,
-           "cache": bench_cache}[args.what]()
+           "cache": bench.bench_cache}[args.what]()
     print(json.dumps(res, indent=None if args.json else 1))
 
 
