@@ -8,7 +8,8 @@ For every cache option on the ``random`` order (bidirectional: no exact cache sk
   uncached decoding in the same process (best of ``repeats``), the same for the time spent in
   the forward passes alone (the loop's own per-step work, today a float64 softmax over the
   whole vocabulary at every position, is the same for every option and caps the end-to-end
-  ratio), and the fraction of answer tokens equal to the exact decode's;
+  ratio), the fraction of answer tokens equal to the exact decode's, and the cost of one full
+  pass against one window pass (``pass_ms``);
 - accuracy: a small random-order 4x4 Sudoku model (the demo's, trained in fp32) decodes the
   held-out puzzles with each option; puzzle and cell accuracy, and agreement with exact tokens.
 """
@@ -28,6 +29,7 @@ from .decoding import build_decoder
 from .demo import DEMO_CONFIG
 from .experiment import evaluate, load_run, train
 from .model import ModelConfig, Transformer
+from .model.kv_cache import KVCache
 from .orders import build_order
 
 # (label, decoder options added to the decoder spec); the first is the exact reference
@@ -89,10 +91,31 @@ def bench_cache_speed(d_model: int = 256, n_layers: int = 6, prompt_len: int = 3
                          "query_tokens_per_step": round(getattr(fwd, "query_tokens", L * nfe) / nfe, 1),
                          "refreshes": getattr(fwd, "refreshes", None)})
         return {"decoder": spec, "order": "random", "prompt_len": prompt_len, "answer_len": answer_len,
+                "pass_ms": pass_times(model, L, prompt_len, window),
                 "batch_size": 1, "d_model": d_model, "n_layers": n_layers, "vocab": vocab + 1, "threads": threads,
                 "repeats": repeats, "weights": f"random init, head x{head_scale:g}", "results": rows}
     finally:
         torch.set_num_threads(prev_threads)
+
+
+def pass_times(model, L: int, start: int, window: int, reps: int = 30) -> Dict[str, Dict[str, float]]:
+    """Milliseconds of one full pass (L positions) and of one cached window pass (``window``
+    queries over the L-slot cache), interleaved ``reps`` times: the minimum (the machine at its
+    quietest) and the median. What a dual-cache step costs against an uncached one."""
+    cache = KVCache(model, 1, L)
+    x = torch.zeros(1, L, dtype=torch.long)
+    pos = torch.arange(start, start + window).unsqueeze(0)
+    mask = torch.ones(1, window, L + 1, dtype=torch.bool)
+    mask[..., L] = False
+    times: Dict[str, List[float]] = {"full": [], "window": []}
+    with torch.no_grad():
+        for _ in range(reps):
+            for name, run in (("full", lambda: model(x)),
+                              ("window", lambda: model.forward_cached(x[:, start:start + window], pos, cache, pos, mask))):
+                t0 = time.perf_counter()
+                run()
+                times[name].append(1e3 * (time.perf_counter() - t0))
+    return {k: {"min": round(min(v), 2), "median": round(sorted(v)[len(v) // 2], 2)} for k, v in times.items()}
 
 
 def _timed_forwards(dec):
