@@ -6,7 +6,9 @@
   counted by ``torch.utils.flop_counter`` on the real step, not guessed.
 - ``decode``: tokens/s, NFE and AFP per decoder on the same backbone (random weights: speed and
   parallelism do not depend on training, except for confidence-driven commit counts), and a
-  ``cache`` section: exact KV-cached vs uncached decoding (seconds, speed-up, identical tokens).
+  ``cache`` section: exact KV-cached vs uncached decoding (seconds, speed-up, identical tokens),
+  and an ``approx_cache`` section: the prefix / dual / drift caches' speed-up and agreement with
+  exact tokens (``bench cache``, in bench_cache.py, adds their Sudoku accuracy).
 - ``sudoku-gen``: 100k verified-unique 9×9 puzzles.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .analysis.flops import register_cpu_attention_flops
+from .bench_cache import bench_cache_speed, bench_cache_sudoku
 from .decoding import build_decoder
 from .decoding.forward import cached_forward
 from .model import ModelConfig, Transformer
@@ -132,7 +135,9 @@ def bench_decode(d_model: int = 256, n_layers: int = 6, seq_len: int = 128, prom
                      "seconds": round(dt, 3)})
     return {"model": {"d_model": d_model, "n_layers": n_layers, "seq_len": seq_len, "answer_len": n_answer,
                       "batch_size": batch_size, "weights": "random init"}, "results": rows,
-            "cache": bench_decode_cache(d_model, n_layers), "machine": _machine()}
+            "cache": bench_decode_cache(d_model, n_layers),
+            "approx_cache": bench_cache_speed(d_model, n_layers),  # anyorder bench cache: + Sudoku accuracy
+            "machine": _machine()}
 
 
 def bench_decode_cache(d_model: int = 256, n_layers: int = 6, prompt_len: int = 16,
@@ -194,6 +199,12 @@ def bench_decode_cache(d_model: int = 256, n_layers: int = 6, prompt_len: int = 
                 "weights": f"random init, head x{head_scale:g}", "results": rows}
     finally:
         torch.set_num_threads(prev_threads)
+
+
+def bench_cache() -> Dict[str, object]:
+    """``anyorder bench cache``: the approximate KV caches' speed-up and agreement with exact
+    tokens, and their puzzle accuracy on a small trained Sudoku model (bench_cache.py)."""
+    return {"speed": bench_cache_speed(), "sudoku": bench_cache_sudoku(), "machine": _machine()}
 
 
 def bench_sudoku_gen(count: int = 100_000) -> Dict[str, object]:

@@ -57,19 +57,28 @@ class CachedForward:
             live = live & masked.any(-1, keepdim=True)  # a finished row needs no logits
         valid = self.cache.valid(x, attn)
         q = query_set(live, valid, attn)
-        pos, slots, real = pack(q, scratch=L)
-        if pos.shape[1] > 0 and bool(real.any()):
-            mask = query_mask(attn, valid | q, pos, real)
-            tokens = torch.gather(x, 1, pos)
-            out = self.model.forward_cached(tokens, pos, self.cache, slots, mask,
-                                            extra=gather_extra(self.extra, pos))
-            b = torch.arange(B, device=x.device).unsqueeze(-1).expand_as(pos)
-            self.logits[b[real], pos[real]] = out[real]
-            self.query_tokens += int(real.sum())
+        n = run_queries(self.model, self.cache, self.logits, x, q, attn, valid | q, self.extra)
+        if n:
+            self.query_tokens += n
             self.calls += 1
         # K/V just computed in a state they can no longer leave: keep them
         self.cache.store(q & self.order.frozen(masked, self.layout), x, attn)
         return self.logits.clone()
+
+
+def run_queries(model, cache, logits, x, q, attn, keys, extra=None) -> int:
+    """Run the positions ``q`` [B, L] of ``x`` against ``cache`` (their K/V are written into it
+    in every layer; they attend to the slots ``keys`` [B, L] under the rows of ``attn``
+    [B, L, L]) and write their logits into ``logits`` [B, L, V]. Returns how many ran."""
+    B, L = x.shape
+    pos, slots, real = pack(q, scratch=L)
+    if pos.shape[1] == 0 or not bool(real.any()):
+        return 0
+    mask = query_mask(attn, keys, pos, real)
+    out = model.forward_cached(torch.gather(x, 1, pos), pos, cache, slots, mask, extra=gather_extra(extra, pos))
+    b = torch.arange(B, device=x.device).unsqueeze(-1).expand_as(pos)
+    logits[b[real], pos[real]] = out[real]
+    return int(real.sum())
 
 
 def cached_forward(model, order, layout, extra=None):

@@ -40,10 +40,10 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_bool, check_float, check_int, in_range, show
+from ..checks import check_float, check_int, in_range, show
 from ..orders.base import Layout, Order
 from ..registry import Registry
-from .forward import cached_forward, uncached_forward
+from .approx_cache import cache_spec
 from .sampling import row_generators, sample_tokens
 from .scores import SCORES
 from .events import EventLog
@@ -147,6 +147,8 @@ class Decoder:
                  ``block_length``. Not an order's ``block_size`` (the order's group size)
     temperature, top_k, top_p: token sampling (0 = greedy)
     seed:        row b uses generator seed ``seed + b`` unless ``row_seeds`` is given to decode()
+    cache:       false; true (exact KV cache); "prefix" | "dual" | "drift" (approximate, for orders
+                 without an exact cache; ``cache_tol``, ``cache_every``: decoding/approx_cache.py)
     """
 
     score: str = "top_prob"
@@ -157,7 +159,8 @@ class Decoder:
 
     def __init__(self, k: Optional[int] = None, steps: Optional[int] = None, window: Optional[int] = None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 score: Optional[str] = None, cache: bool = False):
+                 score: Optional[str] = None, cache=False, cache_tol: Optional[float] = None,
+                 cache_every: Optional[int] = None):
         if k is not None and steps is not None:
             raise ValueError("give either decoder.k (tokens per step) or decoder.steps, not both")
         # every option checked here, at construction: a bad one fails before a run starts
@@ -171,12 +174,14 @@ class Decoder:
         if score is not None:
             SCORES.get(score)  # validate early, with the valid choices in the error
             self.score = score
-        self.cache = check_bool("decoder.cache", cache)
+        self.cache_spec = cache_spec(cache, cache_tol, cache_every)  # approx_cache.py
+        self.cache = cache
 
     def make_forward(self, model, order: Order, layout: Layout, extra=None):
         """``forward(x, masked) -> logits`` for this decode: the plain full pass under the order's
-        attention, or (``cache=True``) an exact KV-cached pass where the order allows one."""
-        return (cached_forward if self.cache else uncached_forward)(model, order, layout, extra)
+        attention, (``cache=True``) an exact KV-cached pass where the order allows one, or an
+        approximate cache (``cache="prefix" | "dual" | "drift"``, decoding/approx_cache.py)."""
+        return self.cache_spec.make_forward(model, order, layout, extra, self.windows(layout))
 
     def probe_forward(self, st: DecodeState):
         """A forward for passes that look at a state the decode may later undo (a re-masked

@@ -1,0 +1,178 @@
+"""``anyorder bench cache``: what the approximate KV caches (decoding/approx_cache.py) trade.
+
+For every cache option on the ``random`` order (bidirectional: no exact cache skips anything):
+
+- speed: the same greedy semi-AR decode (``top_prob``, one token per step, window 32) of a
+  256-token answer after a 32-token prompt, batch 1, on a 6-layer width-256 backbone (random
+  init, output head scaled as in ``bench_decode_cache``), timed round-robin against exact
+  uncached decoding in the same process (best of ``repeats``), the same for the time spent in
+  the forward passes alone (the loop's own per-step work, today a float64 softmax over the
+  whole vocabulary at every position, is the same for every option and caps the end-to-end
+  ratio), the fraction of answer tokens equal to the exact decode's, and the cost of one full
+  pass against one window pass (``pass_ms``);
+- accuracy: a small random-order 4x4 Sudoku model (the demo's, trained in fp32) decodes the
+  held-out puzzles with each option; puzzle and cell accuracy, and agreement with exact tokens.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from .config import load_config, merge
+from .decoding import build_decoder
+from .demo import DEMO_CONFIG
+from .experiment import evaluate, load_run, train
+from .model import ModelConfig, Transformer
+from .model.kv_cache import KVCache
+from .orders import build_order
+
+# (label, decoder options added to the decoder spec); the first is the exact reference
+OPTIONS = [("none (exact)", {}),
+           ("true (exact KV cache)", {"cache": True}),
+           ("prefix", {"cache": "prefix"}),
+           ("dual", {"cache": "dual"}),
+           ("drift, tol 0.1", {"cache": "drift", "cache_tol": 0.1}),
+           ("drift, tol 0.03", {"cache": "drift", "cache_tol": 0.03})]
+
+
+def bench_cache_speed(d_model: int = 256, n_layers: int = 6, prompt_len: int = 32, answer_len: int = 256,
+                      window: int = 32, vocab: int = 1024, repeats: int = 2, threads: int = 1,
+                      head_scale: float = 10.0) -> Dict[str, object]:
+    """Decode time of every option against exact uncached decoding, interleaved, best of
+    ``repeats``; one torch thread by default (both sides of every ratio use the same setting)."""
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        L = prompt_len + answer_len
+        model = Transformer(ModelConfig(vocab_size=vocab + 1, mask_id=vocab, d_model=d_model, n_layers=n_layers,
+                                        n_heads=max(1, d_model // 64), max_len=L)).eval()
+        with torch.no_grad():  # peaked next-token distributions (see bench.bench_decode_cache)
+            model.head.weight.mul_(head_scale)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randint(0, vocab, (1, L), generator=gen)
+        answer = torch.zeros_like(x, dtype=torch.bool)
+        answer[:, prompt_len:] = True
+        x = torch.where(answer, torch.full_like(x, vocab), x)
+        order = build_order("random")
+        spec = {"name": "top_prob", "window": window}
+        best: Dict[str, float] = {}
+        best_fwd: Dict[str, float] = {}
+        runs: Dict[str, object] = {}
+        for _ in range(repeats):
+            for label, opts in OPTIONS:
+                dec = build_decoder(dict(spec, **opts))
+                fwd, spent = _timed_forwards(dec)
+                t0 = time.perf_counter()
+                res = dec.decode(model, order, x, answer)
+                dt = time.perf_counter() - t0
+                if dt < best.get(label, float("inf")):
+                    best[label], best_fwd[label] = dt, sum(spent)
+                runs[label] = (res, fwd[0])
+        ref_label = OPTIONS[0][0]
+        ref = runs[ref_label][0]
+        rows = []
+        for label, opts in OPTIONS:
+            res, fwd = runs[label]
+            nfe = int(res.trace.nfe[0])
+            rows.append({"cache": label, "options": opts, "seconds": round(best[label], 3),
+                         "speedup_vs_uncached": round(best[ref_label] / best[label], 2),
+                         "forward_seconds": round(best_fwd[label], 3),
+                         "forward_speedup_vs_uncached": round(best_fwd[ref_label] / best_fwd[label], 2),
+                         "tokens_per_s": round(answer_len / best[label], 1),
+                         "agreement_with_exact": round(float((res.tokens == ref.tokens)[answer].float().mean()), 4),
+                         "nfe": nfe,
+                         "query_tokens_per_step": round(getattr(fwd, "query_tokens", L * nfe) / nfe, 1),
+                         "refreshes": getattr(fwd, "refreshes", None)})
+        return {"decoder": spec, "order": "random", "prompt_len": prompt_len, "answer_len": answer_len,
+                "pass_ms": pass_times(model, L, prompt_len, window),
+                "batch_size": 1, "d_model": d_model, "n_layers": n_layers, "vocab": vocab + 1, "threads": threads,
+                "repeats": repeats, "weights": f"random init, head x{head_scale:g}", "results": rows}
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def pass_times(model, L: int, start: int, window: int, reps: int = 30) -> Dict[str, Dict[str, float]]:
+    """Milliseconds of one full pass (L positions) and of one cached window pass (``window``
+    queries over the L-slot cache), interleaved ``reps`` times: the minimum (the machine at its
+    quietest) and the median. What a dual-cache step costs against an uncached one."""
+    cache = KVCache(model, 1, L)
+    x = torch.zeros(1, L, dtype=torch.long)
+    pos = torch.arange(start, start + window).unsqueeze(0)
+    mask = torch.ones(1, window, L + 1, dtype=torch.bool)
+    mask[..., L] = False
+    times: Dict[str, List[float]] = {"full": [], "window": []}
+    with torch.no_grad():
+        for _ in range(reps):
+            for name, run in (("full", lambda: model(x)),
+                              ("window", lambda: model.forward_cached(x[:, start:start + window], pos, cache, pos, mask))):
+                t0 = time.perf_counter()
+                run()
+                times[name].append(1e3 * (time.perf_counter() - t0))
+    return {k: {"min": round(min(v), 2), "median": round(sorted(v)[len(v) // 2], 2)} for k, v in times.items()}
+
+
+def _timed_forwards(dec):
+    """Make ``dec`` keep the forwards it builds and the seconds spent inside them (the rest of a
+    decode is the loop's own work: scores, sampling, bookkeeping)."""
+    fwd: List[object] = []
+    spent: List[float] = []
+    make = dec.make_forward
+
+    def made(*args):
+        f = make(*args)
+        fwd.append(f)
+
+        def timed(x, masked):
+            t0 = time.perf_counter()
+            out = f(x, masked)
+            spent.append(time.perf_counter() - t0)
+            return out
+
+        return timed
+
+    dec.make_forward = made
+    return fwd, spent
+
+
+def sudoku_run(run_dir: str = "runs/bench_cache/sudoku4-random", steps: int = 500) -> Path:
+    """The demo's random-order 4x4 Sudoku model, trained in fp32 (reused if already trained)."""
+    run = Path(run_dir)
+    if not (run / "model.safetensors").exists():
+        user = copy.deepcopy(DEMO_CONFIG)
+        user["train"].update({"steps": steps, "precision": "fp32"})
+        user.update({"order": {"name": "random"}, "name": run.name, "out_dir": str(run.parent)})
+        with contextlib.redirect_stdout(sys.stderr):  # the training log must not mix into --json
+            train(merge(load_config(None, []), user), run)
+    return run
+
+
+def bench_cache_sudoku(run_dir: str = "runs/bench_cache/sudoku4-random", steps: int = 500, n_eval: int = 500,
+                       windows=(4, 8, None)) -> Dict[str, object]:
+    """Puzzle accuracy of the held-out puzzles with every cache option, per semi-AR window
+    (4 = one grid row of the 16-cell answer, 8 = two; None = the whole answer, where the approximate
+    caches keep only the clue cells' K/V between refreshes)."""
+    t0 = time.perf_counter()
+    run = sudoku_run(run_dir, steps)
+    train_seconds = round(time.perf_counter() - t0, 1)
+    exp = load_run(run)
+    n = min(n_eval, len(exp.task.eval_p))
+    rows = []
+    for window in windows:
+        spec = {"name": "top_prob", "window": window}
+        ref = None
+        for label, opts in OPTIONS:
+            res, out = evaluate(exp, dict(spec, **opts), n=n, return_results=True)
+            ref = out if ref is None else ref
+            ans = out.trace.answer
+            rows.append({"window": window, "cache": label, "puzzle_acc": round(res["puzzle_acc"], 4),
+                         "cell_acc": round(res["cell_acc"], 4),
+                         "agreement_with_exact": round(float((out.tokens == ref.tokens)[ans].float().mean()), 4)})
+    return {"run_dir": str(run), "train_steps": steps, "train_seconds_if_trained": train_seconds,
+            "n_eval": n, "decoder": "top_prob", "results": rows}

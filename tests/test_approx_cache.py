@@ -1,0 +1,253 @@
+"""Approximate KV caches (prefix / dual / drift): exact where they must be, equal to a plain
+reference that freezes K/V explicitly, validated options, and exact caches left alone."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anyorder.bench_cache import bench_cache_speed
+from anyorder.decoding import build_decoder
+from anyorder.decoding.approx_cache import ApproxCachedForward
+from anyorder.decoding.forward import CachedForward
+from anyorder.model import ModelConfig, Transformer
+from anyorder.model.transformer import apply_rope, rope_tables
+from anyorder.orders import build_order
+
+from conftest import assert_batched_equals_row_by_row, make_batch
+
+MASK = 8
+BIG = torch.iinfo(torch.long).max
+ORDERS = ["random", {"name": "prefix_block", "block_size": 4}, {"name": "jigsaw", "block_size": 4}]
+MODES = [{"cache": "prefix"}, {"cache": "dual"}, {"cache": "drift", "cache_tol": 0.15}]
+
+
+def _name(o):
+    return o if isinstance(o, str) else f"{o['name']}{o['block_size']}"
+
+
+@pytest.fixture(scope="module")
+def sharp_model():
+    """A tiny backbone with its weights scaled x4: sharp attention, so that stale K/V change
+    tokens (with the plain init the approximations happen to give the exact tokens)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=9, mask_id=MASK, d_model=32, n_layers=2, n_heads=2, max_len=64)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    return model
+
+
+def _ragged(B=4, L=18, prompt=3, seed=0):
+    x0, answer = make_batch(B=B, L=L, prompt=prompt, seed=seed)
+    answer[1, 3:5] = False          # longer prompt
+    answer[2, -3:] = False          # trailing prompt-like context
+    answer[3, 9] = False            # a prompt token inside the answer
+    return torch.where(answer, torch.full_like(x0, MASK), x0), answer
+
+
+def _decode(model, order, x, answer, spec, seeds=(3, 5, 7, 9), forwards=None):
+    dec = build_decoder(dict(spec))
+    if forwards is not None:  # keep the forward to read its counters
+        make = dec.make_forward
+        dec.make_forward = lambda *a: forwards.append(make(*a)) or forwards[-1]
+    return dec.decode(model, order, x, answer, row_seeds=list(seeds))
+
+
+# -- (a) exact when refreshed every step --------------------------------------------------------
+@pytest.mark.parametrize("order_spec", ORDERS, ids=_name)
+@pytest.mark.parametrize("cache", [{"cache": "prefix", "cache_every": 1}, {"cache": "dual", "cache_every": 1},
+                                   {"cache": "drift", "cache_tol": 0}], ids=["prefix", "dual", "drift0"])
+def test_refreshed_every_step_is_exact(sharp_model, order_spec, cache):
+    """One window over the whole answer, refreshed every step (drift: tolerance 0): the tokens,
+    trace and NFE of the uncached decode."""
+    x, answer = _ragged()
+    order = build_order(order_spec)
+    for dec in ({"name": "top_prob"}, {"name": "margin", "k": 2, "temperature": 1.0}):
+        ref = _decode(sharp_model, order, x, answer, dec)
+        fwd = []
+        got = _decode(sharp_model, order, x, answer, dict(dec, **cache), forwards=fwd)
+        assert isinstance(fwd[0], ApproxCachedForward)
+        assert torch.equal(got.tokens, ref.tokens)
+        assert torch.equal(got.trace.finalize_step, ref.trace.finalize_step)
+        assert torch.equal(got.trace.nfe, ref.trace.nfe)
+        assert fwd[0].refreshes == int(ref.trace.nfe.sum())  # one refresh per row and step
+
+
+def test_the_approximation_is_not_exact(sharp_model):
+    """On this model the caches do change tokens (else the reference test below proves little)."""
+    x, answer = _ragged()
+    order = build_order("random")
+    ref = _decode(sharp_model, order, x, answer, {"name": "top_prob", "window": 4})
+    refreshes = {}
+    for mode in MODES:
+        fwd = []
+        got = _decode(sharp_model, order, x, answer, dict({"name": "top_prob", "window": 4}, **mode), forwards=fwd)
+        assert not torch.equal(got.tokens, ref.tokens), mode
+        refreshes[mode["cache"]] = fwd[0].refreshes
+    # dual refreshes once per row and window; drift also in between, but not every step
+    assert refreshes["dual"] == refreshes["prefix"] == 4 + 4 + 3 + 4  # answers of 15, 13, 12, 14 tokens
+    assert refreshes["dual"] < refreshes["drift"] < int(ref.trace.nfe.sum())
+
+
+# -- (b) == a plain reference that freezes K/V explicitly ------------------------------------------
+def _layers(model, x, attn, frozen=None, keep=None):
+    """The whole row through the model, layer by layer; where ``keep`` [L] the K/V are replaced
+    by the frozen ones. Returns logits [L, V] and the K/V used, per layer."""
+    L, cfg = x.shape[1], model.cfg
+    H, hd = cfg.n_heads, cfg.d_model // cfg.n_heads
+    pos = torch.arange(L).unsqueeze(0)
+    h = model.tok(x)
+    cos, sin = (t.unsqueeze(1) for t in rope_tables(pos, hd, cfg.rope_base))
+    kv = []
+    for i, blk in enumerate(model.blocks):
+        q, k, v = blk.attn.qkv(blk.norm1(h)).view(1, L, 3, H, hd).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if keep is not None:
+            k = torch.where(keep.view(1, 1, L, 1), frozen[i][0], k)
+            v = torch.where(keep.view(1, 1, L, 1), frozen[i][1], v)
+        kv.append((k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.view(1, 1, L, L))
+        h = h + blk.attn.proj(y.transpose(1, 2).reshape(1, L, cfg.d_model))
+        h = h + blk.mlp(blk.norm2(h))
+    logits = model.head(model.norm(h)).float()[0]
+    logits[:, cfg.mask_id] = float("-inf")
+    return logits, kv
+
+
+class NaiveFrozenKV:
+    """The approximate caches as the papers describe them, one row at a time, full length: at a
+    refresh (first call, new window, every ``every`` steps, or drift > tol) a plain full pass;
+    otherwise every position runs, but those outside the recomputed set see and give the K/V
+    frozen when they were last computed, and keep their logits."""
+
+    def __init__(self, model, order, layout, window, mode, tol=None, every=None):
+        self.model, self.order, self.layout, self.window = model, order, layout, window
+        self.mode, self.tol, self.every = mode, tol, every
+        self.rows = None
+
+    def __call__(self, x, masked):
+        B, L = x.shape
+        attn = self.order.decode_attention(masked, self.layout)
+        attn = torch.ones(B, L, L, dtype=torch.bool) if attn is None else attn.expand(B, L, L)
+        first = self.rows is None
+        if first:
+            self.rows = [{} for _ in range(B)]
+        for b, r in enumerate(self.rows):
+            self._row(r, x[b:b + 1], masked[b], attn[b], self.window[b], first)
+        return torch.stack([r["logits"] for r in self.rows]).clone()
+
+    def _row(self, r, x, masked, attn, window, first):
+        win = int(window[masked].min()) if masked.any() else BIG
+        if not first and not masked.any():
+            return
+        refresh = first or win != r["win"] or (self.every is not None and r["since"] >= self.every)
+        in_win = window == win
+        if self.mode == "prefix" and in_win.any():
+            in_win = torch.arange(len(window)) >= int(in_win.nonzero()[0])
+        run = in_win | (x[0] != r.get("tokens", x[0]))
+        if not refresh:
+            logits, kv = _layers(self.model, x, attn, r["kv"], ~run)
+            r["logits"] = torch.where(run.unsqueeze(-1), logits, r["logits"])
+            r["kv"], r["tokens"] = kv, torch.where(run, x[0], r["tokens"])
+            if self.mode == "drift":
+                same = run & (x[0] == r["snap_x"])
+                num = sum(((n - s)[:, :, same] ** 2).sum() for now, snap in zip(kv, r["snap"])
+                          for n, s in zip(now, snap))
+                den = sum((s[:, :, same] ** 2).sum() for snap in r["snap"] for s in snap)
+                refresh = not same.any() or float(num.double().sqrt() / den.double().sqrt()) > self.tol
+        if refresh:
+            r["logits"], r["kv"] = _layers(self.model, x, attn)
+            r["tokens"], r["win"], r["since"] = x[0].clone(), win, 1
+            r["snap"], r["snap_x"] = r["kv"], x[0].clone()
+        else:
+            r["since"] += 1
+
+
+@pytest.mark.parametrize("order_spec", ORDERS, ids=_name)
+@pytest.mark.parametrize("mode", MODES, ids=["prefix", "dual", "drift"])
+@pytest.mark.parametrize("dec", [{"name": "top_prob", "window": 4},
+                                 {"name": "margin", "k": 2, "window": 6, "temperature": 1.0},
+                                 {"name": "top_prob", "window": 4, "cache_every": 2}],
+                         ids=["greedy", "sampled", "every2"])
+def test_equals_naive_frozen_kv(sharp_model, order_spec, mode, dec):
+    if "cache_every" in dec and mode["cache"] == "drift":
+        dec = {k: v for k, v in dec.items() if k != "cache_every"}
+    x, answer = _ragged()
+    order = build_order(order_spec)
+    got = _decode(sharp_model, order, x, answer, dict(dec, **mode))
+    ref_dec = build_decoder({k: v for k, v in dec.items() if k != "cache_every"})
+    ref_dec.make_forward = lambda model, order, layout, extra=None: NaiveFrozenKV(
+        model, order, layout, ref_dec.windows(layout), mode["cache"], mode.get("cache_tol"), dec.get("cache_every"))
+    ref = ref_dec.decode(sharp_model, order, x, answer, row_seeds=[3, 5, 7, 9])
+    assert torch.equal(got.tokens, ref.tokens)
+    assert torch.equal(got.trace.finalize_step, ref.trace.finalize_step)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=["prefix", "dual", "drift"])
+def test_batched_equals_row_by_row(sharp_model, mode):
+    x, answer = _ragged()
+    order = build_order("random")
+    dec = build_decoder(dict({"name": "top_prob", "window": 4, "temperature": 1.0}, **mode))
+    assert_batched_equals_row_by_row(lambda xx, aa, s: dec.decode(sharp_model, order, xx, aa, row_seeds=s),
+                                     x, answer, [11, 22, 33, 44], check_nfe=True)
+
+
+def test_query_tokens(tiny_model):
+    """Exact work counts: 15 positions, a 12-token answer in windows of 4, one token per step.
+    Each window starts with a full pass (15); dual then runs the window's 4 positions for the
+    other 3 steps, prefix the positions from the window's start to the end (12, 8, 4)."""
+    x0, answer = make_batch(B=1, L=15, prompt=3, seed=0)
+    x = torch.where(answer, torch.full_like(x0, MASK), x0)
+    for mode, expected in [("dual", 3 * (15 + 3 * 4)), ("prefix", 3 * 15 + 3 * (12 + 8 + 4))]:
+        fwd = []
+        _decode(tiny_model, build_order("random"), x, answer, {"name": "top_prob", "window": 4, "cache": mode},
+                seeds=[0], forwards=fwd)
+        assert (fwd[0].query_tokens, fwd[0].calls, fwd[0].refreshes) == (expected, 12, 3), mode
+
+
+# -- (c) option validation ------------------------------------------------------------------------
+@pytest.mark.parametrize("spec, message", [
+    ({"cache": "duall"}, "decoder.cache must be one of false, true, 'prefix', 'dual', 'drift', got 'duall'"),
+    ({"cache": 1}, "decoder.cache must be one of false, true, 'prefix', 'dual', 'drift', got 1"),
+    ({"cache": None}, "decoder.cache must be one of false, true, 'prefix', 'dual', 'drift', got None"),
+    ({"cache": "dual", "cache_tol": 0.1}, "decoder.cache_tol=0.1 applies only to decoder.cache='drift', "
+                                          "got decoder.cache='dual'"),
+    ({"cache": "drift", "cache_tol": -0.1}, "decoder.cache_tol must be a finite number >= 0, got -0.1"),
+    ({"cache": "drift", "cache_tol": float("nan")}, "decoder.cache_tol must be a finite number >= 0, got nan"),
+    ({"cache": "dual", "cache_every": 0}, "decoder.cache_every must be an integer >= 1, got 0"),
+    ({"cache": True, "cache_every": 2}, "decoder.cache_every=2 applies only to decoder.cache in 'prefix', "
+                                        "'dual', 'drift', got decoder.cache=True"),
+])
+def test_bad_options(spec, message):
+    with pytest.raises(ValueError) as err:
+        build_decoder(dict({"name": "top_prob"}, **spec))
+    assert str(err.value) == message
+
+
+# -- (d) orders with an exact cache keep it -----------------------------------------------------------
+@pytest.mark.parametrize("order_spec", ["ar", {"name": "block", "block_size": 4}, {"name": "scatter", "block_size": 4}],
+                         ids=_name)
+@pytest.mark.parametrize("mode", ["prefix", "dual", "drift"])
+def test_exact_orders_use_the_exact_cache(sharp_model, order_spec, mode):
+    x, answer = _ragged()
+    order = build_order(order_spec)
+    dec = {"name": "top_prob", "window": 4, "temperature": 1.0}
+    ref = _decode(sharp_model, order, x, answer, dec)
+    fwd = []
+    got = _decode(sharp_model, order, x, answer, dict(dec, cache=mode), forwards=fwd)
+    assert type(fwd[0]) is CachedForward
+    assert torch.equal(got.tokens, ref.tokens)
+    assert torch.equal(got.trace.finalize_step, ref.trace.finalize_step)
+
+
+def test_the_benchmark_counts_less_work():
+    """``bench cache``'s speed half, small: exact options agree with exact tokens, and the
+    approximate caches run fewer query tokens per step than the full length (a count, not a
+    timing)."""
+    r = bench_cache_speed(d_model=32, n_layers=1, prompt_len=4, answer_len=16, window=4, vocab=16, repeats=1)
+    rows = {row["cache"]: row for row in r["results"]}
+    assert rows["none (exact)"]["agreement_with_exact"] == rows["true (exact KV cache)"]["agreement_with_exact"] == 1.0
+    assert rows["none (exact)"]["query_tokens_per_step"] == 20
+    # dual: per window of 4 steps one full pass (20) and 3 passes of the window (4)
+    assert rows["dual"]["query_tokens_per_step"] == (20 + 3 * 4) / 4
+    assert rows["dual"]["refreshes"] == 4
