@@ -1,0 +1,239 @@
+"""Any Hugging Face causal or masked LM as an anyorder backbone: trained and decoded under any order.
+
+:class:`HFBackbone` gives a ``transformers`` model (Llama, Qwen2, GPT-2 class, BERT class, ...)
+the native backbone's interface (:class:`anyorder.model.Transformer`):
+
+- ``hidden(tokens, attn_mask, positions, extra, t) -> [B, L', D]`` and ``head_logits(h) ->``
+  float32 logits with the mask column at -inf; ``forward`` is the two composed;
+- the order's boolean mask ``[B, L', L']`` (True = may attend; None = bidirectional, *not* the
+  model's own causal default) becomes the 4-D mask ``[B, 1, L', L']`` its attention
+  implementation expects: boolean for ``sdpa``, additive (0 / dtype-min) for ``eager``, whose
+  kernel *adds* the mask to the scores (a boolean mask would add 0/1 there and silently leave
+  every key visible; ``tests/test_hf_backbone.py`` compares with the model's own causal pass);
+- ``positions`` go in as ``position_ids`` (two-stream passes repeat positions 0..L-1);
+- the task's extra embeddings (Sudoku row/column/box) are added to the token embeddings through
+  ``inputs_embeds``; each table starts at zero, so a pretrained model is unchanged at step 0;
+- ``shift_logits`` reads position i's logits from hidden state i-1, as Dream (Ye et al., 2025,
+  arXiv 2508.15487) does to keep an AR-initialised model's next-token head; it needs one-stream
+  passes (a two-stream pass's state i-1 is a masked copy, not x^{i-1}) and is refused there.
+
+``cfg`` carries what the rest of the library reads (``mask_id``, ``vocab_size``,
+``time_conditioning=False``, ...). The exact KV cache of ``ar``/``block`` (model/kv_cache.py)
+writes per-layer K/V at explicit slots inside the native attention; it is not wired into
+Hugging Face attention modules, so ``cache: true`` is refused with that fix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from ..checks import check_bool, check_choice, check_mapping, show
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+AUTO_CLASSES = ("auto", "causal_lm", "masked_lm")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The model section of a config with ``backbone: hf`` (the keys and their defaults).
+HF_DEFAULTS: Dict[str, Any] = {
+    "backbone": "hf",
+    "path": None,                  # a local directory (or a hub id already in the local cache)
+    "from_config": None,           # or a transformers config dict: a randomly initialised model
+    "attn_implementation": "sdpa",
+    "shift_logits": False,
+    "trust_remote_code": False,
+    "dtype": "float32",
+    "auto_class": "auto",          # auto: masked LM where transformers has one for the type, else causal LM
+}
+
+
+@dataclass
+class HFBackboneConfig:
+    """The fields of :class:`anyorder.model.ModelConfig` that library code reads off ``model.cfg``."""
+
+    vocab_size: int
+    mask_id: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    max_len: int
+    shift_logits: bool = False
+    attn_implementation: str = "sdpa"
+    time_conditioning: bool = False           # HF models take no t; objectives read this flag
+    extra_embeddings: Dict[str, int] = field(default_factory=dict)
+
+
+class HFBackbone(nn.Module):
+    """A ``transformers`` LM behind ``hidden`` / ``head_logits`` / ``forward`` (see the module doc)."""
+
+    def __init__(self, hf: nn.Module, mask_id: int, extra_embeddings: Optional[Dict[str, int]] = None,
+                 shift_logits: bool = False):
+        super().__init__()
+        conf = hf.config
+        impl = getattr(conf, "_attn_implementation", None)
+        if impl not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"model.attn_implementation {impl!r} cannot run an order's attention mask; "
+                             f"valid choices: {', '.join(ATTN_IMPLEMENTATIONS)}")
+        self.hf = hf
+        self.base_name = hf.base_model_prefix
+        heads = [n for n, _ in hf.named_children() if n != self.base_name]
+        if not hasattr(hf, self.base_name) or len(heads) != 1:
+            raise ValueError(f"{type(hf).__name__} is not a base model plus one output head "
+                             f"(children: {[n for n, _ in hf.named_children()]}); wrap a *ForCausalLM or *ForMaskedLM")
+        self.head_name = heads[0]
+        vocab = hf.get_input_embeddings().num_embeddings
+        if not 0 <= int(mask_id) < vocab:
+            raise ValueError(f"mask id {mask_id} is outside the model's vocabulary of size {vocab}")
+        d = int(conf.hidden_size)
+        extra = dict(extra_embeddings or {})
+        self.extra = nn.ModuleDict({k: nn.Embedding(int(n), d) for k, n in extra.items()})
+        for emb in self.extra.values():  # zero: a pretrained model computes exactly what it did
+            nn.init.zeros_(emb.weight)
+        max_len = int(getattr(conf, "max_position_embeddings", None) or 2 ** 31 - 1)
+        self.cfg = HFBackboneConfig(vocab, int(mask_id), d, int(conf.num_hidden_layers), int(conf.num_attention_heads),
+                                    max_len, bool(shift_logits), impl, extra_embeddings=extra)
+
+    @property
+    def base(self) -> nn.Module:
+        return getattr(self.hf, self.base_name)
+
+    def attention_mask(self, attn_mask: Optional[torch.Tensor], B: int, L: int, dtype, device) -> torch.Tensor:
+        """The order's [B, L, L] bool mask (None: all visible) as this implementation's 4-D mask."""
+        if attn_mask is None:
+            allow = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device).expand(B, 1, L, L)
+        else:
+            allow = attn_mask.to(device=device, dtype=torch.bool)
+            allow = (allow.unsqueeze(1) if allow.dim() == 3 else allow).expand(B, 1, L, L)
+        if self.cfg.attn_implementation == "sdpa":
+            return allow
+        # eager adds the mask to the scores: 0 where allowed, the dtype's minimum where not
+        zero = torch.zeros((), dtype=dtype, device=device)
+        return torch.where(allow, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device))
+
+    def embed(self, tokens: torch.Tensor, extra: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        B, L = tokens.shape
+        h = self.hf.get_input_embeddings()(tokens)
+        for name, ids in (extra or {}).items():
+            if name not in self.extra:
+                raise ValueError(f"extra embedding {name!r} not in this backbone's {list(self.extra)}")
+            ids = ids if ids.dim() == 2 else ids.unsqueeze(0).expand(B, L)
+            h = h + self.extra[name](ids.to(tokens.device)).to(h.dtype)
+        return h
+
+    def hidden(self, tokens, attn_mask=None, positions=None, extra=None, t=None) -> torch.Tensor:
+        """Final hidden states [B, L', D] of the base model under the order's mask."""
+        B, L = tokens.shape
+        if positions is None:
+            positions = torch.arange(L, device=tokens.device)
+        positions = (positions if positions.dim() == 2 else positions.unsqueeze(0)).expand(B, L).to(tokens.device)
+        top = int(positions.max()) if positions.numel() else 0
+        if top >= self.cfg.max_len:
+            raise ValueError(f"position {top} exceeds the model's max_position_embeddings={self.cfg.max_len}")
+        if self.cfg.shift_logits and top + 1 < L:
+            raise ValueError("model.shift_logits=true reads position i from hidden state i-1, which a two-stream "
+                             "training pass (ar, block, jigsaw) does not hold: train with an order of one stream "
+                             "(random, scatter, prefix_block) or set model.shift_logits=false")
+        h = self.embed(tokens, extra)
+        mask = self.attention_mask(attn_mask, B, L, h.dtype, h.device)
+        out = self.base(inputs_embeds=h, attention_mask=mask, position_ids=positions, use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 logits [B, L', V]; the mask column is -inf (MDLM's zero-masking)."""
+        raw = getattr(self.hf, self.head_name)(h)
+        logits = raw.float()
+        if logits.data_ptr() == raw.data_ptr():   # float32 already: copy before writing -inf into it
+            logits = logits.clone()
+        if self.cfg.shift_logits:  # Dream: position i from state i-1; position 0 keeps its own row
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        logits[..., self.cfg.mask_id] = float("-inf")
+        return logits
+
+    def forward(self, tokens, attn_mask=None, positions=None, extra=None, t=None) -> torch.Tensor:
+        return self.head_logits(self.hidden(tokens, attn_mask, positions, extra, t))
+
+    def forward_cached(self, *args, **kwargs):
+        raise ValueError("the Hugging Face backbone has no exact KV cache (model/kv_cache.py writes K/V inside "
+                         "the native attention): decode with cache: false")
+
+
+# -- building ------------------------------------------------------------------------------------
+def _model_class(transformers, config, auto_class: str):
+    names = getattr(config, "architectures", None) or []
+    if auto_class == "auto" and names and hasattr(transformers, names[0]):
+        return getattr(transformers, names[0])
+    masked = type(config) in transformers.MODEL_FOR_MASKED_LM_MAPPING
+    if auto_class == "masked_lm" or (auto_class == "auto" and masked):
+        return transformers.AutoModelForMaskedLM
+    return transformers.AutoModelForCausalLM
+
+
+def check_hf_options(options: Dict[str, Any]) -> Dict[str, Any]:
+    """The model section with defaults filled in and every value checked (one-line ValueErrors)."""
+    unknown = sorted(set(check_mapping("model", options)) - set(HF_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown model option(s) {', '.join(unknown)} for backbone 'hf'. "
+                         f"Valid options: {', '.join(HF_DEFAULTS)}")
+    opts = {**HF_DEFAULTS, **options}
+    if (opts["path"] is None) == (opts["from_config"] is None):
+        raise ValueError(f"backbone 'hf' needs exactly one of model.path (a model directory) and model.from_config "
+                         f"(a transformers config dict), got path={show(opts['path'])}, "
+                         f"from_config={show(opts['from_config'])}")
+    if opts["path"] is not None and (not isinstance(opts["path"], str) or not opts["path"].strip()):
+        raise ValueError(f"model.path must be a directory or hub id, got {show(opts['path'])}")
+    if opts["from_config"] is not None and "model_type" not in check_mapping("model.from_config", opts["from_config"]):
+        raise ValueError(f"model.from_config needs a 'model_type' (e.g. llama, qwen2, bert), got {show(opts['from_config'])}")
+    check_choice("model.attn_implementation", opts["attn_implementation"], ATTN_IMPLEMENTATIONS)
+    check_choice("model.dtype", opts["dtype"], DTYPES)
+    check_choice("model.auto_class", opts["auto_class"], AUTO_CLASSES)
+    for key in ("shift_logits", "trust_remote_code"):
+        check_bool(f"model.{key}", opts[key])
+    return opts
+
+
+def load_hf(opts: Dict[str, Any], vocab_size: Optional[int] = None, max_len: Optional[int] = None):
+    """The bare ``transformers`` model of checked options (weights only when not on the meta device)."""
+    import transformers  # lazy: optional dependency (the 'hf' extra)
+
+    kw = {"attn_implementation": opts["attn_implementation"], "dtype": DTYPES[opts["dtype"]],
+          "trust_remote_code": opts["trust_remote_code"]}
+    if opts["from_config"] is not None:
+        spec = dict(opts["from_config"])
+        if vocab_size is not None:
+            spec["vocab_size"] = int(vocab_size)
+        config = transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
+        if max_len is not None and int(getattr(config, "max_position_embeddings", max_len)) < max_len:
+            config.max_position_embeddings = int(max_len)  # the task's length must have positions
+        return _model_class(transformers, config, opts["auto_class"]).from_config(config, **kw)
+    path = opts["path"]
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=opts["trust_remote_code"])
+        cls = _model_class(transformers, config, opts["auto_class"])
+        if torch.empty(()).device.type == "meta":  # sizing only (checks.check_size): no weights read
+            return cls.from_config(config, **kw)
+        return cls.from_pretrained(path, **kw)
+    except (OSError, ValueError) as exc:
+        text = str(exc)
+        if "trust_remote_code" in text:
+            raise ValueError(f"model.path {path!r} runs custom code from its directory: set "
+                             f"model.trust_remote_code=true (or --trust-remote-code) only if you trust it") from None
+        if not Path(path).is_dir():
+            raise ValueError(f"model.path {path!r} is not a model directory here and not in the local Hugging Face "
+                             f"cache (nothing is downloaded: HF_HUB_OFFLINE): download it first "
+                             f"(`hf download {path} --local-dir DIR`) and pass model.path=DIR") from None
+        raise ValueError(f"model.path {path!r} holds no loadable model: {text.splitlines()[0]}") from None
+
+
+def build_hf_backbone(options: Dict[str, Any], vocab_size: Optional[int] = None, mask_id: Optional[int] = None,
+                      max_len: Optional[int] = None, extra_embeddings: Optional[Dict[str, int]] = None) -> HFBackbone:
+    """The backbone of a config's model section for a task with this vocabulary and mask id (the
+    task's ids are the model's: a model with fewer embedding rows is resized to ``vocab_size``)."""
+    opts = check_hf_options(options)
+    hf = load_hf(opts, vocab_size, max_len)
+    if vocab_size is not None and hf.get_input_embeddings().num_embeddings < int(vocab_size):
+        hf.resize_token_embeddings(int(vocab_size))
+    if mask_id is None:
+        raise ValueError("backbone 'hf' needs a mask id (the task's, or the tokenizer's: see anyorder.model.hf_generate)")
+    return HFBackbone(hf, int(mask_id), extra_embeddings, opts["shift_logits"])
