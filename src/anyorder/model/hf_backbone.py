@@ -215,15 +215,20 @@ def load_hf(opts: Dict[str, Any], vocab_size: Optional[int] = None, max_len: Opt
             return cls.from_config(config, **kw)
         return cls.from_pretrained(path, **kw)
     except (OSError, ValueError) as exc:
-        text = str(exc)
-        if "trust_remote_code" in text:
-            raise ValueError(f"model.path {path!r} runs custom code from its directory: set "
-                             f"model.trust_remote_code=true (or --trust-remote-code) only if you trust it") from None
-        if not Path(path).is_dir():
-            raise ValueError(f"model.path {path!r} is not a model directory here and not in the local Hugging Face "
-                             f"cache (nothing is downloaded: HF_HUB_OFFLINE): download it first "
-                             f"(`hf download {path} --local-dir DIR`) and pass model.path=DIR") from None
-        raise ValueError(f"model.path {path!r} holds no loadable model: {text.splitlines()[0]}") from None
+        raise explain_load_error(exc, path) from None
+
+
+def explain_load_error(exc: Exception, path: str) -> ValueError:
+    """A one-line error naming the fix for a model that transformers could not load."""
+    text = str(exc)
+    if "trust_remote_code" in text:
+        return ValueError(f"model.path {path!r} runs custom code from its directory: set model.trust_remote_code=true "
+                          f"(anyorder generate: --trust-remote-code) only if you trust that code")
+    if not Path(path).is_dir():
+        return ValueError(f"model.path {path!r} is not a model directory here and not in the local Hugging Face "
+                          f"cache (nothing is downloaded: HF_HUB_OFFLINE): download it first "
+                          f"(`hf download {path} --local-dir DIR`) and pass model.path=DIR")
+    return ValueError(f"model.path {path!r} holds no loadable model: {text.splitlines()[0] if text else type(exc).__name__}")
 
 
 def build_hf_backbone(options: Dict[str, Any], vocab_size: Optional[int] = None, mask_id: Optional[int] = None,
