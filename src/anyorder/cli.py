@@ -44,7 +44,7 @@ from .config import load_config, read_yaml
 from .decoding import DECODERS, build_decoder
 from .demo import run_demo
 from .evaluation.likelihood import likelihood_of_run
-from .model import hf_generate
+from .adapters import hf_generate
 from .experiment import evaluate, load_run, run_decoder, train
 from .orders import ORDERS
 from .plugins import allowed

@@ -240,5 +240,5 @@ def build_hf_backbone(options: Dict[str, Any], vocab_size: Optional[int] = None,
     if vocab_size is not None and hf.get_input_embeddings().num_embeddings < int(vocab_size):
         hf.resize_token_embeddings(int(vocab_size))
     if mask_id is None:
-        raise ValueError("backbone 'hf' needs a mask id (the task's, or the tokenizer's: see anyorder.model.hf_generate)")
+        raise ValueError("backbone 'hf' needs a mask id (the task's, or the tokenizer's: see anyorder.adapters.hf_generate)")
     return HFBackbone(hf, int(mask_id), extra_embeddings, opts["shift_logits"])

@@ -16,11 +16,8 @@ import torch
 
 from ..decoding import build_decoder
 from ..orders import build_order
-from .hf_backbone import HFBackbone, build_hf_backbone, explain_load_error
-
-# Mask ids of public masked-diffusion checkpoints whose tokenizers may not name them.
-KNOWN_MASK_IDS = {"GSAI-ML/LLaDA-8B-Instruct": 126336, "GSAI-ML/LLaDA-8B-Base": 126336,
-                  "Dream-org/Dream-v0-Instruct-7B": 151666, "Dream-org/Dream-v0-Base-7B": 151666}
+from ..model.hf_backbone import HFBackbone, build_hf_backbone, explain_load_error
+from .hf import KNOWN_MASK_IDS
 
 
 def load_generator(model_dir: str, mask_id: Optional[int] = None, add_mask_token: bool = False,
