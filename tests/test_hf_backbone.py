@@ -19,6 +19,8 @@ TINY = {
     "qwen2": {"model_type": "qwen2", **_DEC},
     "bert": {"model_type": "bert", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
              "num_attention_heads": 4, "max_position_embeddings": 64, "initializer_range": 0.2},
+    "gpt2": {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64,
+             "initializer_range": 0.2, "bos_token_id": 0, "eos_token_id": 0},
 }
 CAUSAL = ("llama", "qwen2")
 
@@ -49,7 +51,7 @@ def decode_masks(x, answer):
 
 
 # -- the 4-D mask each attention implementation expects ----------------------------------------
-@pytest.mark.parametrize("kind", CAUSAL)
+@pytest.mark.parametrize("kind", CAUSAL + ("gpt2",))
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_causal_mask_gives_the_models_own_causal_logits(kind, impl):
     m = backbone(kind, impl)
@@ -77,7 +79,7 @@ def test_bert_without_a_mask_is_its_own_bidirectional_pass():
     torch.testing.assert_close(ours[..., keep], ref[..., keep], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "bert"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "bert", "gpt2"])
 def test_sdpa_equals_eager_under_every_order_mask(kind):
     sdpa, eager = backbone(kind, "sdpa"), backbone(kind, "eager")
     x, answer = batch()
@@ -91,7 +93,7 @@ def test_sdpa_equals_eager_under_every_order_mask(kind):
 
 
 # -- attention invariances ---------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "bert"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "bert", "gpt2"])
 @pytest.mark.parametrize("spec,blind", [("ar", True), ({"name": "block", "block_size": 4}, True), ("random", False)])
 def test_a_future_token_changes_past_logits_only_without_causality(kind, spec, blind):
     m = backbone(kind)
