@@ -175,10 +175,45 @@ def test_ar_left_to_right_equals_transformers_greedy_generate(kind):
         x[b, len(p):len(p) + G] = MASK
         answer[b, len(p):] = True
     order = build_order({"name": "ar", "prompt": "causal"})
-    res = build_decoder("left_to_right").decode(m, order, x, answer)
-    for b, p in enumerate(prompts):
-        assert torch.equal(res.tokens[b, len(p):len(p) + G], ref[b]), (b, res.tokens[b], ref[b])
-    assert res.trace.nfe.tolist() == [G] * 3
+    for cache in (False, True):
+        res = build_decoder({"name": "left_to_right", "cache": cache}).decode(m, order, x, answer)
+        for b, p in enumerate(prompts):
+            assert torch.equal(res.tokens[b, len(p):len(p) + G], ref[b]), (cache, b, res.tokens[b], ref[b])
+        assert res.trace.nfe.tolist() == [G] * 3
+
+
+def count_query_tokens(m):
+    """A list that collects the number of query tokens of every pass through the base model."""
+    seen = []
+    m.base.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["inputs_embeds"].shape[1]), with_kwargs=True)
+    return seen
+
+
+@pytest.mark.parametrize("kind,shift,spec,decoder", [
+    ("llama", True, {"name": "ar", "prompt": "causal"}, {"name": "left_to_right"}),
+    ("qwen2", False, "ar", {"name": "left_to_right"}),
+    ("qwen2", False, {"name": "block", "block_size": 4}, {"name": "top_prob"}),
+    ("llama", True, {"name": "block", "block_size": 4}, {"name": "top_prob", "k": 2}),
+    ("gpt2", False, {"name": "block", "block_size": 4}, {"name": "margin"}),
+    ("bert", False, {"name": "block", "block_size": 4}, {"name": "top_prob"}),
+])
+def test_cached_equals_uncached(kind, shift, spec, decoder):
+    """The exact KV cache (model/kv_cache.py) through the model's own attention layers: the same
+    tokens and trace as uncached decoding, rows with different prompt lengths in one batch, while
+    running far fewer query tokens."""
+    m = backbone(kind, shift=shift)
+    x, answer = batch(B=3, L=18, prompt=4)
+    answer[1, :7] = False                                # row 1: a longer prompt
+    x = x.masked_fill(answer, MASK)
+    order = build_order(spec)
+    seen = count_query_tokens(m)
+    plain = build_decoder(decoder).decode(m, order, x, answer)
+    n_plain = sum(seen)
+    seen.clear()
+    cached = build_decoder({**decoder, "cache": True}).decode(m, order, x, answer)
+    assert torch.equal(plain.tokens, cached.tokens)
+    assert torch.equal(plain.trace.finalize_step, cached.trace.finalize_step)
+    assert sum(seen) < n_plain / 2, (sum(seen), n_plain)
 
 
 def test_bidirectional_prompt_would_not_match_generate():
@@ -210,6 +245,7 @@ def test_clear_errors(tmp_path):
     plan = order.train_plan(x, order.layout(answer), MASK, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="shift_logits=true .* two-stream"):
         plan_logits(m, plan)
-    with pytest.raises(ValueError, match="no exact KV cache.*cache: false"):
-        build_decoder({"name": "left_to_right", "cache": True}).decode(m, build_order("ar"), x.masked_fill(answer, MASK),
-                                                                       answer)
+    # the cache reads state i-1 for shifted logits; Scatter's column rule neither caches nor reruns it
+    with pytest.raises(ValueError, match="shift_logits reads state i-1.*cache: false"):
+        build_decoder({"name": "top_prob", "cache": True}).decode(m, build_order({"name": "scatter", "block_size": 4}),
+                                                                  x.masked_fill(answer, MASK), answer)

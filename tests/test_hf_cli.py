@@ -51,6 +51,9 @@ def test_generate_ar_equals_transformers_greedy_and_reports_the_trace(tmp_path, 
         assert row["tokens"] == ref[0, ids.shape[1]:].tolist()
         assert (row["nfe"], row["afp"], row["kendall_tau"]) == (5, 1.0, 1.0)
         assert row["text"] == tok.decode(row["tokens"]) and row["text"].startswith("w")
+    cached = [a if a != "left_to_right" else "{name: left_to_right, cache: true}" for a in args]
+    assert main(cached + ["--json"]) == 0           # the exact KV cache: the same tokens
+    assert [r["tokens"] for r in json.loads(capsys.readouterr().out)] == [r["tokens"] for r in rows]
     assert main(args) == 0                          # plain mode: one line of text per prompt
     assert capsys.readouterr().out.splitlines() == [r["text"] for r in rows]
     # a parallel decoder under random order runs too (any order, any decoder)
@@ -75,10 +78,6 @@ def test_generate_errors_name_the_fix(tmp_path, capsys):
         "AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.MyModel"}}))
     assert main(["generate", "--model", str(remote), "--prompt", "w1"]) == 2
     assert "--trust-remote-code" in capsys.readouterr().err
-    d = save_model_dir(tmp_path / "llama")
-    assert main(["generate", "--model", str(d), "--prompt", "w1", "--order", "ar", "--decoder",
-                 "{name: left_to_right, cache: true}"]) == 2
-    assert "no exact KV cache" in capsys.readouterr().err
 
 
 def hf_overrides(tmp_path, name):

@@ -18,9 +18,13 @@ the native backbone's interface (:class:`anyorder.model.Transformer`):
   passes (a two-stream pass's state i-1 is a masked copy, not x^{i-1}) and is refused there.
 
 ``cfg`` carries what the rest of the library reads (``mask_id``, ``vocab_size``,
-``time_conditioning=False``, ...). The exact KV cache of ``ar``/``block`` (model/kv_cache.py)
-writes per-layer K/V at explicit slots inside the native attention; it is not wired into
-Hugging Face attention modules, so ``cache: true`` is refused with that fix.
+``time_conditioning=False``, ...). ``forward_cached`` serves the exact KV cache of
+model/kv_cache.py (decoding/forward.py decides what runs): the model's attention layers call
+``cache.update(k, v, layer)`` on the object they are given, and :class:`SlotKV` answers by
+writing the queries' post-RoPE K/V at their slots and returning every slot's K/V, so each layer
+attends over the whole sequence under the order's mask. It also keeps every slot's last hidden
+state, which shifted logits read at i-1. A model whose attention takes no cache (an encoder
+such as BERT) is refused with the fix (``cache: false``).
 """
 from __future__ import annotations
 
@@ -99,13 +103,15 @@ class HFBackbone(nn.Module):
     def base(self) -> nn.Module:
         return getattr(self.hf, self.base_name)
 
-    def attention_mask(self, attn_mask: Optional[torch.Tensor], B: int, L: int, dtype, device) -> torch.Tensor:
-        """The order's [B, L, L] bool mask (None: all visible) as this implementation's 4-D mask."""
+    def attention_mask(self, attn_mask: Optional[torch.Tensor], B: int, L: int, dtype, device,
+                       keys: Optional[int] = None) -> torch.Tensor:
+        """The order's [B, L, keys] bool mask (None: all visible) as this implementation's 4-D mask."""
+        keys = L if keys is None else keys
         if attn_mask is None:
-            allow = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device).expand(B, 1, L, L)
+            allow = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device).expand(B, 1, L, keys)
         else:
             allow = attn_mask.to(device=device, dtype=torch.bool)
-            allow = (allow.unsqueeze(1) if allow.dim() == 3 else allow).expand(B, 1, L, L)
+            allow = (allow.unsqueeze(1) if allow.dim() == 3 else allow).expand(B, 1, L, keys)
         if self.cfg.attn_implementation == "sdpa":
             return allow
         # eager adds the mask to the scores: 0 where allowed, the dtype's minimum where not
@@ -142,21 +148,76 @@ class HFBackbone(nn.Module):
 
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:
         """float32 logits [B, L', V]; the mask column is -inf (MDLM's zero-masking)."""
+        if self.cfg.shift_logits:  # Dream: position i from state i-1; position 0 keeps its own row
+            h = torch.cat([h[:, :1], h[:, :-1]], dim=1)
+        return self._project(h)
+
+    def _project(self, h: torch.Tensor) -> torch.Tensor:
         raw = getattr(self.hf, self.head_name)(h)
         logits = raw.float()
         if logits.data_ptr() == raw.data_ptr():   # float32 already: copy before writing -inf into it
             logits = logits.clone()
-        if self.cfg.shift_logits:  # Dream: position i from state i-1; position 0 keeps its own row
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         logits[..., self.cfg.mask_id] = float("-inf")
         return logits
 
     def forward(self, tokens, attn_mask=None, positions=None, extra=None, t=None) -> torch.Tensor:
         return self.head_logits(self.hidden(tokens, attn_mask, positions, extra, t))
 
-    def forward_cached(self, *args, **kwargs):
-        raise ValueError("the Hugging Face backbone has no exact KV cache (model/kv_cache.py writes K/V inside "
-                         "the native attention): decode with cache: false")
+    def forward_cached(self, tokens, positions, cache, slots, attn_mask, extra=None, t=None) -> torch.Tensor:
+        """Logits [B, Q, V] of the query tokens only (the contract of Transformer.forward_cached):
+        ``positions`` [B, Q] their sequence positions, ``slots`` [B, Q] where their K/V go in
+        ``cache`` (the scratch slot for padding queries), ``attn_mask`` [B, Q, L + 1] over slots."""
+        B, Q = tokens.shape
+        kv = cache.__dict__.get("hf_slots")
+        if kv is None:
+            kv = cache.__dict__["hf_slots"] = SlotKV(cache.length + 1)
+        h = self.embed(tokens, extra)
+        mask = self.attention_mask(attn_mask, B, Q, h.dtype, h.device, keys=cache.length + 1)
+        kv.slots, kv.calls = slots, 0
+        out = self.base(inputs_embeds=h, attention_mask=mask, position_ids=positions, cache=kv, use_cache=True)
+        if kv.calls != self.cfg.n_layers:
+            raise ValueError(f"{type(self.hf).__name__}'s attention does not use a KV cache (an encoder): decode "
+                             f"with cache: false")
+        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if kv.hidden is None:
+            kv.hidden = torch.zeros(B, cache.length + 1, h.shape[-1], dtype=h.dtype, device=h.device)
+        kv.hidden.scatter_(1, slots.unsqueeze(-1).expand_as(h), h)
+        if self.cfg.shift_logits:  # state i-1: computed now or kept exact by the cache (else refuse)
+            prev = (positions - 1).clamp_min(0)
+            real = slots < cache.length
+            here = torch.zeros_like(cache.stored).scatter_(1, torch.where(real, slots, 0), real)
+            ok = (cache.stored | here).gather(1, prev) | (positions == 0) | ~real
+            if not bool(ok.all()):
+                raise ValueError("shift_logits reads state i-1, which this order neither caches nor recomputes "
+                                 "with i: decode with cache: false")
+            h = torch.where((positions == 0).unsqueeze(-1), h, kv.hidden.gather(1, prev.unsqueeze(-1).expand_as(h)))
+        return self._project(h)
+
+
+class SlotKV:
+    """What a Hugging Face attention layer takes as its cache: ``update(k, v, layer)`` writes the
+    queries' K/V [B, H_kv, Q, hd] at their slots in per-layer buffers [B, H_kv, L + 1, hd] and
+    returns the whole buffers (position-indexed, as model/kv_cache.py lays them out)."""
+
+    def __init__(self, n_slots: int):
+        self.n_slots, self.k, self.v = n_slots, [], []
+        self.slots: Optional[torch.Tensor] = None
+        self.hidden: Optional[torch.Tensor] = None   # [B, L + 1, D] last hidden state of every slot
+        self.calls = 0
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return 0   # no implicit past: every query's position is given explicitly
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        if layer_idx == len(self.k):
+            B, H, _, hd = key.shape
+            self.k.append(torch.zeros(B, H, self.n_slots, hd, dtype=key.dtype, device=key.device))
+            self.v.append(torch.zeros(B, H, self.n_slots, value.shape[-1], dtype=value.dtype, device=value.device))
+        idx = self.slots.view(key.shape[0], 1, -1, 1)
+        self.k[layer_idx].scatter_(2, idx.expand_as(key), key)
+        self.v[layer_idx].scatter_(2, idx.expand_as(value), value)
+        self.calls += 1
+        return self.k[layer_idx], self.v[layer_idx]
 
 
 # -- building ------------------------------------------------------------------------------------
