@@ -249,3 +249,16 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="shift_logits reads state i-1.*cache: false"):
         build_decoder({"name": "top_prob", "cache": True}).decode(m, build_order({"name": "scatter", "block_size": 4}),
                                                                   x.masked_fill(answer, MASK), answer)
+
+
+def test_forward_is_head_logits_of_hidden_on_any_rows():
+    """Training may project only the scored rows of ``hidden``: the shift lives in ``hidden``."""
+    m = backbone("llama", shift=True)
+    x, answer = batch()
+    with torch.no_grad():
+        full, h = m(x), m.hidden(x)
+        rows = answer.nonzero(as_tuple=True)
+        assert torch.equal(m.head_logits(h[rows]), full[rows])
+        ref = m.hf(input_ids=x).logits.float()            # no mask: bidirectional, so compare the shift only
+        plain = backbone("llama")(x)
+    assert torch.equal(full[:, 1:, :MASK], plain[:, :-1, :MASK]) and not torch.allclose(plain[..., :MASK], ref[..., :MASK])

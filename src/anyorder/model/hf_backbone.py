@@ -129,7 +129,8 @@ class HFBackbone(nn.Module):
         return h
 
     def hidden(self, tokens, attn_mask=None, positions=None, extra=None, t=None) -> torch.Tensor:
-        """Final hidden states [B, L', D] of the base model under the order's mask."""
+        """Final hidden states [B, L', D] of the base model under the order's mask (with
+        ``shift_logits``, row i holds state i-1)."""
         B, L = tokens.shape
         if positions is None:
             positions = torch.arange(L, device=tokens.device)
@@ -144,15 +145,13 @@ class HFBackbone(nn.Module):
         h = self.embed(tokens, extra)
         mask = self.attention_mask(attn_mask, B, L, h.dtype, h.device)
         out = self.base(inputs_embeds=h, attention_mask=mask, position_ids=positions, use_cache=False)
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if self.cfg.shift_logits:  # Dream: position i reads state i-1; position 0 keeps its own
+            h = torch.cat([h[:, :1], h[:, :-1]], dim=1)  # (here, so head_logits may take any rows)
+        return h
 
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """float32 logits [B, L', V]; the mask column is -inf (MDLM's zero-masking)."""
-        if self.cfg.shift_logits:  # Dream: position i from state i-1; position 0 keeps its own row
-            h = torch.cat([h[:, :1], h[:, :-1]], dim=1)
-        return self._project(h)
-
-    def _project(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 logits [..., V] of hidden states; the mask column is -inf (MDLM's zero-masking)."""
         raw = getattr(self.hf, self.head_name)(h)
         logits = raw.float()
         if logits.data_ptr() == raw.data_ptr():   # float32 already: copy before writing -inf into it
@@ -191,7 +190,7 @@ class HFBackbone(nn.Module):
                 raise ValueError("shift_logits reads state i-1, which this order neither caches nor recomputes "
                                  "with i: decode with cache: false")
             h = torch.where((positions == 0).unsqueeze(-1), h, kv.hidden.gather(1, prev.unsqueeze(-1).expand_as(h)))
-        return self._project(h)
+        return self.head_logits(h)
 
 
 class SlotKV:
