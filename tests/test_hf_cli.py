@@ -115,3 +115,19 @@ def test_train_checkpoints_and_resumes_to_identical_parameters(tmp_path, monkeyp
     assert type(exp.model).__name__ == "HFBackbone"
     res = evaluate(exp, {"name": "margin"}, n=8)
     assert res["nfe"] == 16.0 and 0.0 <= res["cell_acc"] <= 1.0
+
+
+def test_config_model_section_follows_its_backbone(tmp_path):
+    config = str(ROOT / "configs" / "hf" / "sudoku4_llama.yaml")
+    cfg = load_config(config)
+    assert cfg["model"]["backbone"] == "hf" and cfg["model"]["attn_implementation"] == "sdpa"
+    assert "d_model" not in cfg["model"]                 # the native keys do not apply
+    with pytest.raises(ValueError, match="unknown config key 'model.d_model'.*Valid keys in model: attn_implementation"):
+        load_config(config, ["model={backbone: hf, d_model: 3}"])
+    with pytest.raises(ValueError, match="unknown model.backbone 'hff'. Did you mean 'hf'"):
+        load_config(config, ["model={backbone: hff}"])
+    native = load_config(str(ROOT / "configs" / "sudoku4.yaml"), ["model={backbone: native, d_model: 32}"])
+    assert native["model"]["d_model"] == 32 and native["model"]["n_layers"] == 4
+    with pytest.raises(ValueError, match="model.dtype must be one of 'float32', 'bfloat16', 'float16', got 'fp8'"):
+        train(load_config(config, ["model.dtype=fp8", f"out_dir={tmp_path}"]))
+    assert not any(tmp_path.iterdir())                   # refused before a run directory was made

@@ -184,7 +184,8 @@ class HFBackbone(nn.Module):
         if self.cfg.shift_logits:  # state i-1: computed now or kept exact by the cache (else refuse)
             prev = (positions - 1).clamp_min(0)
             real = slots < cache.length
-            here = torch.zeros_like(cache.stored).scatter_(1, torch.where(real, slots, 0), real)
+            n = cache.length           # padding queries write their False into the scratch slot n
+            here = torch.zeros(B, n + 1, dtype=torch.bool, device=h.device).scatter_(1, slots, real)[:, :n]
             ok = (cache.stored | here).gather(1, prev) | (positions == 0) | ~real
             if not bool(ok.all()):
                 raise ValueError("shift_logits reads state i-1, which this order neither caches nor recomputes "
