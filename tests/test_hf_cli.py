@@ -127,7 +127,27 @@ def test_config_model_section_follows_its_backbone(tmp_path):
     with pytest.raises(ValueError, match="unknown model.backbone 'hff'. Did you mean 'hf'"):
         load_config(config, ["model={backbone: hff}"])
     native = load_config(str(ROOT / "configs" / "sudoku4.yaml"), ["model={backbone: native, d_model: 32}"])
-    assert native["model"]["d_model"] == 32 and native["model"]["n_layers"] == 4
+    assert native["model"] == {"backbone": "native", "d_model": 32}      # ModelConfig fills in the rest
     with pytest.raises(ValueError, match="model.dtype must be one of 'float32', 'bfloat16', 'float16', got 'fp8'"):
         train(load_config(config, ["model.dtype=fp8", f"out_dir={tmp_path}"]))
     assert not any(tmp_path.iterdir())                   # refused before a run directory was made
+
+
+def test_a_saved_model_directory_trains_under_a_config(tmp_path):
+    """model.path: the pretrained weights are loaded (sized first on the meta device), the task's ids
+    index the model's embeddings, and the zero task embeddings leave its logits as they were."""
+    from anyorder.experiment import build  # lazy: only this test builds without training
+    d = save_model_dir(tmp_path / "llama")
+    exp = build(load_config(str(ROOT / "configs" / "hf" / "sudoku4_llama.yaml"),
+                            [f"model={{backbone: hf, path: {d}}}", "task.n_train=64", "task.n_eval=8"]))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d)
+    assert torch.equal(exp.model.hf.lm_head.weight, hf.lm_head.weight)
+    x0, answer = exp.task.train_batch(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = exp.model(x0, extra=exp.objective.extra)
+        ref = hf(input_ids=x0, attention_mask=torch.ones(2, 1, x0.shape[1], x0.shape[1], dtype=torch.bool)).logits
+    keep = torch.arange(ref.shape[-1]) != exp.model.cfg.mask_id
+    torch.testing.assert_close(ours[..., keep], ref[..., keep], rtol=1e-5, atol=1e-5)
+    loss, _ = exp.objective.loss(exp.model, 4, torch.Generator().manual_seed(1), 0)
+    loss.backward()
+    assert torch.isfinite(loss) and exp.model.extra["row"].weight.grad.abs().sum() > 0

@@ -222,13 +222,13 @@ class SlotKV:
 
 # -- building ------------------------------------------------------------------------------------
 def _model_class(transformers, config, auto_class: str):
-    names = getattr(config, "architectures", None) or []
-    if auto_class == "auto" and names and hasattr(transformers, names[0]):
-        return getattr(transformers, names[0])
-    masked = type(config) in transformers.MODEL_FOR_MASKED_LM_MAPPING
-    if auto_class == "masked_lm" or (auto_class == "auto" and masked):
-        return transformers.AutoModelForMaskedLM
-    return transformers.AutoModelForCausalLM
+    """AutoModelForMaskedLM or AutoModelForCausalLM: as asked, else as the saved architecture
+    says, else masked where transformers has a masked LM for the model type (BERT), else causal."""
+    masked = auto_class == "masked_lm"
+    if auto_class == "auto":
+        names = getattr(config, "architectures", None) or []
+        masked = names[0].endswith("ForMaskedLM") if names else type(config) in transformers.MODEL_FOR_MASKED_LM_MAPPING
+    return transformers.AutoModelForMaskedLM if masked else transformers.AutoModelForCausalLM
 
 
 def check_hf_options(options: Dict[str, Any]) -> Dict[str, Any]:
