@@ -151,3 +151,9 @@ def test_a_saved_model_directory_trains_under_a_config(tmp_path):
     loss, _ = exp.objective.loss(exp.model, 4, torch.Generator().manual_seed(1), 0)
     loss.backward()
     assert torch.isfinite(loss) and exp.model.extra["row"].weight.grad.abs().sum() > 0
+
+
+def test_learned_order_asks_for_the_native_backbone(tmp_path):
+    with pytest.raises(ValueError, match="order 'learned' \\(LoMDM\\) needs the native backbone.*model.backbone=native"):
+        train(load_config(str(ROOT / "configs" / "hf" / "sudoku4_llama.yaml"), ["order.name=learned", f"out_dir={tmp_path}"]))
+    assert not any(tmp_path.iterdir())
