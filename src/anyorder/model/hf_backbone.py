@@ -28,6 +28,7 @@ such as BERT) is refused with the fix (``cache: false``).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -87,6 +88,8 @@ class HFBackbone(nn.Module):
             raise ValueError(f"{type(hf).__name__} is not a base model plus one output head "
                              f"(children: {[n for n, _ in hf.named_children()]}); wrap a *ForCausalLM or *ForMaskedLM")
         self.head_name = heads[0]
+        # transformers 5.x names the base model's cache argument ``cache`` (``past_key_values`` before)
+        self.cache_kw = "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
         vocab = hf.get_input_embeddings().num_embeddings
         if not 0 <= int(mask_id) < vocab:
             raise ValueError(f"mask id {mask_id} is outside the model's vocabulary of size {vocab}")
@@ -173,7 +176,8 @@ class HFBackbone(nn.Module):
         h = self.embed(tokens, extra)
         mask = self.attention_mask(attn_mask, B, Q, h.dtype, h.device, keys=cache.length + 1)
         kv.slots, kv.calls = slots, 0
-        out = self.base(inputs_embeds=h, attention_mask=mask, position_ids=positions, cache=kv, use_cache=True)
+        out = self.base(inputs_embeds=h, attention_mask=mask, position_ids=positions, use_cache=True,
+                        **{self.cache_kw: kv})
         if kv.calls != self.cfg.n_layers:
             raise ValueError(f"{type(self.hf).__name__}'s attention does not use a KV cache (an encoder): decode "
                              f"with cache: false")
