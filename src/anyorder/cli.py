@@ -3,6 +3,7 @@
     anyorder train CONFIG.yaml [key=value ...]     train (resumes if the run dir has a checkpoint)
     anyorder eval RUN_DIR [--decoder NAME ...]     task metrics + AFP / Kendall τ / NFE per decoder
     anyorder sample RUN_DIR [--decoder NAME] ...   decode prompts (or puzzle strings) and print them
+    anyorder generate --model DIR --prompt TEXT [--order ORDER --decoder NAME --json]   decode a HF model directory
     anyorder orders [--json] | decoders [--json]   registered names
     anyorder toy [--json]                          the A/B toy: marginals are not the joint
     anyorder demo                                  three orders × several decoders on 4×4 Sudoku
@@ -45,6 +46,7 @@ from .config import load_config, read_yaml
 from .decoding import DECODERS, build_decoder
 from .demo import run_demo
 from .evaluation.likelihood import likelihood_of_run
+from .adapters import hf_generate
 from .experiment import evaluate, load_run, run_decoder, train
 from .orders import ORDERS
 from .plugins import allowed
@@ -245,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--puzzle", action="append", help="a puzzle string (Sudoku) or a text prompt, may repeat")
     _add_decoder_args(s)
     s.set_defaults(func=cmd_sample)
+    g = sub.add_parser("generate", help="decode a local Hugging Face model directory under any order and decoder")
+    hf_generate.add_arguments(g)
+    g.set_defaults(func=hf_generate.run_from_args)
     for name, registry in (("orders", ORDERS), ("decoders", DECODERS)):
         q = sub.add_parser(name, help=f"list registered {name}")
         q.add_argument("--json", action="store_true")

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from .checks import check_mapping, show
+from .model.backbones import backbone_defaults
 from .model.transformer import ModelConfig
 from .train.config import TrainConfig
 
@@ -68,10 +69,21 @@ def _suggest(key: str, choices) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
+def section_defaults(name: str, value: Any) -> Dict[str, Any]:
+    """The defaults a top-level section is checked against: a model section that names a
+    ``backbone`` takes that backbone's keys (anyorder.model.backbones)."""
+    if name == "model" and isinstance(value, dict) and "backbone" in value:
+        return backbone_defaults(value["backbone"], DEFAULTS["model"])
+    return DEFAULTS.get(name)
+
+
 def merge(base: Dict[str, Any], update: Dict[str, Any], path: str = "") -> Dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in (update or {}).items():
         where = f"{path}{k}"
+        if path == "" and k in out and section_defaults(k, v) is not DEFAULTS.get(k):
+            out[k] = merge(section_defaults(k, v), v, where + ".")  # another backbone: its own keys
+            continue
         if k not in out:
             raise ValueError(f"unknown config key {where!r}.{_suggest(k, out)} "
                              f"Valid keys{' in ' + path[:-1] if path else ''}: {', '.join(sorted(out))}")
@@ -119,7 +131,7 @@ def apply_overrides(cfg: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]
             valid = sorted(node) if isinstance(node, dict) else []
             raise ValueError(f"unknown config key {key!r}.{_suggest(last, valid)} Valid keys: {', '.join(valid)}")
         if node is cfg and last not in OPEN_SECTIONS and isinstance(DEFAULTS.get(last), dict):
-            merge(DEFAULTS[last], check_mapping(last, val), last + ".")  # a whole section: its keys checked
+            merge(section_defaults(last, val), check_mapping(last, val), last + ".")  # a whole section: its keys checked
         node[last] = val
     return cfg
 

@@ -2,7 +2,8 @@
 
 Both need optional packages (``pip install 'anyorder[hf]'`` / ``'anyorder[lm_eval]'``), so nothing
 heavy is imported here: ``from anyorder.adapters import load_hf_model`` imports it on first use.
-Importing :mod:`anyorder.adapters.lm_eval` registers the lm_eval model ``"anyorder"``.
+Importing :mod:`anyorder.adapters.lm_eval` registers the lm_eval model ``"anyorder"``;
+:mod:`anyorder.adapters.hf_generate` is ``anyorder generate`` (any order on a Hugging Face directory).
 """
 from importlib import import_module
 

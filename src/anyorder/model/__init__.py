@@ -1,1 +1,2 @@
 from .transformer import ModelConfig, Transformer
+from .backbones import build_backbone

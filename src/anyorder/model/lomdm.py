@@ -90,6 +90,9 @@ class LoMDM(nn.Module):
 
     def __init__(self, backbone: Transformer, c1: float = 0.7, c2: float = 0.65, center: bool = False):
         super().__init__()
+        if not isinstance(backbone.cfg, ModelConfig):  # the heads are native blocks; _logits reads .head
+            raise ValueError(f"order 'learned' (LoMDM) needs the native backbone, got {type(backbone).__name__}: "
+                             f"set model.backbone=native")
         self.c1, self.c2 = check_c(c1, c2)
         self.center = bool(center)
         self.backbone = backbone

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..evaluation.decode import run_decoder
 from ..evaluation.likelihood import likelihood_summary
-from ..model import ModelConfig, Transformer
+from ..model import build_backbone
 from ..orders.base import Layout, TrainPlan
 from ..registry import unknown_choice
 from .base import OBJECTIVES, Objective
@@ -176,9 +176,8 @@ class NelboObjective(Objective):
         self.extra = task.extra()
 
     def build_model(self, options):
-        cfg = ModelConfig(vocab_size=self.task.vocab_size, mask_id=self.task.mask_id, max_len=self.task.seq_len,
-                          extra_embeddings=dict(self.task.extra_embeddings), **options)
-        return Transformer(cfg)
+        return build_backbone(options, self.task.vocab_size, self.task.mask_id, self.task.seq_len,
+                              dict(self.task.extra_embeddings))
 
     def loss(self, model, batch_size, gen, step):
         x0, answer = self.task.train_batch(batch_size, gen)

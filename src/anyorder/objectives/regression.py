@@ -89,6 +89,9 @@ class RegressionObjective(Objective):
         super().__init__(task, order, weighting)
 
     def build_model(self, options):
+        if options.get("backbone", "native") != "native":  # its read-in/read-out is the native network's
+            raise ValueError(f"objective 'regression' trains its own continuous transformer: model.backbone must be "
+                             f"'native', got {options['backbone']!r}")
         fields = ContinuousConfig.__dataclass_fields__
         cfg = ContinuousConfig(d_in=self.task.d, max_len=self.task.seq_len,
                                **{k: v for k, v in options.items() if k in fields})

@@ -24,12 +24,19 @@ class AROrder(ScheduledMasking):
     attention = "causal"
     default_decoder = "left_to_right"
 
-    def __init__(self, plan: str = "efficient", eps: float = 1e-3, **kw):
+    def __init__(self, plan: str = "efficient", eps: float = 1e-3, prompt: str = "bidirectional", **kw):
         kw.pop("block_size", None)
         super().__init__(schedule=EpsAR(eps), block_size=1, **kw)
         if plan not in ("efficient", "generic"):
             raise ValueError(f"order.plan must be 'efficient' or 'generic', got {plan!r}")
-        self.plan = plan
+        # "causal": the prompt reads itself left to right too, as an AR-pretrained model (a Hugging
+        # Face causal LM) was trained to; then decoding equals the model's own greedy generate
+        if prompt not in ("bidirectional", "causal"):
+            raise ValueError(f"order.prompt must be 'bidirectional' or 'causal', got {prompt!r}")
+        self.plan, self.prompt = plan, prompt
+
+    def _prompt_rule(self, mask, layout, index=None):
+        return masks.causal_prompt(mask, layout, index) if self.prompt == "causal" else mask
 
     @property
     def exact_likelihood(self) -> bool:
@@ -42,16 +49,18 @@ class AROrder(ScheduledMasking):
         return {"name": "left_to_right", "k": 1, "cache": True}  # always seq_len steps, exact KV cache
 
     def train_attention(self, layout: Layout):
-        return masks.causal(layout)
+        return self._prompt_rule(masks.causal(layout), layout)
 
     def train_plan(self, x0, layout, mask_id, gen):
         if self.plan == "generic":
             return super().train_plan(x0, layout, mask_id, gen)
         ones = torch.ones(x0.shape, dtype=torch.float64, device=x0.device)
-        return two_stream_plan(x0, layout, mask_id, layout.answer, ones, ones, *block_rules(layout))
+        plan = two_stream_plan(x0, layout, mask_id, layout.answer, ones, ones, *block_rules(layout))
+        plan.attn = self._prompt_rule(plan.attn, layout, plan.index)
+        return plan
 
     def decode_attention(self, masked, layout):
-        return masks.causal(layout)
+        return self._prompt_rule(masks.causal(layout), layout)
 
     def allowed(self, masked, layout, logp):
         return lowest_open(masked, layout, layout.aidx)  # only the leftmost masked answer position

@@ -74,3 +74,13 @@ def two_stream(layout: Layout, noisy_sees_noisy: torch.Tensor, noisy_sees_clean:
     top = torch.cat([qa_ans & noisy_sees_noisy, k_prompt | (qa_ans & noisy_sees_clean)], dim=-1)
     bottom = torch.cat([none, k_prompt | (qa_ans & clean_sees_clean)], dim=-1)
     return torch.cat([top, bottom], dim=-2)
+
+
+def causal_prompt(mask: torch.Tensor, layout: Layout, index=None) -> torch.Tensor:
+    """``mask`` [B, L', L'] with prompt-to-prompt attention made causal (a prompt token sees the
+    prompt tokens at or before it), as an AR-pretrained model read its prompt. ``index`` [L']:
+    the sequence position of every slot of a two-stream pass (None: slot = position)."""
+    pos = torch.arange(mask.shape[-1], device=mask.device) if index is None else index.to(mask.device)
+    p = layout.prompt[:, pos]
+    later = pos.view(1, 1, -1) > pos.view(1, -1, 1)
+    return mask & ~(p.unsqueeze(-1) & p.unsqueeze(-2) & later)

@@ -1,0 +1,115 @@
+"""``anyorder generate``: decode a local Hugging Face model directory under any order and decoder.
+
+The directory holds a model (``config.json`` + weights) and its tokenizer. The model is wrapped
+by :class:`~anyorder.model.hf_backbone.HFBackbone`; its mask id is the tokenizer's mask token, the
+known id of a public masked-diffusion checkpoint, ``mask_id``, or (``add_mask_token``) a new
+``[MASK]`` token whose embedding row is new and untrained (fine-tune before trusting its
+output). Each prompt decodes alone (a batch of one), so prompts of any lengths need no padding;
+row b samples with seed ``seed + b``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..decoding import build_decoder
+from ..orders import build_order
+from ..model.hf_backbone import HFBackbone, build_hf_backbone, explain_load_error
+from .hf import KNOWN_MASK_IDS
+
+
+def load_generator(model_dir: str, mask_id: Optional[int] = None, add_mask_token: bool = False,
+                   shift_logits: Optional[bool] = None, attn_implementation: str = "sdpa",
+                   trust_remote_code: bool = False, dtype: str = "float32") -> Tuple[HFBackbone, Any]:
+    """(backbone, tokenizer) of a local model directory. ``shift_logits`` None: on for a causal LM
+    (its head predicts the next token: Dream's shift), off for a masked LM."""
+    import transformers  # lazy: optional dependency (the 'hf' extra)
+
+    if not Path(model_dir).is_dir():
+        raise ValueError(f"--model {model_dir!r} is not a directory: give a local model directory (config.json, "
+                         f"weights, tokenizer); download a hub model first with `hf download ID --local-dir DIR`")
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise explain_load_error(exc, model_dir) from None
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--model {model_dir!r} has no loadable tokenizer: {str(exc).splitlines()[0]}") from None
+    if mask_id is None:
+        mask_id = getattr(tok, "mask_token_id", None)
+        mask_id = KNOWN_MASK_IDS.get(str(getattr(tok, "name_or_path", ""))) if mask_id is None else mask_id
+    if mask_id is None:
+        if not add_mask_token:
+            raise ValueError(f"{model_dir!r}: its tokenizer has no mask token; pass --mask-id ID (a token the model "
+                             f"was trained to read as [MASK]) or --add-mask-token (a new, untrained [MASK]: "
+                             f"fine-tune under an order first)")
+        tok.add_special_tokens({"mask_token": "[MASK]"})
+        mask_id = tok.mask_token_id
+    opts = {"path": str(model_dir), "attn_implementation": attn_implementation, "dtype": dtype,
+            "trust_remote_code": trust_remote_code}
+    if shift_logits is None:  # a causal LM's head predicts the next token (Dream reads it shifted)
+        shift_logits = not any(a.endswith("ForMaskedLM") for a in (getattr(config, "architectures", None) or []))
+    opts["shift_logits"] = bool(shift_logits)
+    model = build_hf_backbone(opts, vocab_size=len(tok), mask_id=int(mask_id))
+    return model.eval(), tok
+
+
+def generate(model: HFBackbone, tok, prompts: Sequence[str], order="random", decoder="top_prob",
+             gen_length: int = 32, seed: int = 0, chat: bool = False) -> List[Dict[str, Any]]:
+    """Decode each prompt (one row at a time); per prompt the text, answer token ids, NFE, AFP, τ."""
+    if int(gen_length) < 1:
+        raise ValueError(f"--gen-length must be >= 1, got {gen_length}")
+    order, dec = build_order(order), build_decoder(decoder)
+    device = next(model.parameters()).device
+    out = []
+    for b, prompt in enumerate(prompts):
+        if chat:
+            prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        ids = list(tok(prompt)["input_ids"])
+        x = torch.tensor([ids + [model.cfg.mask_id] * int(gen_length)], device=device)
+        answer = torch.zeros_like(x, dtype=torch.bool)
+        answer[:, len(ids):] = True
+        with torch.no_grad():
+            res = dec.decode(model, order, x, answer, row_seeds=[seed + b])
+        tokens = res.tokens[0, len(ids):].tolist()
+        out.append({"prompt": prompt, "text": tok.decode(tokens, skip_special_tokens=True), "tokens": tokens,
+                    "nfe": int(res.trace.nfe[0]), "afp": float(res.trace.afp()[0]),
+                    "kendall_tau": float(res.trace.kendall_tau()[0])})
+    return out
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="a local Hugging Face model directory with its tokenizer")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    p.add_argument("--order", default="random", help="an order name or a YAML dict, e.g. '{name: ar, prompt: causal}'")
+    p.add_argument("--decoder", default="top_prob", help="a decoder name or a YAML dict, e.g. '{name: threshold, tau: 0.9}'")
+    p.add_argument("--gen-length", dest="gen_length", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mask-id", dest="mask_id", type=int, default=None)
+    p.add_argument("--add-mask-token", dest="add_mask_token", action="store_true")
+    p.add_argument("--shift-logits", dest="shift_logits", choices=["auto", "true", "false"], default="auto")
+    p.add_argument("--attn-implementation", dest="attn_implementation", default="sdpa")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt with the tokenizer's chat template")
+    p.add_argument("--json", action="store_true", help="print tokens, NFE, AFP and Kendall tau as JSON")
+
+
+def run_from_args(args) -> None:
+    import json  # lazy: only this command prints JSON here
+    from ..config import read_yaml  # lazy: config imports the model package (a cycle at import time)
+
+    shift = {"auto": None, "true": True, "false": False}[args.shift_logits]
+    model, tok = load_generator(args.model, args.mask_id, args.add_mask_token, shift, args.attn_implementation,
+                                args.trust_remote_code, args.dtype)
+    order, decoder = (read_yaml(s, f"--{k} {s!r}") for k, s in (("order", args.order), ("decoder", args.decoder)))
+    rows = generate(model, tok, args.prompt, order, decoder, args.gen_length, args.seed, args.chat)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for row in rows:
+            print(row["text"])
