@@ -329,7 +329,7 @@ def test_all_reduce_mean_single_process():
         ({"min_lr_ratio": 1.5}, r"min_lr_ratio must be a number in \[0, 1\]"),
         ({"grad_clip": -0.1}, r"grad_clip must be a number >= 0 \(0 = off\)"),
         ({"ema": 1.0}, r"ema must be a number in \[0, 1\) \(0 = off\)"),
-        ({"precision": "fp16"}, r"precision must be one of 'fp32', 'bf16', got 'fp16'"),
+        ({"precision": "fp16"}, r"precision must be one of 'auto', 'fp32', 'bf16', got 'fp16'"),
         ({"nonfinite": "ignore"}, r"TrainConfig\.nonfinite must be one of 'error', 'skip', got 'ignore'"),
         ({"log_every": -1}, r"log_every must be an integer >= 0"),
         ({"tensorboard": "yes"}, r"tensorboard must be true or false"),
