@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -152,7 +154,6 @@ def peak_memory(kind: str, cfg: Dict[str, int], precision: str) -> Dict[str, flo
 
 
 def _child_env():
-    import os  # lazy: only the memory subprocesses need the environment
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
@@ -205,4 +206,39 @@ def bench_train_vs_reference(d_model: int = 256, n_layers: int = 6, vocab: int =
             "results": out}
 
 
-__all__ = ["PlainTransformer", "bench_train_vs_reference", "reference_loss"]
+def busy_ratio(rounds: int = 3, steps: int = 5) -> Dict[str, object]:
+    """The demo's training step with and without a competing busy process, alternating.
+
+    Each round times ``steps`` steps quiet, then starts a busy-loop Python process, times
+    ``steps`` steps and stops it; the ratio is median busy / median quiet step time. Run it as
+    ``python -m anyorder.bench_train busy`` (under ``anyorder`` the wait policy is PASSIVE; set
+    ``OMP_WAIT_POLICY`` yourself to compare).
+    """
+    cfg = {"d_model": 128, "n_layers": 4, "n_heads": 4, "vocab": 12, "seq_len": 33, "batch_size": 64}
+    step = _make_runner(json.dumps({"name": "random"}), cfg, "fp32")[1]
+    step()
+    times: Dict[str, List[float]] = {"quiet": [], "busy": []}
+    for _ in range(rounds):
+        for mode in ("quiet", "busy"):
+            proc = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if mode == "busy" else None
+            try:
+                if proc is not None:
+                    time.sleep(0.5)
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    step()
+                    times[mode].append(time.perf_counter() - t0)
+            finally:
+                if proc is not None:
+                    proc.kill()
+                    proc.wait()
+    quiet, busy = statistics.median(times["quiet"]), statistics.median(times["busy"])
+    return {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "threads": torch.get_num_threads(),
+            "quiet_step_s": round(quiet, 4), "busy_step_s": round(busy, 4), "busy_over_quiet": round(busy / quiet, 2)}
+
+
+__all__ = ["PlainTransformer", "bench_train_vs_reference", "busy_ratio", "reference_loss"]
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["busy"]:
+        print(json.dumps(busy_ratio()))
