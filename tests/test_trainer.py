@@ -295,7 +295,9 @@ def test_metrics_jsonl_and_run_json(tmp_path):
     assert all(math.isfinite(r["val_loss"]) for r in evals)
 
     run = json.loads((tmp_path / "run.json").read_text())
-    assert run["run_info"] == {"task": "regression"}
+    precision = run["run_info"].pop("precision")  # what precision "auto" chose, and why
+    assert run["run_info"] == {"task": "regression"} and precision["requested"] == "auto"
+    assert precision["chosen"] in ("fp32", "bf16") and precision["reason"]
     assert run["config"]["steps"] == 12 and run["seed"] == 0
     assert {"python", "torch", "numpy"} <= set(run["versions"])
     assert {"hostname", "cpu_count", "cuda_device", "start_time"} <= set(run)
