@@ -295,7 +295,9 @@ def test_metrics_jsonl_and_run_json(tmp_path):
     assert all(math.isfinite(r["val_loss"]) for r in evals)
 
     run = json.loads((tmp_path / "run.json").read_text())
-    assert run["run_info"] == {"task": "regression"}
+    precision = run["run_info"].pop("precision")  # what precision "auto" chose, and why
+    assert run["run_info"] == {"task": "regression"} and precision["requested"] == "auto"
+    assert precision["chosen"] in ("fp32", "bf16") and precision["reason"]
     assert run["config"]["steps"] == 12 and run["seed"] == 0
     assert {"python", "torch", "numpy"} <= set(run["versions"])
     assert {"hostname", "cpu_count", "cuda_device", "start_time"} <= set(run)
@@ -329,7 +331,7 @@ def test_all_reduce_mean_single_process():
         ({"min_lr_ratio": 1.5}, r"min_lr_ratio must be a number in \[0, 1\]"),
         ({"grad_clip": -0.1}, r"grad_clip must be a number >= 0 \(0 = off\)"),
         ({"ema": 1.0}, r"ema must be a number in \[0, 1\) \(0 = off\)"),
-        ({"precision": "fp16"}, r"precision must be one of 'fp32', 'bf16', got 'fp16'"),
+        ({"precision": "fp16"}, r"precision must be one of 'auto', 'fp32', 'bf16', got 'fp16'"),
         ({"nonfinite": "ignore"}, r"TrainConfig\.nonfinite must be one of 'error', 'skip', got 'ignore'"),
         ({"log_every": -1}, r"log_every must be an integer >= 0"),
         ({"tensorboard": "yes"}, r"tensorboard must be true or false"),

@@ -3,7 +3,8 @@
 - ``train``: tokens/s and achieved FLOP/s of a training step (forward + backward + AdamW) for a
   6-layer, width-256 model at sequence length 128, as a fraction of this machine's measured
   fp32 and bf16 matmul peak (a large square matmul, timed in the same run). FLOPs per step are
-  counted by ``torch.utils.flop_counter`` on the real step, not guessed.
+  counted by ``torch.utils.flop_counter`` on the real step, not guessed. ``vs_plain_reference``:
+  step-time and peak-memory ratios to a plain PyTorch reference step (:mod:`.bench_train`).
 - ``decode``: tokens/s, NFE and AFP per decoder on the same backbone (random weights: speed and
   parallelism do not depend on training, except for confidence-driven commit counts), and a
   ``cache`` section: exact KV-cached vs uncached decoding (seconds, speed-up, identical tokens),
@@ -22,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .analysis.flops import register_cpu_attention_flops
 from .bench_cache import bench_cache_speed, bench_cache_sudoku
+from .bench_train import bench_train_vs_reference
 from .decoding import build_decoder
 from .decoding.forward import cached_forward
 from .model import ModelConfig, Transformer
@@ -30,6 +32,8 @@ from .objectives.lomdm import lomdm_loss
 from .objectives.nelbo import plan_loss
 from .orders import build_order
 from .tasks.sudoku_gen import bench_generation
+from .train.optim import build_adamw
+from .train.precision import resolve as resolve_precision
 
 
 def _machine() -> Dict[str, object]:
@@ -52,8 +56,13 @@ def matmul_peak(dtype=torch.float32, n: int = 1024, seconds: float = 1.5) -> flo
 
 
 def bench_train(d_model: int = 256, n_layers: int = 6, seq_len: int = 128, batch_size: int = 16,
-                steps: int = 6, orders=("random", {"name": "block", "block_size": 16})) -> Dict[str, object]:
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+                steps: int = 6, orders=("random", {"name": "block", "block_size": 16}),
+                reference: bool = True) -> Dict[str, object]:
+    """The FLOP-rate section runs fp32, and bf16 only where ``precision: auto`` would pick it (an
+    emulated bf16 step is ~15x slower and says nothing new); ``vs_plain_reference``: bench_train.py."""
+    auto = resolve_precision("auto", torch.device("cpu"))
+    precisions = ("fp32", "bf16") if auto["chosen"] == "bf16" else ("fp32",)
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16, seconds=0.3)}
     vocab = 1024
     torch.manual_seed(0)
     results = []
@@ -61,7 +70,7 @@ def bench_train(d_model: int = 256, n_layers: int = 6, seq_len: int = 128, batch
         order = build_order(order_spec)
         model = Transformer(ModelConfig(vocab_size=vocab + 1, mask_id=vocab, d_model=d_model, n_layers=n_layers,
                                         n_heads=max(1, d_model // 64), max_len=seq_len))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = build_adamw(list(model.parameters()), 1e-4, (0.9, 0.999), torch.device("cpu"))  # the trainer's
         gen = torch.Generator().manual_seed(0)
         x0 = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
         answer = torch.ones_like(x0, dtype=torch.bool)
@@ -79,7 +88,7 @@ def bench_train(d_model: int = 256, n_layers: int = 6, seq_len: int = 128, batch
         with FlopCounterMode(display=False) as fc:
             step("fp32")
         flops = fc.get_total_flops()
-        for precision in ("fp32", "bf16"):
+        for precision in precisions:
             step(precision)  # warm-up
             t0 = time.perf_counter()
             n_tok = sum(step(precision) for _ in range(steps))
@@ -96,7 +105,8 @@ def bench_train(d_model: int = 256, n_layers: int = 6, seq_len: int = 128, batch
     lomdm = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in bench_lomdm_ratio(steps=5).items()}
     return {"model": {"d_model": d_model, "n_layers": n_layers, "seq_len": seq_len, "batch_size": batch_size,
                       "params": sum(p.numel() for p in model.parameters())},
-            "lomdm_vs_mdlm_step": lomdm,
+            "lomdm_vs_mdlm_step": lomdm, "precision_auto": auto,
+            "vs_plain_reference": bench_train_vs_reference() if reference else None,
             "matmul_peak_flops": {k: round(v) for k, v in peaks.items()},
             "bf16_speedup_over_fp32": {r["order"]: round(
                 next(x["step_seconds"] for x in results if x["order"] == r["order"] and x["precision"] == "fp32")

@@ -35,8 +35,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-import yaml
+from .threads import quiet_openmp, set_threads
+
+quiet_openmp()  # before torch loads OpenMP: idle threads sleep instead of spinning (threads.py)
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from . import bench
 from .analysis.report import analyze_run
@@ -319,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=viewer_server.run_from_args)
     for cmd in ("eval", "sample", "likelihood", "analyze", "report", "text-compare", "view", "serve"):  # load runs
         _add_plugin_args(sub.choices[cmd])
+    for q in sub.choices.values():
+        q.add_argument("--threads", type=count, default=None, help="CPU threads for torch (default: torch's choice)")
     return p
 
 
@@ -333,6 +339,8 @@ def _add_plugin_args(p):
 def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.threads is not None:
+            set_threads(args.threads)
         with allowed(getattr(args, "plugins", None), getattr(args, "trust_plugins", False)):
             args.func(args)
     except USER_ERRORS as exc:

@@ -26,7 +26,7 @@ DEMO_CONFIG = {
     "seed": 0,
     "task": {"name": "sudoku", "size": 4, "n_clues": 5, "n_train": 20000, "n_eval": 500, "seed": 0},
     "model": {"d_model": 128, "n_layers": 4, "n_heads": 4},
-    "train": {"steps": 500, "batch_size": 64, "lr": 1.0e-3, "warmup_steps": 50, "precision": "bf16",
+    "train": {"steps": 500, "batch_size": 64, "lr": 1.0e-3, "warmup_steps": 50, "precision": "auto",
               "log_every": 100, "eval_every": 0, "checkpoint_every": 250, "progress": False},
     "eval": {"n": 500},
 }

@@ -222,7 +222,13 @@ class Transformer(nn.Module):
 
     def forward(self, tokens, attn_mask=None, positions=None, extra=None, t=None):
         """Logits [B, L, V]; the mask token can never be predicted (MDLM's zero-masking)."""
-        logits = self.head(self.hidden(tokens, attn_mask, positions, extra, t)).float()
+        return self.head_logits(self.hidden(tokens, attn_mask, positions, extra, t))
+
+    def head_logits(self, h):
+        """fp32 logits [..., V] of final hidden states ``h`` [..., D] (the output head, mask token
+        at -inf). Training applies it to the scored rows only (objectives/rows.py); row by row it
+        gives the bits :meth:`forward` gives."""
+        logits = self.head(h).float()
         logits[..., self.cfg.mask_id] = float("-inf")
         return logits
 

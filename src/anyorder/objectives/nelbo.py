@@ -30,7 +30,6 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..evaluation.decode import run_decoder
 from ..evaluation.likelihood import likelihood_summary
@@ -38,23 +37,16 @@ from ..model import build_backbone
 from ..orders.base import Layout, TrainPlan
 from ..registry import unknown_choice
 from .base import OBJECTIVES, Objective
+from .rows import expand_extra, plan_time, scored_target_logp
 
 WEIGHTINGS = ("elbo", "clamp", "uniform", "focal")
 
 
-def expand_extra(extra: Optional[Dict[str, torch.Tensor]], index: Optional[torch.Tensor]):
-    if not extra or index is None:
-        return extra
-    return {k: v.index_select(-1, index) for k, v in extra.items()}
-
-
 def plan_logits(model, plan: TrainPlan, extra=None) -> torch.Tensor:
-    """Logits [B, L, V] of the scored (first L) query rows of a plan."""
+    """Logits [B, L, V] of the scored (first L) query rows of a plan (the full pass)."""
     L = plan.targets.shape[1]
-    positions = plan.index if plan.index is not None else None
-    t = plan.time if getattr(model, "cfg", None) is not None and model.cfg.time_conditioning else None
-    logits = model(plan.tokens, attn_mask=plan.attn, positions=positions,
-                   extra=expand_extra(extra, plan.index), t=t)
+    logits = model(plan.tokens, attn_mask=plan.attn, positions=plan.index,
+                   extra=expand_extra(extra, plan.index), t=plan_time(model, plan))
     return logits[:, :L]
 
 
@@ -75,18 +67,19 @@ def token_weights(weighting: str, plan: TrainPlan, logp_target: torch.Tensor,
 
 
 def plan_loss(model, plan: TrainPlan, extra=None, weighting: str = "elbo", **kw):
-    """(loss, stats): weighted masked CE summed over scored positions / number of answer tokens."""
-    logits = plan_logits(model, plan, extra)
-    logp = F.log_softmax(logits.float(), dim=-1)
-    logp_t = logp.gather(-1, plan.targets.unsqueeze(-1)).squeeze(-1)
+    """(loss, stats): weighted masked CE summed over scored positions / number of answer tokens.
+
+    The head and the log-softmax run on the scored rows only (:mod:`.rows`); the sums keep the
+    [B, L] layout, so the value is the one the full-logits computation gives, bit for bit.
+    """
+    logp_t, n_correct = scored_target_logp(model, plan, extra, logits_fn=plan_logits)
     w = token_weights(weighting, plan, logp_t, **kw)
     n_tok = (plan.answer.sum() if plan.answer is not None else plan.targets.numel()).clamp_min(1)
     ce = torch.where(plan.scored, -logp_t, torch.zeros_like(logp_t))
     loss = (w * ce).sum() / n_tok
     with torch.no_grad():
         n_scored = plan.scored.sum().clamp_min(1)
-        acc = ((logits.argmax(-1) == plan.targets) & plan.scored).sum() / n_scored
-        stats = {"masked_ce": float(ce.sum() / n_scored), "masked_acc": float(acc),
+        stats = {"masked_ce": float(ce.sum() / n_scored), "masked_acc": float(n_correct / n_scored),
                  "masked_frac": float(plan.scored.sum() / n_tok)}
     return loss, stats
 

@@ -78,21 +78,43 @@ def all_pattern_batch(data: torch.Tensor, mask_id: int):
     return torch.where(masked, torch.full_like(x, mask_id), x), x, masked, weight
 
 
+def merged_targets(z: torch.Tensor, x: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor, vocab: int):
+    """The same objective on the distinct inputs only: ``(inputs [U, n], rows [R], keys [K], w [K])``.
+
+    Many rows of :func:`all_pattern_batch` are the same input (a pattern that masks E leaves
+    only the A/B pair visible: 4 inputs, not 100), and their losses share one forward pass:
+    Σ_r weight_r Σ_{i masked} −log p(x_ri | z_r) = Σ_k w_k · (−log p(v_k | row_k)) summed over
+    distinct (input, position, target) triples k with their summed weights. ``rows`` are the
+    scored (input, position) slots, flattened; ``keys`` index row·V + target within them.
+    3100 rows become 1536 inputs here: half the forward and backward work, the same gradient up
+    to float rounding.
+    """
+    inputs, inv = torch.unique(z, dim=0, return_inverse=True)
+    n = z.shape[1]
+    slot = inv.unsqueeze(1) * n + torch.arange(n)                       # [R0, n] flattened (input, position)
+    triple = (slot * vocab + x)[masked]                                 # (slot, target) of every scored entry
+    keys, kinv = torch.unique(triple, return_inverse=True)
+    w = torch.zeros(len(keys), dtype=weight.dtype).index_add_(0, kinv, weight.unsqueeze(1).expand_as(x)[masked])
+    rows, rinv = torch.unique(keys // vocab, return_inverse=True)
+    return inputs, rows, rinv * vocab + keys % vocab, w
+
+
 def run_toy(steps: int = DEFAULT_STEPS, lr: float = 5e-3, seed: int = 0, d_model: int = 32) -> Dict[str, object]:
     """Train a random-order MDM on the toy data; return the model's numbers next to the data's."""
     torch.manual_seed(seed)
     task = ToyTask()
     model = Transformer(ModelConfig(vocab_size=task.vocab_size, mask_id=task.mask_id, d_model=d_model,
                                     n_layers=2, n_heads=4, max_len=8))
-    z, x, masked, weight = all_pattern_batch(task.data, task.mask_id)
+    inputs, rows, keys, w = merged_targets(*all_pattern_batch(task.data, task.mask_id), task.vocab_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99))
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     t0 = time.time()
     for _ in range(steps):
-        logp = F.log_softmax(model(z), -1).gather(-1, x.unsqueeze(-1)).squeeze(-1)
-        loss = (weight * torch.where(masked, -logp, 0.0).sum(-1)).sum()
+        # the head only on the scored slots (objectives/rows.py does the same for every order)
+        h = model.hidden(inputs).reshape(-1, model.cfg.d_model)[rows]
+        loss = -(w * F.log_softmax(model.head_logits(h), -1).view(-1)[keys]).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

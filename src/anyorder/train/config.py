@@ -16,7 +16,8 @@ from typing import Any, Dict, Tuple
 from ..checks import is_number
 from ..registry import unknown_choice
 
-PRECISIONS = ("fp32", "bf16")
+# "auto": bf16 autocast only where a matmul probe finds it faster than fp32 (train/precision.py)
+PRECISIONS = ("auto", "fp32", "bf16")
 # what a step with a non-finite loss or gradient norm does: stop the run there, or skip its update
 NONFINITE_MODES = ("error", "skip")
 
@@ -45,7 +46,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays from lr to lr * min_lr_ratio
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     ema: float = 0.0  # EMA decay; 0 = off
-    precision: str = "fp32"  # "fp32" | "bf16" (torch.autocast bf16 on the device type)
+    precision: str = "auto"  # "auto" | "fp32" | "bf16" (torch.autocast bf16 on the device type)
     eval_every: int = 0  # 0 = only at the end (if an eval_fn is given)
     checkpoint_every: int = 0  # 0 = only at the end
     log_every: int = 50  # 0 = only at the end

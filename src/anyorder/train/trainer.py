@@ -46,6 +46,8 @@ from .guard import (SUMMARY_FILE, SignalGuard, TrainingInterrupted, finished_at_
 from .loggers import Loggers, build_loggers, require_backends
 from .metrics import LogWindow, eval_line, progress_postfix, train_line, unpack_loss, update_best
 from .nonfinite import NonFiniteGuard
+from .optim import build_adamw
+from .precision import autocast as precision_autocast, resolve as resolve_precision
 from .provenance import write_run_json
 from .rng import capture_rng_state, forked_rng, gather_rng_states, seed_all
 from .resume import reconcile_resumed
@@ -87,6 +89,9 @@ class Trainer:
             require_backends(tensorboard=cfg.tensorboard, wandb=cfg.wandb)  # fail before any compute
 
         self.model = unwrap(model).to(self.device)
+        # what "auto" chose and why goes into run.json (run_info.precision)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.run_info["precision"] = self.precision
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no parameters with requires_grad=True; nothing to train")
@@ -100,10 +105,7 @@ class Trainer:
             buckets.setdefault(key, []).append(p)
         groups = [{"params": ps, "weight_decay": cfg.weight_decay if dec else 0.0, "decay": dec, "lr_scale": sc}
                   for (dec, sc), ps in buckets.items()]
-        # fused AdamW is one kernel per step on CUDA; on CPU the default (foreach) is used
-        self.optimizer = torch.optim.AdamW(
-            groups, lr=cfg.lr, betas=cfg.betas, fused=True if self.device.type == "cuda" else None
-        )
+        self.optimizer = build_adamw(groups, cfg.lr, cfg.betas, self.device)  # fused where torch has it
         self._params = [p for _, p in named]
 
         # The EMA copy is made before DDP wrapping so it is a plain module.
@@ -274,9 +276,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
-        return torch.autocast(
-            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"
-        )
+        return precision_autocast(self.device, self.precision["chosen"])
 
     def _train_step(self) -> None:
         cfg = self.cfg
