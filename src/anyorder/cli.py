@@ -119,9 +119,12 @@ def cmd_eval(args):
     spec = _decoder_spec(args)  # checked before the run is loaded
     exp = load_run(args.run_dir)
     specs = [spec] if args.decoder else exp.cfg["decode"]
+    n = args.n or int(exp.cfg["eval"]["n"])
+    if args.puzzles:  # the file replaces the held-out set: all of it unless --n says fewer
+        n = min(args.n or 10 ** 12, exp.task.load_eval(args.puzzles))
     rows = []
     for spec in specs:
-        res = evaluate(exp, spec, n=args.n or int(exp.cfg["eval"]["n"]))
+        res = evaluate(exp, spec, n=n)
         rows.append({"decoder": spec, **res})
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -243,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--n", type=count, default=None, help="evaluation rows (default: the config's eval.n)")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--puzzles", metavar="FILE", default=None,
+                   help="evaluate on the puzzles in FILE instead (one per line, n*n characters, optional ',solution')")
     _add_decoder_args(e)
     e.set_defaults(func=cmd_eval)
     s = sub.add_parser("sample", help="decode and print")

@@ -192,6 +192,7 @@ class NelboObjective(Objective):
         def eval_fn(model):
             out = self.validation_loss(model, x0, answer, torch.Generator().manual_seed(12345))
             res = run_decoder(model, self, decoder_spec, x0[:128], answer[:128])
+            res.update(self.task.model_metrics(model, self.order, x0[:128], answer[:128]))
             out.update({f"val_{k}": v for k, v in res.items() if isinstance(v, float)})
             return out
 
@@ -199,7 +200,10 @@ class NelboObjective(Objective):
 
     def evaluate(self, model, decoder_spec, n, batch_size=256, return_results=False):
         x0, answer = self.task.eval_set(n)
-        return run_decoder(model, self, decoder_spec, x0, answer, batch_size, return_results)
+        res = run_decoder(model, self, decoder_spec, x0, answer, batch_size, return_results)
+        probe = self.task.model_metrics(model, self.order, x0, answer)
+        (res[0] if return_results else res).update(probe)
+        return res
 
     def likelihood(self, model, x0, answer, samples=8, batch_size=64, seed=0):
         return likelihood(model, self.order, x0, answer, self.task.mask_id, samples=samples, extra=self.extra,

@@ -62,6 +62,16 @@ class Task:
         """Did a decode fill the easiest positions first? None where the task has no notion of easy."""
         return None
 
+    def model_metrics(self, model, order, x0: torch.Tensor, answer: torch.Tensor) -> Dict[str, float]:
+        """Metrics read off the model itself (not off decoded answers) on held-out rows ``x0``,
+        added to every evaluation; e.g. teacher-forced accuracy per answer step. Default: none."""
+        return {}
+
+    def load_eval(self, path) -> int:
+        """Replace the held-out set with the examples in the file at ``path`` (``anyorder eval
+        --puzzles``); returns how many. Tasks without a file format refuse."""
+        raise ValueError(f"task {self.name!r} does not read evaluation files")
+
     def marginal_gap(self, model) -> Optional[Dict[str, float]]:
         """KL(joint ‖ product of marginals) where the task can enumerate the joint; else None."""
         return None

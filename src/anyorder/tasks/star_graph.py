@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..analysis.teacher_forced import teacher_forced_accuracy
 from ..checks import check_bool, check_int, check_memory
 
 from .base import TASKS, Task
@@ -98,9 +99,25 @@ class StarGraphTask(Task):
         s, g = int(row[3 * self.n_edges]), int(row[3 * self.n_edges + 1])
         return path[0] == s and path[-1] == g and all((a, b) in edges for a, b in zip(path[:-1], path[1:]))
 
+    def path_order(self, values: torch.Tensor) -> torch.Tensor:
+        """[..., path_len] answer-position values put in path order (source first)."""
+        return values.flip(-1) if self.reverse else values
+
     def metrics(self, pred, x0, answer) -> Dict[str, float]:
         p, t = pred[:, self.prompt_len:], x0[:, self.prompt_len:]
-        return {"path_acc": float((p == t).all(-1).double().mean()), "token_acc": float((p == t).double().mean())}
+        out = {"path_acc": float((p == t).all(-1).double().mean()), "token_acc": float((p == t).double().mean())}
+        # decoded accuracy of each path node, source = step 0 (given in the prompt, as is the goal)
+        step_ok = self.path_order((p == t).double()).mean(0)
+        out.update({f"step{i}_acc": float(step_ok[i]) for i in range(1, self.path_len - 1)})
+        return out
+
+    def model_metrics(self, model, order, x0, answer) -> Dict[str, float]:
+        """Teacher-forced accuracy of each path step (the true path before it given): the
+        Clever-Hans signature of AR is ~1/degree on step 1 and ~1 on every later step."""
+        if self.reverse:  # teacher forcing runs left to right, i.e. from the goal: not the path's order
+            return {}
+        acc = teacher_forced_accuracy(model, order, x0, answer, self.mask_id, extra=self.extra())
+        return {f"tf_step{i}_acc": float(acc[i]) for i in range(1, self.path_len - 1)}
 
     def headline(self):
         return "path_acc"

@@ -8,6 +8,7 @@ evaluation sets are drawn from different seeds and made disjoint.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from . import sudoku_core as core
 from ..checks import check_int, check_memory, show
 from .sudoku_gen import MIN_CLUES, generate_dataset
+from .sudoku_grade import GRADES, grade_batch
 from .base import TASKS, Task
 
 
@@ -80,8 +82,49 @@ class SudokuTask(Task):
         puzzles = x0[:, : self.cells].numpy()
         sol = x0[:, self.cells + 1:].numpy()
         guess = pred[:, self.cells + 1:].numpy()
-        return {"cell_acc": core.cell_accuracy(guess, sol, puzzles),
-                "puzzle_acc": core.puzzle_accuracy(guess, puzzles)}
+        out = {"cell_acc": core.cell_accuracy(guess, sol, puzzles),
+               "puzzle_acc": core.puzzle_accuracy(guess, puzzles)}
+        grades = grade_batch(puzzles)
+        if len(np.unique(grades)) > 1:  # by difficulty grade, where the set mixes grades
+            for g, name in enumerate(GRADES):
+                rows = grades == g
+                if rows.any():
+                    out[f"cell_acc_{name}"] = core.cell_accuracy(guess[rows], sol[rows], puzzles[rows])
+                    out[f"puzzle_acc_{name}"] = core.puzzle_accuracy(guess[rows], puzzles[rows])
+                    out[f"n_{name}"] = float(rows.sum())
+        return out
+
+    def load_eval(self, path) -> int:
+        """Held-out puzzles from a text file: one puzzle per line in the usual n²-character format
+        ('0' or '.' blank), optionally followed by ``,`` and its solution; blank lines and lines
+        starting with ``#`` are skipped, as is a first line naming CSV columns. A puzzle without a
+        solution is solved here (the solver is exact); one with none or several is refused."""
+        lines = Path(path).read_text().splitlines()
+        puzzles, solutions = [], []
+        for no, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line or line.startswith("#") or (no == 1 and not any(ch.isdigit() for ch in line)):
+                continue
+            fields = [f.strip() for f in line.split(",")]
+            try:
+                puzzle = core.parse_grid(fields[0], self.size)
+                solution = core.parse_grid(fields[1], self.size) if len(fields) > 1 and fields[1] else None
+            except ValueError as exc:
+                raise ValueError(f"{path}, line {no}: {exc}") from None
+            if solution is None:
+                if core.count_solutions(puzzle, limit=2) != 1:
+                    raise ValueError(f"{path}, line {no}: the puzzle does not have exactly one solution; "
+                                     f"give its solution after a comma")
+                solution = core.solve(puzzle)
+            elif not core.is_valid_solution(puzzle, solution):
+                raise ValueError(f"{path}, line {no}: the given solution does not solve the puzzle")
+            puzzles.append(puzzle)
+            solutions.append(solution)
+        if not puzzles:
+            raise ValueError(f"{path}: no puzzles found (one {self.cells}-character puzzle per line)")
+        self.eval_p, self.eval_s = np.stack(puzzles), np.stack(solutions)
+        self._x_eval = self.encode(self.eval_p, self.eval_s)
+        return len(puzzles)
 
     def row_correct(self, pred, x0, answer):
         """A valid solution of its puzzle counts, as in ``puzzle_acc`` (not only the stored one)."""
