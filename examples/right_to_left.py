@@ -40,6 +40,7 @@ class RightToLeft(Order):
 class MostUncertainLast(Decoder):
     """Commit the highest-margin positions first (a one-line variation of a built-in score)."""
 
-    def scores(self, probs, proposal, layout, gens):
-        top2 = probs.topk(2, dim=-1).values
-        return top2[..., 0] - top2[..., 1]
+    def scores(self, dist, proposal, layout, gens):
+        # dist: the step's distribution at the positions it may commit (dist.where)
+        top2 = dist.logp_at().topk(2, dim=-1).values.exp()
+        return dist.put(top2[..., 0] - top2[..., 1])

@@ -1,4 +1,5 @@
-"""The forward pass a decoder calls each step: ``forward(x, masked) -> logits [B, L, V]``.
+"""The forward pass a decoder calls each step: ``forward(x, masked, rows=None) -> logits [B, L, V]``
+(with ``rows`` [R]: the logits [R, L, V] of those batch rows only; the loop leaves finished rows out).
 
 ``uncached_forward`` runs the whole sequence under the order's attention for the current state.
 ``cached_forward`` (``Decoder(cache=True)``) is the exact KV-cached variant: each step it runs
@@ -15,8 +16,12 @@ from ..model.kv_cache import KVCache, gather_extra, pack, query_mask, query_set
 
 
 def uncached_forward(model, order, layout, extra=None):
-    def forward(x, masked):
-        return model(x, attn_mask=order.decode_attention(masked, layout), extra=extra)
+    def forward(x, masked, rows=None):
+        if rows is None:
+            return model(x, attn_mask=order.decode_attention(masked, layout), extra=extra)
+        # only these rows run: attention never mixes rows, so their logits are the full pass's
+        sub = {k: v[rows] if v.dim() == 2 else v for k, v in (extra or {}).items()} if extra else extra
+        return model(x[rows], attn_mask=order.decode_attention(masked[rows], layout.select(rows)), extra=sub)
 
     return forward
 
@@ -41,7 +46,7 @@ class CachedForward:
         self.query_tokens = 0
         self.calls = 0
 
-    def __call__(self, x: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, masked: torch.Tensor, rows=None) -> torch.Tensor:
         B, L = x.shape
         if self.cache is None:
             self.cache = KVCache(self.model, B, L)
@@ -69,7 +74,7 @@ class CachedForward:
             self.calls += 1
         # K/V just computed in a state they can no longer leave: keep them
         self.cache.store(q & self.order.frozen(masked, self.layout), x, attn)
-        return self.logits.clone()
+        return self.logits.clone() if rows is None else self.logits[rows]  # finished rows ran nothing
 
 
 def cached_forward(model, order, layout, extra=None):

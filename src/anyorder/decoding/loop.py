@@ -1,9 +1,9 @@
 """One decoding loop for every order.
 
     repeat until no masked answer position is left:
-        forward pass under the order's attention for the current state
-        propose a token for every position (greedy or float64 Gumbel-max)
+        forward pass under the order's attention for the current state (unfinished rows only)
         allowed  = masked ∩ what the order permits now ∩ the current semi-AR window
+        propose a token at the allowed positions (greedy or float64 Gumbel-max)
         score the allowed positions (random / top_prob / margin / entropy / left_to_right)
         commit the n best, n from the commit schedule (k per step, or LLaDA's even split:
             Nie et al., 2025, arXiv 2502.09992)
@@ -14,17 +14,23 @@ current block; Jigsaw: the block its probe picked, left to right; Scatter: the c
 the decoder decides *which* and *how many*. A new decoder subclasses :class:`Decoder` and
 overrides one of the hooks, from the smallest to the largest:
 
-    scores(probs, proposal, layout, gens)     which positions first (or just set ``score``)
+    scores(dist, proposal, layout, gens)      which positions first (or just set ``score``)
     windows(layout)                           the semi-AR windows (scatter_offsets: the columns)
-    allowed(state, logp)                      where (jigsaw_entropy: the lowest-entropy block)
+    allowed(state, dist)                      where (jigsaw_entropy: the lowest-entropy block)
     counts(state, allowed)                    how many this step
-    choose(state, probs, proposal, allowed)   the commit set itself (threshold)
-    fill(state, commit, logp, proposal)       the tokens written there (beam)
+    choose(state, dist, proposal, allowed)    the commit set itself (threshold)
+    fill(state, commit, dist, proposal)       the tokens written there (beam)
     step(state, forward)                      one whole step (random_init)
     run(state, forward)                       the whole loop (ancestral, remask, edit)
 
-``proposal`` [B, L] is the token the step proposes at every position (greedy or sampled);
-a hook decides where, and how many of, the proposals are committed.
+``dist`` (:class:`~anyorder.decoding.dist.StepDist`) is the step's model distribution, computed
+only at the positions the step may commit (``dist.where`` = allowed): the loop costs its
+forward passes, not a full-vocabulary softmax of every position. ``dist.logp()`` /
+``dist.probs()`` give the whole [B, L, V] tensors to a hook whose rule needs them.
+``proposal`` [B, L] is the token the step proposes at the allowed positions (greedy or
+sampled; the current token elsewhere); a hook decides where, and how many of, the proposals are
+committed. A forward is ``forward(x, masked, rows=None) -> logits``: with ``rows`` [R] it runs
+(and returns [R, L, V] for) those batch rows only; the loop passes the unfinished rows.
 
 Everything a decode carries from step to step lives in a :class:`DecodeState`; its
 ``commit``/``remask`` keep the trace right (``finalize_step`` = step of the last commit).
@@ -38,13 +44,13 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..checks import check_bool, check_float, check_int, in_range, show
 from ..orders.base import Layout, Order
 from ..registry import Registry
+from .dist import StepDist
 from .forward import cached_forward, uncached_forward
-from .sampling import row_generators, sample_tokens
+from .sampling import row_generators, sample_at
 from .scores import SCORES
 from .trace import Trace
 
@@ -88,7 +94,7 @@ class DecodeState:
         """Fresh per-row generators for a new phase of a decode (an edit round). A batched row
         that finished a phase early keeps drawing (unused) noise while the others go on; a
         row-by-row decode does not, so a later phase must not continue those streams."""
-        self.gens = row_generators([(s * 1_000_003 + phase) % (2 ** 63) for s in self.seeds])
+        self.gens = row_generators([(s * 1_000_003 + phase) % (2 ** 63) for s in self.seeds], self.x.device)
 
     @property
     def mask_id(self) -> int:
@@ -169,32 +175,42 @@ class Decoder:
         """A forward for passes that look at a state the decode may later undo (a re-masked
         token, a tentative beam extension, random fills). Each call builds its forward afresh
         through :meth:`make_forward`, so a KV cache never keeps entries of an undone state."""
-        def forward(x, masked):
-            return self.make_forward(st.model, st.order, st.layout, st.extra)(x, masked)
+        def forward(x, masked, rows=None):
+            return self.make_forward(st.model, st.order, st.layout, st.extra)(x, masked, rows)
 
         return forward
 
     # -- pieces a subclass may override -------------------------------------------------
-    def scores(self, probs, proposal, layout, gens) -> torch.Tensor:
-        return SCORES.get(self.score)(probs, proposal, layout, gens)
+    def scores(self, dist: StepDist, proposal, layout, gens) -> torch.Tensor:
+        return SCORES.get(self.score)(dist, proposal, layout, gens)
 
     def select(self, score: torch.Tensor, allowed: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         """The n highest-scoring allowed positions per row (ties: leftmost first)."""
         key = torch.where(allowed, -score, torch.full_like(score, float("inf")))
         order = torch.sort(key, dim=-1, stable=True).indices
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))
+        rank = torch.empty_like(order).scatter_(
+            -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
         return allowed & (rank < n.unsqueeze(-1))
 
-    def propose(self, logits: torch.Tensor, st: DecodeState):
-        """float64 log-probs and probs of the model, and the proposed token at every position."""
-        logp = F.log_softmax(logits.double(), dim=-1)
-        return logp, logp.exp(), sample_tokens(logits, self.temperature, st.gens, self.top_k, self.top_p)
+    def forward_rows(self, st: DecodeState, forward, active: torch.Tensor) -> StepDist:
+        """The step's distribution from one forward pass of the ``active`` [B] rows only: a row
+        reads only itself, so leaving finished rows out changes no other row's logits."""
+        rows = None if bool(active.all()) else active.nonzero().squeeze(-1)
+        logits = forward(st.x, st.masked) if rows is None else forward(st.x, st.masked, rows)
+        return StepDist(logits, st.x.shape[0], rows)
 
-    def allowed(self, st: DecodeState, logp: torch.Tensor, masked: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def propose(self, dist: StepDist, st: DecodeState) -> torch.Tensor:
+        """[B, L] the proposed token at the step's commit candidates ``dist.where`` (greedy or
+        float64 Gumbel-max; the current token elsewhere). Rows with holes draw their noise."""
+        tokens = sample_at(dist, self.temperature, st.gens, self.top_k, self.top_p, draw=st.masked.any(-1))
+        return dist.put(tokens, st.x)
+
+    def allowed(self, st: DecodeState, dist: StepDist, masked: Optional[torch.Tensor] = None) -> torch.Tensor:
         """What the order permits now, restricted to the current semi-AR window when that window
-        has an allowed position (an order may point elsewhere, e.g. Jigsaw's probe)."""
+        has an allowed position (an order may point elsewhere, e.g. Jigsaw's probe). The
+        full-vocabulary log-probs are computed only for an order whose rule reads them."""
         masked = st.masked if masked is None else masked
-        allowed = st.order.allowed(masked, st.layout, logp)
+        allowed = st.order.allowed(masked, st.layout, dist.logp() if st.order.reads_logp else None)
         in_win = allowed & (st.window == st.current_window(masked).unsqueeze(-1))
         return torch.where(in_win.any(-1, keepdim=True), in_win, allowed)
 
@@ -213,7 +229,7 @@ class Decoder:
         step. At least ``at_least``, at most what is allowed now."""
         n_allowed = allowed.sum(-1)
         win = st.current_window()
-        out = torch.zeros(st.x.shape[0], dtype=torch.long)
+        out = torch.zeros(st.x.shape[0], dtype=torch.long, device=st.x.device)
         for b in range(st.x.shape[0]):
             if not st.masked[b].any():
                 continue
@@ -225,14 +241,15 @@ class Decoder:
             out[b] = min(max(want, at_least), int(n_allowed[b]))
         return out
 
-    def choose(self, st: DecodeState, probs, proposal, allowed) -> torch.Tensor:
+    def choose(self, st: DecodeState, dist: StepDist, proposal, allowed) -> torch.Tensor:
         """[B, L] bool: the positions committed this step."""
-        return self.select(self.scores(probs, proposal, st.layout, st.gens), allowed, self.counts(st, allowed))
+        return self.select(self.scores(dist, proposal, st.layout, st.gens), allowed, self.counts(st, allowed))
 
-    def fill(self, st: DecodeState, commit, logp, proposal):
-        """The tokens written at ``commit`` and their confidence: the proposals, by default
+    def fill(self, st: DecodeState, commit, dist: StepDist, proposal):
+        """The tokens written at ``commit`` and their confidence (the model's probability of the
+        token, at the step's candidates, which hold ``commit``): the proposals, by default
         (beam search replaces them by the jointly best combination)."""
-        return proposal, logp.exp().gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
+        return proposal, dist.prob_of(proposal)
 
     # -- the loop -------------------------------------------------------------------------
     def start(self, model, order: Order, x: torch.Tensor, answer: torch.Tensor,
@@ -241,11 +258,12 @@ class Decoder:
         mask_id = model.cfg.mask_id
         x = x.clone()
         B, L = x.shape
+        dev = x.device
         answer = answer.bool()
         layout = order.layout(answer)
         masked = answer & (x == mask_id)
         seeds = [int(s) for s in (row_seeds if row_seeds is not None else [self.seed + b for b in range(B)])]
-        gens = row_generators(seeds)
+        gens = row_generators(seeds, dev)
         if len(gens) != B:
             raise ValueError(f"row_seeds has {len(gens)} seeds for a batch of {B} rows")
         window = self.windows(layout)
@@ -256,10 +274,11 @@ class Decoder:
         return DecodeState(
             model=model, order=order, layout=layout, extra=extra, x=x, masked=masked, answer=answer, gens=gens,
             window=window, n_windows=n_windows, plan=[[] for _ in range(B)],
-            cur_window=torch.full((B,), -1, dtype=torch.long),
-            finalize=torch.full((B, L), -1, dtype=torch.long), conf=torch.zeros(B, L, dtype=torch.float64),
-            nfe=torch.zeros(B, dtype=torch.long), limit=max_steps or 4 * L * max(1, self.steps or 1) + 16,
-            seeds=seeds, row_step=torch.zeros(B, dtype=torch.long))
+            cur_window=torch.full((B,), -1, dtype=torch.long, device=dev),
+            finalize=torch.full((B, L), -1, dtype=torch.long, device=dev),
+            conf=torch.zeros(B, L, dtype=torch.float64, device=dev),
+            nfe=torch.zeros(B, dtype=torch.long, device=dev), limit=max_steps or 4 * L * max(1, self.steps or 1) + 16,
+            seeds=seeds, row_step=torch.zeros(B, dtype=torch.long, device=dev))
 
     def windows(self, layout: Layout) -> torch.Tensor:
         """[B, L] semi-AR window of each answer position (-1 on prompt): contiguous runs of
@@ -286,14 +305,13 @@ class Decoder:
             st.advance(active)
 
     def step(self, st: DecodeState, forward) -> None:
-        """One forward pass, one commit."""
-        x, masked = st.x, st.masked
-        active = masked.any(-1)
-        logits = forward(x, masked)
-        logp, probs, proposal = self.propose(logits, st)
-        allowed = self.allowed(st, logp)
-        commit = self.choose(st, probs, proposal, allowed) & active.unsqueeze(-1)
-        st.commit(commit, *self.fill(st, commit, logp, proposal))
+        """One forward pass (of the unfinished rows), one commit."""
+        active = st.masked.any(-1)
+        dist = self.forward_rows(st, forward, active)
+        dist.where = self.allowed(st, dist) & active.unsqueeze(-1)
+        proposal = self.propose(dist, st)
+        commit = self.choose(st, dist, proposal, dist.where)
+        st.commit(commit, *self.fill(st, commit, dist, proposal))
         st.nfe += active.long()
 
 

@@ -1,0 +1,91 @@
+"""The model's distribution at one decoding step, computed only where a decoder reads it.
+
+A step needs the distribution at the positions it may commit (``where``: masked ∩ what the
+order allows ∩ the semi-AR window), not at every position: a semi-AR window of 32 out of 160
+positions, and often one. So the loop keeps the float32 logits as the forward returned them and
+computes float64 log-probabilities of the ``where`` rows only. ``F.log_softmax`` of a subset of
+rows gives bit for bit the rows of the full call (each row is reduced on its own), and the
+probability of the proposed token, exp(logp) at one entry, is exp of the same float64 number:
+the trace's confidences stay what the full-vocabulary ``log_softmax`` + ``exp`` of every
+position gave (tests/golden checks it). Hooks that need everything (an order whose ``allowed``
+reads log-probs, like Jigsaw's entropy probe; beam search) ask for :meth:`logp`.
+
+``logits`` may hold only the rows that were forwarded (``rows``: their batch indices): a row that
+has finished is not run through the model at all.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+class StepDist:
+    """logits [R, L, V] of batch rows ``rows`` [R] (None: all B rows); ``where`` [B, L] bool the
+    positions this step may commit, set by the loop once it knows them."""
+
+    def __init__(self, logits: torch.Tensor, batch: int, rows: Optional[torch.Tensor] = None):
+        self.logits, self.rows, self.batch = logits, rows, batch
+        self.where: Optional[torch.Tensor] = None
+        self._lp = None            # (where, log-probs at where)
+        self._full = None
+
+    @property
+    def shape(self):
+        return (self.batch, *self.logits.shape[1:])
+
+    @property
+    def device(self):
+        return self.logits.device
+
+    def index(self, where: torch.Tensor):
+        """(row of ``logits``, position) of every True entry of ``where``, row-major."""
+        b, pos = where.nonzero(as_tuple=True)
+        if self.rows is not None:
+            slot = torch.full((self.batch,), -1, dtype=torch.long, device=where.device)
+            slot[self.rows] = torch.arange(len(self.rows), device=where.device)
+            b = slot[b]
+        return b, pos
+
+    def logits_at(self, where: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[N, V] float32 logits at ``where`` (default: the step's commit candidates)."""
+        return self.logits[self.index(self.where if where is None else where)]
+
+    def logp_at(self, where: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[N, V] float64 log-probabilities at ``where`` (computed once per ``where``)."""
+        where = self.where if where is None else where
+        if self._lp is None or self._lp[0] is not where:
+            self._lp = (where, F.log_softmax(self.logits_at(where).double(), dim=-1))
+        return self._lp[1]
+
+    def put(self, values: torch.Tensor, fill=0.0, where: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, L]: ``values`` [N] at ``where`` (default: the commit candidates), ``fill`` elsewhere
+        (a number or a [B, L] tensor)."""
+        where = self.where if where is None else where
+        out = (torch.full(where.shape, fill, dtype=values.dtype, device=where.device) if not torch.is_tensor(fill)
+               else fill.to(values.dtype).clone())
+        out[where] = values
+        return out
+
+    def prob_of(self, tokens: torch.Tensor, where: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, L] float64: the model's probability of ``tokens`` [B, L] at ``where`` (0 elsewhere)."""
+        where = self.where if where is None else where
+        lp = self.logp_at(where)
+        return self.put(lp.gather(-1, tokens[where].unsqueeze(-1)).squeeze(-1).exp(), 0.0, where)
+
+    def logp(self) -> torch.Tensor:
+        """[B, L, V] float64 log-probabilities of every position (rows not forwarded: uniform).
+        The whole-vocabulary tensor, for hooks whose rule reads everything."""
+        if self._full is None:
+            lp = F.log_softmax(self.logits.double(), dim=-1)
+            if self.rows is not None:
+                uniform = -math.log(lp.shape[-1])
+                lp = torch.full(self.shape, uniform, dtype=lp.dtype, device=lp.device).index_copy_(0, self.rows, lp)
+            self._full = lp
+        return self._full
+
+    def probs(self) -> torch.Tensor:
+        """[B, L, V] float64 probabilities of every position (see :meth:`logp`)."""
+        return self.logp().exp()
