@@ -79,7 +79,7 @@ class AncestralDecoder(Decoder):
                 fresh = forward(st.x, st.masked) if rows is None else forward(st.x, st.masked, rows)
                 fresh = (fresh,) if torch.is_tensor(fresh) else tuple(fresh)
                 if out is None and rows is None:
-                    out = fresh
+                    out = tuple(f.contiguous() for f in fresh)  # written in place below: no expanded views
                 else:  # in place: no copy of the rows that keep their outputs
                     out = out or tuple(f.new_zeros((B, *f.shape[1:])) for f in fresh)
                     take = need.nonzero().squeeze(-1)
