@@ -33,6 +33,8 @@ class BeamDecoder(Decoder):
     """Small-block beam search: the k positions committed together get the jointly most probable
     tokens (sequential conditioning, beam of `width`), not the product of marginals."""
 
+    needs_all_logits = True  # the first extension reads the step's log-probs at the chosen positions
+
     def __init__(self, width: int = 4, k=None, **kw):
         if kw.get("temperature", 0.0) not in (0, 0.0, None):
             raise ValueError(f"decoder 'beam' is a greedy search: decoder.temperature must be 0, "

@@ -11,7 +11,9 @@ position gave (tests/golden checks it). Hooks that need everything (an order who
 reads log-probs, like Jigsaw's entropy probe; beam search) ask for :meth:`logp`.
 
 ``logits`` may hold only the rows that were forwarded (``rows``: their batch indices): a row that
-has finished is not run through the model at all.
+has finished is not run through the model at all. When the commit candidates are known before the
+forward pass (the order's rule does not read logits), ``logits`` is [N, V]: the output head ran
+at the candidates only (``Transformer.logits_at``).
 """
 from __future__ import annotations
 
@@ -23,17 +25,24 @@ import torch.nn.functional as F
 
 
 class StepDist:
-    """logits [R, L, V] of batch rows ``rows`` [R] (None: all B rows); ``where`` [B, L] bool the
-    positions this step may commit, set by the loop once it knows them."""
+    """logits [R, L, V] of batch rows ``rows`` [R] (None: all B rows), or [N, V] at the True
+    positions of ``where`` (row-major); ``where`` [B, L] bool the positions this step may commit
+    (set by the loop once it knows them)."""
 
-    def __init__(self, logits: torch.Tensor, batch: int, rows: Optional[torch.Tensor] = None):
-        self.logits, self.rows, self.batch = logits, rows, batch
-        self.where: Optional[torch.Tensor] = None
+    def __init__(self, logits: torch.Tensor, batch: int, rows: Optional[torch.Tensor] = None,
+                 where: Optional[torch.Tensor] = None):
+        self.logits, self.rows, self.batch, self.where = logits, rows, batch, where
+        self.packed = logits.dim() == 2   # logits of the candidates only
+        if self.packed and where is None:
+            raise ValueError("StepDist: [N, V] logits need the positions they belong to (where)")
         self._lp = None            # (where, log-probs at where)
         self._full = None
 
     @property
     def shape(self):
+        """(B, L, V)."""
+        if self.packed:
+            return (*self.where.shape, self.logits.shape[-1])
         return (self.batch, *self.logits.shape[1:])
 
     @property
@@ -41,7 +50,9 @@ class StepDist:
         return self.logits.device
 
     def index(self, where: torch.Tensor):
-        """(row of ``logits``, position) of every True entry of ``where``, row-major."""
+        """Where the logits of every True entry of ``where`` (row-major) are in ``logits``."""
+        if self.packed:  # where ⊆ self.where: the entry's rank among self.where's
+            return ((self.where.flatten().cumsum(0) - 1).view(self.where.shape)[where],)
         b, pos = where.nonzero(as_tuple=True)
         if self.rows is not None:
             slot = torch.full((self.batch,), -1, dtype=torch.long, device=where.device)
@@ -78,6 +89,9 @@ class StepDist:
     def logp(self) -> torch.Tensor:
         """[B, L, V] float64 log-probabilities of every position (rows not forwarded: uniform).
         The whole-vocabulary tensor, for hooks whose rule reads everything."""
+        if self.packed:
+            raise ValueError("this step computed logits at its commit candidates only; a decoder whose "
+                             "hooks read every position sets needs_all_logits = True")
         if self._full is None:
             lp = F.log_softmax(self.logits.double(), dim=-1)
             if self.rows is not None:

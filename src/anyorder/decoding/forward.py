@@ -1,5 +1,9 @@
-"""The forward pass a decoder calls each step: ``forward(x, masked, rows=None) -> logits [B, L, V]``
-(with ``rows`` [R]: the logits [R, L, V] of those batch rows only; the loop leaves finished rows out).
+"""The forward pass a decoder calls each step: ``forward(x, masked, rows=None, where=None) -> logits``.
+
+``logits`` is [B, L, V]; with ``rows`` [R] it is [R, L, V], those batch rows only (the loop leaves
+finished rows out: rows never mix, so the others' logits do not change); with ``where`` [B, L]
+bool a forward may return the [N, V] logits of those positions only, row-major (the output head
+runs there only), or ignore it and return every position's.
 
 ``uncached_forward`` runs the whole sequence under the order's attention for the current state.
 ``cached_forward`` (``Decoder(cache=True)``) is the exact KV-cached variant: each step it runs
@@ -16,12 +20,16 @@ from ..model.kv_cache import KVCache, gather_extra, pack, query_mask, query_set
 
 
 def uncached_forward(model, order, layout, extra=None):
-    def forward(x, masked, rows=None):
-        if rows is None:
-            return model(x, attn_mask=order.decode_attention(masked, layout), extra=extra)
-        # only these rows run: attention never mixes rows, so their logits are the full pass's
-        sub = {k: v[rows] if v.dim() == 2 else v for k, v in (extra or {}).items()} if extra else extra
-        return model(x[rows], attn_mask=order.decode_attention(masked[rows], layout.select(rows)), extra=sub)
+    def forward(x, masked, rows=None, where=None):
+        lay, ex = layout, extra
+        if rows is not None:  # only these rows run
+            x, masked, lay = x[rows], masked[rows], layout.select(rows)
+            ex = {k: v[rows] if v.dim() == 2 else v for k, v in extra.items()} if extra else extra
+            where = None if where is None else where[rows]
+        attn = order.decode_attention(masked, lay)
+        if where is not None and hasattr(model, "logits_at"):
+            return model.logits_at(x, where, attn_mask=attn, extra=ex)
+        return model(x, attn_mask=attn, extra=ex)
 
     return forward
 
@@ -46,7 +54,7 @@ class CachedForward:
         self.query_tokens = 0
         self.calls = 0
 
-    def __call__(self, x: torch.Tensor, masked: torch.Tensor, rows=None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, masked: torch.Tensor, rows=None, where=None) -> torch.Tensor:
         B, L = x.shape
         if self.cache is None:
             self.cache = KVCache(self.model, B, L)

@@ -27,6 +27,7 @@ class JigsawEntropyDecoder(Decoder):
     """Probe pass -> the unfinished block with the lowest mean entropy -> left to right inside it."""
 
     score = "left_to_right"
+    needs_all_logits = True  # the probe reads the entropy of every masked position
 
     def __init__(self, blocks: Optional[int] = None, **kw):
         if kw.get("steps") is not None or kw.get("window") is not None or kw.get("score") is not None:

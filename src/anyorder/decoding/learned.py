@@ -29,7 +29,7 @@ from .loop import DECODERS, DecodeResult, Decoder
 def forward_with_exponent(model, order, layout, answer, extra=None):
     """``forward(x, masked, rows=None) -> (logits, k̂ float64 [B, L])`` under the order's attention
     (of batch rows ``rows`` only, when given)."""
-    def forward(x, masked, rows=None):
+    def forward(x, masked, rows=None, where=None):  # every position's logits: where is not used
         if rows is not None:  # rows never mix: run those only
             x, masked, ans, lay = x[rows], masked[rows], answer[rows], layout.select(rows)
             ex = {k: v[rows] if v.dim() == 2 else v for k, v in extra.items()} if extra else extra
@@ -92,14 +92,13 @@ class LearnedVelocityDecoder(Decoder):
         active = st.masked.any(-1)
         out = {}
 
-        def logits_only(x, masked, rows=None):  # keep k̂ [B, L] (1 on rows that did not run)
+        def logits_only(x, masked, rows=None, where=None):  # keep k̂ [B, L] (1 on rows that did not run)
             logits, k_hat = forward(x, masked, rows)
             out["k"] = k_hat if rows is None else torch.ones(
                 st.x.shape, dtype=k_hat.dtype, device=k_hat.device).index_copy_(0, rows, k_hat)
             return logits
 
-        dist = self.forward_rows(st, logits_only, active)
-        dist.where = self.allowed(st, dist) & active.unsqueeze(-1)
+        dist = self.step_dist(st, logits_only)
         proposal = self.propose(dist, st)
         commit = self.select(out["k"], dist.where, self.counts(st, dist.where))
         st.commit(commit, *self.fill(st, commit, dist, proposal))

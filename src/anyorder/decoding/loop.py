@@ -147,6 +147,9 @@ class Decoder:
     """
 
     score: str = "top_prob"
+    # True for a decoder whose hooks read every position's logits (dist.logp(): beam, jigsaw_entropy);
+    # otherwise the output head runs only at the positions a step may commit
+    needs_all_logits: bool = False
 
     def __init__(self, k: Optional[int] = None, steps: Optional[int] = None, window: Optional[int] = None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
@@ -175,8 +178,8 @@ class Decoder:
         """A forward for passes that look at a state the decode may later undo (a re-masked
         token, a tentative beam extension, random fills). Each call builds its forward afresh
         through :meth:`make_forward`, so a KV cache never keeps entries of an undone state."""
-        def forward(x, masked, rows=None):
-            return self.make_forward(st.model, st.order, st.layout, st.extra)(x, masked, rows)
+        def forward(x, masked, rows=None, where=None):
+            return self.make_forward(st.model, st.order, st.layout, st.extra)(x, masked, rows, where)
 
         return forward
 
@@ -192,12 +195,22 @@ class Decoder:
             -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
         return allowed & (rank < n.unsqueeze(-1))
 
-    def forward_rows(self, st: DecodeState, forward, active: torch.Tensor) -> StepDist:
-        """The step's distribution from one forward pass of the ``active`` [B] rows only: a row
-        reads only itself, so leaving finished rows out changes no other row's logits."""
+    def step_dist(self, st: DecodeState, forward, x=None, masked=None) -> StepDist:
+        """One forward pass of the state (``x``, ``masked``: default the decode's) and the step's
+        commit candidates ``dist.where`` (:meth:`allowed` of the unfinished rows). Only the
+        unfinished rows run (a row reads only itself: the others' logits do not change), and when
+        the candidates do not depend on the logits the output head runs at them only."""
+        x = st.x if x is None else x
+        masked = st.masked if masked is None else masked
+        active = st.masked.any(-1)
         rows = None if bool(active.all()) else active.nonzero().squeeze(-1)
-        logits = forward(st.x, st.masked) if rows is None else forward(st.x, st.masked, rows)
-        return StepDist(logits, st.x.shape[0], rows)
+        if self.needs_all_logits or st.order.reads_logp:
+            dist = StepDist(forward(x, masked, rows), x.shape[0], rows)
+            dist.where = self.allowed(st, dist, masked) & active.unsqueeze(-1)
+        else:
+            where = self.allowed(st, None, masked) & active.unsqueeze(-1)
+            dist = StepDist(forward(x, masked, rows, where), x.shape[0], rows, where)
+        return dist
 
     def propose(self, dist: StepDist, st: DecodeState) -> torch.Tensor:
         """[B, L] the proposed token at the step's commit candidates ``dist.where`` (greedy or
@@ -205,10 +218,11 @@ class Decoder:
         tokens = sample_at(dist, self.temperature, st.gens, self.top_k, self.top_p, draw=st.masked.any(-1))
         return dist.put(tokens, st.x)
 
-    def allowed(self, st: DecodeState, dist: StepDist, masked: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def allowed(self, st: DecodeState, dist: Optional[StepDist], masked: Optional[torch.Tensor] = None) -> torch.Tensor:
         """What the order permits now, restricted to the current semi-AR window when that window
-        has an allowed position (an order may point elsewhere, e.g. Jigsaw's probe). The
-        full-vocabulary log-probs are computed only for an order whose rule reads them."""
+        has an allowed position (an order may point elsewhere, e.g. Jigsaw's probe). ``dist`` is
+        None when neither the order (``reads_logp``) nor the decoder (``needs_all_logits``) reads
+        the logits here: the candidates are then known before the forward pass."""
         masked = st.masked if masked is None else masked
         allowed = st.order.allowed(masked, st.layout, dist.logp() if st.order.reads_logp else None)
         in_win = allowed & (st.window == st.current_window(masked).unsqueeze(-1))
@@ -307,8 +321,7 @@ class Decoder:
     def step(self, st: DecodeState, forward) -> None:
         """One forward pass (of the unfinished rows), one commit."""
         active = st.masked.any(-1)
-        dist = self.forward_rows(st, forward, active)
-        dist.where = self.allowed(st, dist) & active.unsqueeze(-1)
+        dist = self.step_dist(st, forward)
         proposal = self.propose(dist, st)
         commit = self.choose(st, dist, proposal, dist.where)
         st.commit(commit, *self.fill(st, commit, dist, proposal))

@@ -70,9 +70,7 @@ class RandomInitDecoder(Decoder):
         active = st.masked.any(-1)
         fill, noise = self.random_fill(st)
         xf, mf = torch.where(fill, noise, st.x), st.masked & ~fill
-        probe = self.probe_forward(st)                # a state that is undone right after
-        dist = self.forward_rows(st, lambda x, m, rows=None: probe(xf, mf, rows), active)
-        dist.where = self.allowed(st, dist, masked=mf) & active.unsqueeze(-1)
+        dist = self.step_dist(st, self.probe_forward(st), xf, mf)  # a state that is undone right after
         proposal = self.propose(dist, st)
         commit = self.choose(st, dist, proposal, dist.where)
         st.commit(commit, *self.fill(st, commit, dist, proposal))  # on the real x: the fills are gone
