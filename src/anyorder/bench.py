@@ -5,8 +5,10 @@
   fp32 and bf16 matmul peak (a large square matmul, timed in the same run). FLOPs per step are
   counted by ``torch.utils.flop_counter`` on the real step, not guessed.
 - ``decode``: tokens/s, NFE and AFP per decoder on the same backbone (random weights: speed and
-  parallelism do not depend on training, except for confidence-driven commit counts), and a
-  ``cache`` section: exact KV-cached vs uncached decoding (seconds, speed-up, identical tokens).
+  parallelism do not depend on training, except for confidence-driven commit counts), a
+  ``cache`` section: exact KV-cached vs uncached decoding (seconds, speed-up, identical tokens),
+  and ``vs_llada``: anyorder's loop against a plain LLaDA decoding loop (bench_decode.py; alone:
+  ``anyorder bench decode-llada``).
 - ``sudoku-gen``: 100k verified-unique 9×9 puzzles.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .analysis.flops import register_cpu_attention_flops
+from .bench_decode import bench_vs_llada
 from .decoding import build_decoder
 from .decoding.forward import cached_forward
 from .model import ModelConfig, Transformer
@@ -132,7 +135,7 @@ def bench_decode(d_model: int = 256, n_layers: int = 6, seq_len: int = 128, prom
                      "seconds": round(dt, 3)})
     return {"model": {"d_model": d_model, "n_layers": n_layers, "seq_len": seq_len, "answer_len": n_answer,
                       "batch_size": batch_size, "weights": "random init"}, "results": rows,
-            "cache": bench_decode_cache(d_model, n_layers), "machine": _machine()}
+            "cache": bench_decode_cache(d_model, n_layers), "vs_llada": bench_vs_llada(), "machine": _machine()}
 
 
 def bench_decode_cache(d_model: int = 256, n_layers: int = 6, prompt_len: int = 16,

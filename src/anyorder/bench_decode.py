@@ -18,6 +18,7 @@ different times and then leave the forward pass.
 """
 from __future__ import annotations
 
+import platform
 import time
 from typing import Dict, List, Optional
 
@@ -92,13 +93,13 @@ class TimedForward:
         self.all_rows = all_rows
         self.seconds, self.row_passes, self.calls = 0.0, 0, 0
 
-    def __call__(self, x, masked, rows=None):
+    def __call__(self, x, masked, rows=None, where=None):
         t0 = time.perf_counter()
-        if self.all_rows:
+        if self.all_rows:  # every row, every position's logits, as before
             out = self.inner(x, masked)
             out = out if rows is None else out[rows]
         else:
-            out = self.inner(x, masked, rows)
+            out = self.inner(x, masked, rows, where)
         self.seconds += time.perf_counter() - t0
         self.row_passes += x.shape[0] if rows is None or self.all_rows else len(rows)
         self.calls += 1
@@ -212,7 +213,9 @@ def bench_vs_llada(threads: int = 1, repeats: int = 3) -> Dict[str, object]:
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return {"threads": threads, "model": {"d_model": 256, "n_layers": 6, "vocab": 8192, "prompt": 32,
+        return {"threads": threads, "machine": {"torch": torch.__version__, "python": platform.python_version(),
+                                                "processor": platform.processor() or platform.machine()},
+                "model": {"d_model": 256, "n_layers": 6, "vocab": 8192, "prompt": 32,
                                               "answer": 128, "block": 32, "steps": 128,
                                               "weights": "random init, head x10"},
                 "llada": compare_with_llada(repeats=repeats), "loop_overhead_126k": loop_overhead(),

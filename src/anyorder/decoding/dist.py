@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 
+CHUNK_BYTES = 2 ** 21  # float64 log-probs worked on at a time: a block of rows that stays in cache
+
+
 class StepDist:
     """logits [R, L, V] of batch rows ``rows`` [R] (None: all B rows), or [N, V] at the True
     positions of ``where`` (row-major); ``where`` [B, L] bool the positions this step may commit
@@ -35,8 +38,13 @@ class StepDist:
         self.packed = logits.dim() == 2   # logits of the candidates only
         if self.packed and where is None:
             raise ValueError("StepDist: [N, V] logits need the positions they belong to (where)")
+        if not self.packed and logits.shape[0] != (batch if rows is None else len(rows)):
+            raise ValueError(f"the forward returned logits of {logits.shape[0]} rows for "
+                             f"{batch if rows is None else len(rows)} asked (a forward takes rows=)")
         self._lp = None            # (where, log-probs at where)
         self._full = None
+        self._top1 = None          # (where, argmax [N], its probability [N]) from top1()
+        self._prob = None          # (where, tokens, probabilities [B, L]) from prob_of()
 
     @property
     def shape(self):
@@ -62,7 +70,10 @@ class StepDist:
 
     def logits_at(self, where: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[N, V] float32 logits at ``where`` (default: the step's commit candidates)."""
-        return self.logits[self.index(self.where if where is None else where)]
+        where = self.where if where is None else where
+        if self.packed and where is self.where:
+            return self.logits
+        return self.logits[self.index(where)]
 
     def logp_at(self, where: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[N, V] float64 log-probabilities at ``where`` (computed once per ``where``)."""
@@ -70,6 +81,34 @@ class StepDist:
         if self._lp is None or self._lp[0] is not where:
             self._lp = (where, F.log_softmax(self.logits_at(where).double(), dim=-1))
         return self._lp[1]
+
+    def rowwise(self, fn, where: Optional[torch.Tensor] = None):
+        """``fn(logits [n, V] float32, logp [n, V] float64, sl)`` on the rows at ``where`` (``sl``:
+        their slice of the N rows), a block of rows at a time, results concatenated (a tensor or a
+        tuple of tensors). At a large vocabulary a row's float64 log-probs are 1 MB: made and used
+        a few rows at a time, they stay in cache instead of streaming through memory twice."""
+        where = self.where if where is None else where
+        x = self.logits_at(where)
+        if self._lp is not None and self._lp[0] is where:       # already made in one piece
+            return fn(x, self._lp[1], slice(None))
+        step = max(1, CHUNK_BYTES // (8 * x.shape[-1]))
+        if len(x) <= 8 * step:  # small enough: make them once, for every later use this step
+            return fn(x, self.logp_at(where), slice(None))
+        parts = [fn(x[i:i + step], F.log_softmax(x[i:i + step].double(), dim=-1), slice(i, i + step))
+                 for i in range(0, len(x), step)]
+        if torch.is_tensor(parts[0]):
+            return torch.cat(parts)
+        return tuple(torch.cat(p) for p in zip(*parts))
+
+    def top1(self):
+        """([N] argmax token, [N] its float64 probability) at the commit candidates, in one pass."""
+        if self._top1 is None or self._top1[0] is not self.where:
+            def fn(x, lp, sl):
+                tok = x.max(-1).indices  # argmax (first of equal maxima, as argmax), in a vectorised pass
+                return tok, lp.gather(-1, tok.unsqueeze(-1)).squeeze(-1).exp()
+
+            self._top1 = (self.where, *self.rowwise(fn))
+        return self._top1[1], self._top1[2]
 
     def put(self, values: torch.Tensor, fill=0.0, where: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, L]: ``values`` [N] at ``where`` (default: the commit candidates), ``fill`` elsewhere
@@ -83,8 +122,15 @@ class StepDist:
     def prob_of(self, tokens: torch.Tensor, where: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, L] float64: the model's probability of ``tokens`` [B, L] at ``where`` (0 elsewhere)."""
         where = self.where if where is None else where
-        lp = self.logp_at(where)
-        return self.put(lp.gather(-1, tokens[where].unsqueeze(-1)).squeeze(-1).exp(), 0.0, where)
+        if self._prob is not None and self._prob[0] is where and self._prob[1] is tokens:
+            return self._prob[2]
+        tok = tokens[where]
+        if self._top1 is not None and self._top1[0] is where and torch.equal(tok, self._top1[1]):
+            p = self._top1[2]                                    # the greedy proposals' probabilities
+        else:
+            p = self.rowwise(lambda x, lp, sl: lp.gather(-1, tok[sl].unsqueeze(-1)).squeeze(-1).exp(), where)
+        self._prob = (where, tokens, self.put(p, 0.0, where))
+        return self._prob[2]
 
     def logp(self) -> torch.Tensor:
         """[B, L, V] float64 log-probabilities of every position (rows not forwarded: uniform).

@@ -66,10 +66,12 @@ def sample_at(dist, temperature: float, gens: List[torch.Generator], top_k: int 
     the same; the tempered log-softmax, filtering and Gumbel transform run at the candidates only."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    logits = dist.logits_at()
     if temperature == 0:
-        return logits.argmax(-1)
-    logp = filter_logp(F.log_softmax(logits.double() / temperature, dim=-1), top_k, top_p)
+        return dist.top1()[0]
+    logits = dist.logits_at()
+    # at temperature 1 the tempered log-probs are the model's (x / 1.0 == x): reuse them
+    tempered = dist.logp_at() if temperature == 1 else F.log_softmax(logits.double() / temperature, dim=-1)
+    logp = filter_logp(tempered, top_k, top_p)
     b, pos = dist.where.nonzero(as_tuple=True)
     draw = dist.where.any(-1) if draw is None else draw
     L, V = dist.shape[1], logp.shape[-1]
