@@ -15,6 +15,7 @@ from anyorder.orders import ORDERS, Order
 @ORDERS.register("right_to_left")
 class RightToLeft(Order):
     attention = "anti-causal"
+    reads_logp = False  # allowed() ignores logp: decoders need no full-vocabulary softmax for it
     default_decoder = "most_uncertain_last"
 
     def _pair(self, layout):

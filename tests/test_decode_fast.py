@@ -162,3 +162,23 @@ def test_timed_forward_counts_rows(tiny_model):
     masked = answer & (x == 8)
     assert f(x, masked).shape == (3, 16, 9) and f(x, masked, torch.tensor([0, 2])).shape == (2, 16, 9)
     assert (f.calls, f.row_passes) == (2, 5)
+
+
+@pytest.mark.parametrize("steps,window", [(12, 4), (6, 6), (9, 5), (24, 12), (5, None)])
+def test_commit_counts_follow_llada_even_split(tiny_model, steps, window):
+    """The per-window plan (tensor arithmetic, no host loop) commits even_split(n, steps) per step."""
+    from anyorder.decoding.loop import even_split
+
+    x, answer = _batch(B=2, L=16)
+    answer[1, 3] = False
+    r = build_decoder({"name": "top_prob", "steps": steps, "window": window}).decode(
+        tiny_model, build_order("random"), x, answer)
+    for b in range(2):
+        n = int(answer[b].sum())
+        w = window or n
+        n_win = -(-n // w)
+        counts = torch.bincount(r.trace.finalize_step[b][answer[b]], minlength=steps).tolist()
+        want = []
+        for k in range(n_win):
+            want += even_split(min(w, n - k * w), steps // n_win)
+        assert counts == want + [0] * (len(counts) - len(want))

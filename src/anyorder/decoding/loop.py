@@ -79,7 +79,7 @@ class DecodeState:
     gens: List[torch.Generator]   # one generator per row
     window: torch.Tensor          # [B, L] semi-AR window of each answer position (-1 on prompt)
     n_windows: torch.Tensor       # [B]
-    plan: List[List[int]]         # per-row commit counts left in the current window (steps mode)
+    plan: torch.Tensor            # [B, 2] steps mode: masked count to split over the current window, steps taken there
     cur_window: torch.Tensor      # [B] the window the plan was made for
     finalize: torch.Tensor        # [B, L] step of the last commit (-1: never committed)
     conf: torch.Tensor            # [B, L] probability of the committed token then
@@ -241,19 +241,17 @@ class Decoder:
         window, its masked positions there are split over ``steps_per_window[b]`` steps by
         :func:`even_split`; a row whose order committed fewer than planned takes 1 per extra
         step. At least ``at_least``, at most what is allowed now."""
-        n_allowed = allowed.sum(-1)
+        active = st.masked.any(-1)
         win = st.current_window()
-        out = torch.zeros(st.x.shape[0], dtype=torch.long, device=st.x.device)
-        for b in range(st.x.shape[0]):
-            if not st.masked[b].any():
-                continue
-            if int(win[b]) != int(st.cur_window[b]):  # entering a new window: plan it
-                st.cur_window[b] = win[b]
-                m = int((st.masked[b] & (st.window[b] == win[b])).sum())
-                st.plan[b] = even_split(m, int(steps_per_window[b]))
-            want = st.plan[b].pop(0) if st.plan[b] else 1
-            out[b] = min(max(want, at_least), int(n_allowed[b]))
-        return out
+        enter = active & (win != st.cur_window)         # entering a new window: plan it
+        st.cur_window = torch.where(enter, win, st.cur_window)
+        m = (st.masked & (st.window == win.unsqueeze(-1))).sum(-1)
+        st.plan = torch.where(enter.unsqueeze(-1), torch.stack([m, torch.zeros_like(m)], -1), st.plan)
+        n, i = st.plan.unbind(-1)
+        spw = steps_per_window.clamp_min(1)
+        want = torch.where(i < spw, n // spw + (i < n % spw).long(), torch.ones_like(n))  # even_split(n, spw)[i]
+        st.plan = torch.stack([n, i + active.long()], -1)
+        return torch.where(active, torch.minimum(want.clamp_min(at_least), allowed.sum(-1)), torch.zeros_like(n))
 
     def choose(self, st: DecodeState, dist: StepDist, proposal, allowed) -> torch.Tensor:
         """[B, L] bool: the positions committed this step."""
@@ -287,7 +285,7 @@ class Decoder:
                              f"windows ({int(n_windows.max())})")
         return DecodeState(
             model=model, order=order, layout=layout, extra=extra, x=x, masked=masked, answer=answer, gens=gens,
-            window=window, n_windows=n_windows, plan=[[] for _ in range(B)],
+            window=window, n_windows=n_windows, plan=torch.zeros(B, 2, dtype=torch.long, device=dev),
             cur_window=torch.full((B,), -1, dtype=torch.long, device=dev),
             finalize=torch.full((B, L), -1, dtype=torch.long, device=dev),
             conf=torch.zeros(B, L, dtype=torch.float64, device=dev),
