@@ -3,12 +3,18 @@
 A step needs the distribution at the positions it may commit (``where``: masked ∩ what the
 order allows ∩ the semi-AR window), not at every position: a semi-AR window of 32 out of 160
 positions, and often one. So the loop keeps the float32 logits as the forward returned them and
-computes float64 log-probabilities of the ``where`` rows only. ``F.log_softmax`` of a subset of
-rows gives bit for bit the rows of the full call (each row is reduced on its own), and the
-probability of the proposed token, exp(logp) at one entry, is exp of the same float64 number:
-the trace's confidences stay what the full-vocabulary ``log_softmax`` + ``exp`` of every
-position gave (tests/golden checks it). Hooks that need everything (an order whose ``allowed``
-reads log-probs, like Jigsaw's entropy probe; beam search) ask for :meth:`logp`.
+works at the ``where`` rows only:
+
+- the probability of a token (``top_prob``, ``threshold``, the trace's confidence) is
+  exp((logit - max) - log sum exp(logit - max)) with the exps in float32 and the rest in float64
+  (:meth:`normaliser`): within about 1e-7 relative of the float64 softmax of the same logits --
+  the logits' own precision -- at a tenth of its cost at a 126k vocabulary;
+- scores that read the whole distribution (``margin``, ``entropy``) and sampling get float64
+  ``F.log_softmax`` rows (:meth:`logp_at`, :meth:`rowwise`): a subset of rows gives bit for bit
+  the rows of the full call, since each row is reduced on its own.
+
+Hooks that need everything (an order whose ``allowed`` reads log-probs, like Jigsaw's entropy
+probe; beam search) ask for :meth:`logp`.
 
 ``logits`` may hold only the rows that were forwarded (``rows``: their batch indices): a row that
 has finished is not run through the model at all. When the commit candidates are known before the
