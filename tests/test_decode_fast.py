@@ -17,6 +17,7 @@ from anyorder.bench_decode import TimedForward, llada_generate, timed_decoder
 from anyorder.decoding import build_decoder
 from anyorder.decoding.dist import StepDist
 from anyorder.decoding.forward import uncached_forward
+from anyorder.decoding.loop import even_split
 from anyorder.model import ModelConfig, Transformer
 from anyorder.orders import build_order
 
@@ -173,8 +174,6 @@ def test_timed_forward_counts_rows(tiny_model):
 @pytest.mark.parametrize("steps,window", [(12, 4), (6, 6), (9, 5), (24, 12), (5, None)])
 def test_commit_counts_follow_llada_even_split(tiny_model, steps, window):
     """The per-window plan (tensor arithmetic, no host loop) commits even_split(n, steps) per step."""
-    from anyorder.decoding.loop import even_split
-
     x, answer = _batch(B=2, L=16)
     answer[1, 3] = False
     r = build_decoder({"name": "top_prob", "steps": steps, "window": window}).decode(
