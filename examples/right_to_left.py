@@ -15,6 +15,7 @@ from anyorder.orders import ORDERS, Order
 @ORDERS.register("right_to_left")
 class RightToLeft(Order):
     attention = "anti-causal"
+    reads_logp = False  # allowed() ignores logp: decoders need no full-vocabulary softmax for it
     default_decoder = "most_uncertain_last"
 
     def _pair(self, layout):
@@ -40,6 +41,7 @@ class RightToLeft(Order):
 class MostUncertainLast(Decoder):
     """Commit the highest-margin positions first (a one-line variation of a built-in score)."""
 
-    def scores(self, probs, proposal, layout, gens):
-        top2 = probs.topk(2, dim=-1).values
-        return top2[..., 0] - top2[..., 1]
+    def scores(self, dist, proposal, layout, gens):
+        # dist: the step's distribution at the positions it may commit (dist.where)
+        top2 = dist.logp_at().topk(2, dim=-1).values.exp()
+        return dist.put(top2[..., 0] - top2[..., 1])

@@ -249,8 +249,11 @@ def test_events_of_batches_join_as_one_decode(tiny_run):
     _, one = run_decoder(exp.model, exp, spec, x0, answer, return_results=True)
     _, parts = run_decoder(exp.model, exp, spec, x0, answer, batch_size=2, return_results=True)
     a, b = one.trace.events, parts.trace.events
-    for f in ("row", "step", "pos", "kind", "token", "conf"):
+    for f in ("row", "step", "pos", "kind", "token"):
         assert torch.equal(getattr(a, f), getattr(b, f))
+    # the output head runs on the commit candidates only, and a matmul over another number of rows
+    # may round differently in the last bits: confidences agree to float32 precision, not bit for bit
+    torch.testing.assert_close(a.conf, b.conf, rtol=1e-6, atol=0)
     assert torch.equal(b.finalize(x0.shape)[0], parts.trace.finalize_step)
 
 

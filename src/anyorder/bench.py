@@ -6,10 +6,12 @@
   counted by ``torch.utils.flop_counter`` on the real step, not guessed. ``vs_plain_reference``:
   step-time and peak-memory ratios to a plain PyTorch reference step (:mod:`.bench_train`).
 - ``decode``: tokens/s, NFE and AFP per decoder on the same backbone (random weights: speed and
-  parallelism do not depend on training, except for confidence-driven commit counts), and a
+  parallelism do not depend on training, except for confidence-driven commit counts), a
   ``cache`` section: exact KV-cached vs uncached decoding (seconds, speed-up, identical tokens),
-  and an ``approx_cache`` section: the prefix / dual / drift caches' speed-up and agreement with
-  exact tokens (``bench cache``, in bench_cache.py, adds their Sudoku accuracy).
+  an ``approx_cache`` section: the prefix / dual / drift caches' speed-up and agreement with
+  exact tokens (``bench cache``, in bench_cache.py, adds their Sudoku accuracy), and ``vs_llada``:
+  anyorder's loop against a plain LLaDA decoding loop (bench_decode.py; alone:
+  ``anyorder bench decode-llada``).
 - ``sudoku-gen``: 100k verified-unique 9×9 puzzles.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .analysis.flops import register_cpu_attention_flops
 from .bench_cache import bench_cache_speed, bench_cache_sudoku
 from .bench_train import bench_train_vs_reference
+from .bench_decode import bench_vs_llada
 from .decoding import build_decoder
 from .decoding.forward import cached_forward
 from .model import ModelConfig, Transformer
@@ -147,7 +150,7 @@ def bench_decode(d_model: int = 256, n_layers: int = 6, seq_len: int = 128, prom
                       "batch_size": batch_size, "weights": "random init"}, "results": rows,
             "cache": bench_decode_cache(d_model, n_layers),
             "approx_cache": bench_cache_speed(d_model, n_layers),  # anyorder bench cache: + Sudoku accuracy
-            "machine": _machine()}
+            "vs_llada": bench_vs_llada(), "machine": _machine()}
 
 
 def bench_decode_cache(d_model: int = 256, n_layers: int = 6, prompt_len: int = 16,

@@ -7,7 +7,7 @@
     anyorder orders [--json] | decoders [--json]   registered names
     anyorder toy [--json]                          the A/B toy: marginals are not the joint
     anyorder demo                                  three orders × several decoders on 4×4 Sudoku
-    anyorder bench {train,decode,sudoku-gen,cache} [--json]
+    anyorder bench {train,decode,decode-llada,sudoku-gen,cache} [--json]
     anyorder likelihood RUN_DIR [--samples N] [--split test|zero_shot] [--json]   NELBO / PPL bound (exact for AR)
     anyorder analyze RUN_DIR [--decoder NAME ...] [--n N] [--out DIR]   decoding diagnostics report
     anyorder zipf --s 1.05 --vocab 150000 --max-parallel 8 [--json]     Zipf bound, independence-PPL table
@@ -43,6 +43,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from . import bench
+from .bench_decode import bench_vs_llada
 from .analysis.report import analyze_run
 from .analysis.table import format_table
 from .analysis.zipf import ppl_table
@@ -182,7 +183,7 @@ def cmd_demo(args):
 
 def cmd_bench(args):
     res = {"train": bench.bench_train, "decode": bench.bench_decode, "sudoku-gen": bench.bench_sudoku_gen,
-           "cache": bench.bench_cache}[args.what]()
+           "decode-llada": bench_vs_llada, "cache": bench.bench_cache}[args.what]()
     print(json.dumps(res, indent=None if args.json else 1))
 
 
@@ -272,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a few steps only (smoke run)")
     d.set_defaults(func=cmd_demo)
     b = sub.add_parser("bench", help="benchmarks")
-    b.add_argument("what", choices=["train", "decode", "sudoku-gen", "cache"])
+    b.add_argument("what", choices=["train", "decode", "decode-llada", "sudoku-gen", "cache"])
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
     an = sub.add_parser("analyze", help="decoding diagnostics of a run (AFP / τ, distance, Zipf, factorisation "

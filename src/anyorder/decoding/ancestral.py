@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from ..checks import check_bool
+from .dist import StepDist
 from .loop import DECODERS, Decoder
 
 
@@ -52,7 +53,7 @@ class AncestralDecoder(Decoder):
         """[B, 1] or [B, L] probability that a masked position unmasks at grid step ``grid_pos``
         of ``T`` [B]: (t - s)/t = 1/(T - i) on the linear schedule, 1 from the last grid step on.
         ``aux`` holds the forward's outputs after the logits (none here)."""
-        p = torch.where(grid_pos >= T - 1, torch.ones(len(T), dtype=torch.float64),
+        p = torch.where(grid_pos >= T - 1, torch.ones(len(T), dtype=torch.float64, device=T.device),
                         1.0 / (T - grid_pos).clamp_min(1).double())
         return p.unsqueeze(-1)
 
@@ -60,30 +61,42 @@ class AncestralDecoder(Decoder):
         """The grid loop with the skip cache. ``forward`` returns the logits, or a tuple whose
         first element is the logits (the others are reused alongside and passed on as ``aux``)."""
         B, L = st.x.shape
+        dev = st.x.device
         out = None                                       # the last forward outputs of every row
-        stale = torch.ones(B, dtype=torch.bool)          # row changed since its last forward pass
-        grid_pos = torch.zeros(B, dtype=torch.long)      # steps taken on the current window's grid
-        grid_win = torch.full((B,), -1, dtype=torch.long)
+        stale = torch.ones(B, dtype=torch.bool, device=dev)      # row changed since its last forward pass
+        grid_pos = torch.zeros(B, dtype=torch.long, device=dev)  # steps taken on the current window's grid
+        grid_win = torch.full((B,), -1, dtype=torch.long, device=dev)
         while st.masked.any():
             st.check_limit()
             active = st.masked.any(-1)
-            need = (stale | torch.tensor(not self.skip_unchanged)) & active
-            if out is None or need.any():
-                fresh = forward(st.x, st.masked)
+            need = (stale if self.skip_unchanged else torch.ones_like(stale)) & active
+            if need.any():
+                # the unfinished rows run (finished ones cost nothing); only the rows that changed
+                # take the new outputs. Running just those would also be exact in exact arithmetic,
+                # but a different batch shape can round differently in the matmuls (MKL), which
+                # would move the trace's confidences in the last bits
+                rows = None if bool(active.all()) else active.nonzero().squeeze(-1)
+                fresh = forward(st.x, st.masked) if rows is None else forward(st.x, st.masked, rows)
                 fresh = (fresh,) if torch.is_tensor(fresh) else tuple(fresh)
-                out = fresh if out is None else tuple(
-                    torch.where(need.view(B, *[1] * (f.dim() - 1)), f, o) for f, o in zip(fresh, out))
+                if out is None and rows is None:
+                    out = tuple(f.contiguous() for f in fresh)  # written in place below: no expanded views
+                else:  # in place: no copy of the rows that keep their outputs
+                    out = out or tuple(f.new_zeros((B, *f.shape[1:])) for f in fresh)
+                    take = need.nonzero().squeeze(-1)
+                    for f, o in zip(fresh, out):
+                        o[take] = f[need if rows is None else need[rows]]
                 st.nfe += need.long()
             logits, *aux = out
-            logp, probs, proposal = self.propose(logits, st)
-            allowed = self.allowed(st, logp)
+            dist = StepDist(logits, B)
+            allowed = dist.where = self.allowed(st, dist) & active.unsqueeze(-1)
+            proposal = self.propose(dist, st)
             win = st.current_window()
             grid_pos = torch.where(win != grid_win, torch.zeros_like(grid_pos), grid_pos)  # a new window
             grid_win = win
             p_unmask = self.unmask_probability(st, grid_pos, self.grid_length(st), aux)
-            u = torch.stack([torch.rand(L, generator=g, dtype=torch.float64) for g in st.gens])
-            commit = allowed & (u < p_unmask) & active.unsqueeze(-1)
-            st.commit(commit, proposal, probs.gather(-1, proposal.unsqueeze(-1)).squeeze(-1))
+            u = torch.stack([torch.rand(L, generator=g, dtype=torch.float64, device=g.device) for g in st.gens])
+            commit = allowed & (u < p_unmask)
+            st.commit(commit, proposal, dist.prob_of(proposal))
             stale = commit.any(-1)
             grid_pos = grid_pos + 1
             st.advance(active)

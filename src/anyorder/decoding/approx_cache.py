@@ -87,7 +87,7 @@ def has_exact_cache(order, layout) -> bool:
 
 
 class ApproxCachedForward:
-    """``forward(x, masked) -> logits [B, L, V]`` with a prefix / dual / drift cache (see the
+    """``forward(x, masked, rows=None) -> logits [B, L, V]`` with a prefix / dual / drift cache (see the
     module doc). Logits are fresh at the positions run this step (the window, and for ``prefix``
     everything after its start) and kept from the last pass that ran them elsewhere.
     ``query_tokens``, ``calls`` and ``refreshes`` count the work done (tests, benchmarks)."""
@@ -108,7 +108,9 @@ class ApproxCachedForward:
         self.since = torch.zeros(B, dtype=torch.long, device=x.device)        # steps on this cache
         self.snap = None                               # drift: K/V and tokens at the last refresh
 
-    def __call__(self, x: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, masked: torch.Tensor, rows=None, where=None) -> torch.Tensor:
+        """The decoding loop's forward protocol (decoding/forward.py): ``rows`` -> those batch rows'
+        logits only (finished rows run nothing here anyway); ``where`` is not used."""
         B, L = x.shape
         first = self.cache is None
         if first:
@@ -131,7 +133,7 @@ class ApproxCachedForward:
                 self._pass(x, drifted.unsqueeze(-1).expand(B, L), attn)
                 refresh = refresh | drifted
         self._refreshed(x, refresh, win, active)
-        return self.logits.clone()
+        return self.logits.clone() if rows is None else self.logits[rows]
 
     def _recompute(self, x: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
         """[B, L] the positions a non-refresh step runs: the window (``prefix``: from its first

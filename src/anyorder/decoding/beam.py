@@ -33,6 +33,8 @@ class BeamDecoder(Decoder):
     """Small-block beam search: the k positions committed together get the jointly most probable
     tokens (sequential conditioning, beam of `width`), not the product of marginals."""
 
+    needs_all_logits = True  # the first extension reads the step's log-probs at the chosen positions
+
     def __init__(self, width: int = 4, k=None, **kw):
         if kw.get("temperature", 0.0) not in (0, 0.0, None):
             raise ValueError(f"decoder 'beam' is a greedy search: decoder.temperature must be 0, "
@@ -42,33 +44,36 @@ class BeamDecoder(Decoder):
         super().__init__(k=k, **kw)
         self.width = check_range("width", width, 1, kind=int)
 
-    def fill(self, st, commit, logp, proposal):
-        tokens, conf = super().fill(st, commit, logp, proposal)
+    def fill(self, st, commit, dist, proposal):
+        tokens, conf = super().fill(st, commit, dist, proposal)
         if int(commit.sum(-1).max()) <= 1:
             return tokens, conf
         B, L = st.x.shape
         W = self.width
+        dev = st.x.device
+        neg_inf = torch.tensor(float("-inf"), dtype=torch.float64, device=dev)
         # positions of each row, most confident first (stable: leftmost first on ties)
         key = torch.where(commit, -conf, torch.full_like(conf, float("inf")))
         pos = torch.sort(key, dim=-1, stable=True).indices             # [B, L]; the first n_b are the block
         n = commit.sum(-1)
         hyp_x = st.x.unsqueeze(1).repeat(1, W, 1)                       # [B, W, L] partial assignments
-        hyp_conf = torch.zeros(B, W, L, dtype=torch.float64)
-        score = torch.full((B, W), float("-inf"), dtype=torch.float64)
+        hyp_conf = torch.zeros(B, W, L, dtype=torch.float64, device=dev)
+        score = torch.full((B, W), float("-inf"), dtype=torch.float64, device=dev)
         score[:, 0] = 0.0                                               # one live (empty) hypothesis
-        rows = torch.arange(B)
+        rows = torch.arange(B, device=dev)
+        hyps = torch.arange(W, device=dev)
         forward = self.probe_forward(st)
         for j in range(int(n.max())):
             p_j = pos[:, j]                                             # [B] position extended now
             ext = n > j                                                 # rows extending at depth j
-            cand_lp = torch.full((B, W, W), float("-inf"), dtype=torch.float64)
-            cand_tok = torch.zeros(B, W, W, dtype=torch.long)
+            cand_lp = torch.full((B, W, W), float("-inf"), dtype=torch.float64, device=dev)
+            cand_tok = torch.zeros(B, W, W, dtype=torch.long, device=dev)
             for w in range(W):
                 live = ext & torch.isfinite(score[:, w])
                 if not live.any():
                     continue
                 if j == 0:
-                    lp = logp                                           # the step's own pass
+                    lp = dist.logp()                                    # the step's own pass
                 else:
                     filled = commit & (hyp_x[:, w] != st.mask_id)
                     lp = F.log_softmax(forward(hyp_x[:, w], st.masked & ~filled).double(), dim=-1)
@@ -77,8 +82,7 @@ class BeamDecoder(Decoder):
                 top = torch.sort(lp_j, dim=-1, descending=True, stable=True)
                 kk = min(W, lp_j.shape[-1])
                 cand_tok[:, w, :kk] = top.indices[:, :kk]
-                cand_lp[:, w, :kk] = torch.where(live.unsqueeze(-1), score[:, w:w + 1] + top.values[:, :kk],
-                                                 torch.tensor(float("-inf"), dtype=torch.float64))
+                cand_lp[:, w, :kk] = torch.where(live.unsqueeze(-1), score[:, w:w + 1] + top.values[:, :kk], neg_inf)
             flat = torch.sort(cand_lp.view(B, W * W), dim=-1, descending=True, stable=True)
             keep = flat.indices[:, :W]                                  # best W extensions
             parent, choice = keep // W, keep % W
@@ -86,10 +90,9 @@ class BeamDecoder(Decoder):
             new_conf = hyp_conf[rows.unsqueeze(-1), parent].clone()
             tok = cand_tok[rows.unsqueeze(-1), parent, choice]          # [B, W]
             best = flat.values[:, :W]
-            step_lp = torch.where(torch.isfinite(best), best - score[rows.unsqueeze(-1), parent],
-                                  torch.tensor(float("-inf"), dtype=torch.float64))
-            new_x[rows.unsqueeze(-1), torch.arange(W), p_j.unsqueeze(-1).expand(B, W)] = tok
-            new_conf[rows.unsqueeze(-1), torch.arange(W), p_j.unsqueeze(-1).expand(B, W)] = step_lp.exp()
+            step_lp = torch.where(torch.isfinite(best), best - score[rows.unsqueeze(-1), parent], neg_inf)
+            new_x[rows.unsqueeze(-1), hyps, p_j.unsqueeze(-1).expand(B, W)] = tok
+            new_conf[rows.unsqueeze(-1), hyps, p_j.unsqueeze(-1).expand(B, W)] = step_lp.exp()
             upd = ext.view(B, 1, 1)
             hyp_x = torch.where(upd, new_x, hyp_x)
             hyp_conf = torch.where(upd, new_conf, hyp_conf)

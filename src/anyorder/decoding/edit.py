@@ -64,13 +64,13 @@ class EditDecoder(Decoder):
         st.limit += (self.rounds + 1) * st.x.shape[1]  # room for the regeneration steps
         return st
 
-    def choose(self, st, probs, proposal, allowed):
+    def choose(self, st, dist, proposal, allowed):
         if st.info.get("phase") == "edit":
             n = allowed.sum(-1).clamp(max=self.edit_k)
-            return self.select(self.scores(probs, proposal, st.layout, st.gens), allowed, n)
+            return self.select(self.scores(dist, proposal, st.layout, st.gens), allowed, n)
         if self.tau is not None:
-            return threshold_commit(probs.gather(-1, proposal.unsqueeze(-1)).squeeze(-1), allowed, self.tau)
-        return super().choose(st, probs, proposal, allowed)
+            return threshold_commit(dist.prob_of(proposal), allowed, self.tau)
+        return super().choose(st, dist, proposal, allowed)
 
     def rescore(self, st, rows: torch.Tensor):
         """Leave-one-out (or G-group) re-scoring of every answer token of ``rows``:
@@ -82,7 +82,7 @@ class EditDecoder(Decoder):
             group, n_groups = aidx, int(st.layout.n_answer.max())
         else:
             group, n_groups = aidx % self.edit_groups, self.edit_groups
-        p_tok = torch.ones(B, L, dtype=torch.float64)
+        p_tok = torch.ones(B, L, dtype=torch.float64, device=st.x.device)
         top = st.x.clone()
         forward = self.probe_forward(st)
         for g in range(n_groups):

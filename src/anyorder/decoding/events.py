@@ -28,6 +28,7 @@ import torch
 COMMIT, REMASK, EDIT = 0, 1, 2
 KIND_NAMES = ("commit", "remask", "edit")
 FIELDS = ("row", "step", "pos", "kind", "token", "conf", "order")
+HOST = torch.device("cpu")  # where the compacted events are kept
 
 
 @dataclass
@@ -114,12 +115,22 @@ class EventLog:
         self.n_records = 0
         self.alt: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # top-K of the last proposal
 
-    def propose(self, logp: torch.Tensor) -> None:
-        """Remember the top-K of this step's log-probabilities (only when K > 0)."""
+    def propose(self, dist) -> None:
+        """Remember the top-K tokens and probabilities of this step's distribution (a
+        :class:`~anyorder.decoding.dist.StepDist`) at its commit candidates, the only positions a
+        step commits (only when K > 0: it costs a top-K over the vocabulary there)."""
         if self.alternatives > 0:
-            k = min(self.alternatives, logp.shape[-1])
-            v, i = logp.topk(k, dim=-1)
-            self.alt = (i, v.exp().float())
+            where = dist.where
+            k = min(self.alternatives, dist.shape[-1])
+            v, i = dist.logits_at(where).topk(k, dim=-1)
+            # probabilities as the trace's confidences are computed (StepDist.normaliser), so the
+            # top alternative of a greedy commit carries exactly the committed confidence
+            m, z = dist.normaliser(where, top=v[:, 0])
+            p = torch.exp((v.double() - m.double().unsqueeze(-1)) - torch.log(z).unsqueeze(-1))
+            tok = torch.full((*where.shape, k), -1, dtype=torch.long, device=where.device)
+            prob = torch.zeros((*where.shape, k), dtype=torch.float32, device=where.device)
+            tok[where], prob[where] = i, p.float()
+            self.alt = (tok, prob)
 
     def commit(self, where: torch.Tensor, tokens: torch.Tensor, conf: torch.Tensor, step: torch.Tensor) -> None:
         changed = (self.last_token >= 0) & (self.last_token != tokens)
@@ -152,9 +163,10 @@ class EventLog:
         kind, token = pick(1, torch.long), pick(2, torch.long)
         conf = pick(3, torch.float64)
         step = torch.stack([p[4] for p in self.pending])[n, r].cpu().long()
-        order = torch.tensor([p[6] for p in self.pending], dtype=torch.long)[n.cpu()]
-        alt_t = torch.full((len(n), K), -1, dtype=torch.long)
-        alt_p = torch.zeros(len(n), K, dtype=torch.float32)
+        # the sparse events live on the host (they are read there: saved, viewed, summarised)
+        order = torch.tensor([p[6] for p in self.pending], dtype=torch.long, device=HOST)[n.cpu()]
+        alt_t = torch.full((len(n), K), -1, dtype=torch.long, device=HOST)
+        alt_p = torch.zeros(len(n), K, dtype=torch.float32, device=HOST)
         if K:
             for j, p in enumerate(self.pending):
                 if p[5] is None:
@@ -187,8 +199,8 @@ class EventLog:
 
 def _join(parts: List[Events], K: int) -> Events:
     if not parts:
-        e = torch.zeros(0, dtype=torch.long)
-        return Events(e, e, e, e, e, torch.zeros(0, dtype=torch.float64), e,
-                      torch.zeros(0, K, dtype=torch.long), torch.zeros(0, K, dtype=torch.float32))
+        e = torch.zeros(0, dtype=torch.long, device=HOST)
+        return Events(e, e, e, e, e, torch.zeros(0, dtype=torch.float64, device=HOST), e,
+                      torch.zeros(0, K, dtype=torch.long, device=HOST), torch.zeros(0, K, dtype=torch.float32, device=HOST))
     return Events(*(torch.cat([getattr(p, f) for p in parts]) for f in FIELDS),
                   torch.cat([p.alt_token for p in parts]), torch.cat([p.alt_prob for p in parts]))

@@ -1,4 +1,9 @@
-"""The forward pass a decoder calls each step: ``forward(x, masked) -> logits [B, L, V]``.
+"""The forward pass a decoder calls each step: ``forward(x, masked, rows=None, where=None) -> logits``.
+
+``logits`` is [B, L, V]; with ``rows`` [R] it is [R, L, V], those batch rows only (the loop leaves
+finished rows out: rows never mix, so the others' logits do not change); with ``where`` [B, L]
+bool a forward may return the [N, V] logits of those positions only, row-major (the output head
+runs there only), or ignore it and return every position's.
 
 ``uncached_forward`` runs the whole sequence under the order's attention for the current state.
 ``cached_forward`` (``Decoder(cache=True)``) is the exact KV-cached variant: each step it runs
@@ -15,8 +20,16 @@ from ..model.kv_cache import KVCache, gather_extra, pack, query_mask, query_set
 
 
 def uncached_forward(model, order, layout, extra=None):
-    def forward(x, masked):
-        return model(x, attn_mask=order.decode_attention(masked, layout), extra=extra)
+    def forward(x, masked, rows=None, where=None):
+        lay, ex = layout, extra
+        if rows is not None:  # only these rows run
+            x, masked, lay = x[rows], masked[rows], layout.select(rows)
+            ex = {k: v[rows] if v.dim() == 2 else v for k, v in extra.items()} if extra else extra
+            where = None if where is None else where[rows]
+        attn = order.decode_attention(masked, lay)
+        if where is not None and hasattr(model, "logits_at"):
+            return model.logits_at(x, where, attn_mask=attn, extra=ex)
+        return model(x, attn_mask=attn, extra=ex)
 
     return forward
 
@@ -41,7 +54,7 @@ class CachedForward:
         self.query_tokens = 0
         self.calls = 0
 
-    def __call__(self, x: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, masked: torch.Tensor, rows=None, where=None) -> torch.Tensor:
         B, L = x.shape
         if self.cache is None:
             self.cache = KVCache(self.model, B, L)
@@ -63,7 +76,7 @@ class CachedForward:
             self.calls += 1
         # K/V just computed in a state they can no longer leave: keep them
         self.cache.store(q & self.order.frozen(masked, self.layout), x, attn)
-        return self.logits.clone()
+        return self.logits.clone() if rows is None else self.logits[rows]  # finished rows ran nothing
 
 
 def run_queries(model, cache, logits, x, q, attn, keys, extra=None) -> int:

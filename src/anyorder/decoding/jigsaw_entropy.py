@@ -27,6 +27,7 @@ class JigsawEntropyDecoder(Decoder):
     """Probe pass -> the unfinished block with the lowest mean entropy -> left to right inside it."""
 
     score = "left_to_right"
+    needs_all_logits = True  # the probe reads the entropy of every masked position
 
     def __init__(self, blocks: Optional[int] = None, **kw):
         if kw.get("steps") is not None or kw.get("window") is not None or kw.get("score") is not None:
@@ -38,12 +39,13 @@ class JigsawEntropyDecoder(Decoder):
     def block_of(self, layout) -> torch.Tensor:
         return layout.block if self.blocks is None else torch.where(layout.answer, layout.aidx // self.blocks, -1)
 
-    def allowed(self, st, logp, masked=None):
+    def allowed(self, st, dist, masked=None):
         masked = (st.masked if masked is None else masked) & st.answer
+        logp = dist.logp()  # the probe reads the entropy of every masked position
         ok = st.order.allowed(masked, st.layout, logp) & masked
         block = self.block_of(st.layout)
         nb = int(block.max().clamp_min(0)) + 1
-        has_ok = torch.zeros(masked.shape[0], nb, dtype=torch.long).scatter_add_(1, block.clamp_min(0), ok.long()) > 0
+        has_ok = torch.zeros(masked.shape[0], nb, dtype=torch.long, device=masked.device).scatter_add_(1, block.clamp_min(0), ok.long()) > 0
         chosen = probe_block(logp, masked, st.answer, block, nb, candidate=has_ok)   # a block with an allowed position
         st.info.setdefault("block_order", []).append(torch.where(masked.any(-1), chosen, -1))
         return ok & (block == chosen.unsqueeze(-1))

@@ -27,12 +27,18 @@ from .loop import DECODERS, DecodeResult, Decoder
 
 
 def forward_with_exponent(model, order, layout, answer, extra=None):
-    """``forward(x, masked) -> (logits, k̂ float64 [B, L])`` under the order's attention."""
-    def forward(x, masked):
-        attn = order.decode_attention(masked, layout)
+    """``forward(x, masked, rows=None) -> (logits, k̂ float64 [B, L])`` under the order's attention
+    (of batch rows ``rows`` only, when given)."""
+    def forward(x, masked, rows=None, where=None):  # every position's logits: where is not used
+        if rows is not None:  # rows never mix: run those only
+            x, masked, ans, lay = x[rows], masked[rows], answer[rows], layout.select(rows)
+            ex = {k: v[rows] if v.dim() == 2 else v for k, v in extra.items()} if extra else extra
+        else:
+            ans, lay, ex = answer, layout, extra
+        attn = order.decode_attention(masked, lay)
         if hasattr(model, "logits_and_exponent"):
-            return model.logits_and_exponent(x, answer, attn_mask=attn, extra=extra)
-        logits = model(x, attn_mask=attn, extra=extra)
+            return model.logits_and_exponent(x, ans, attn_mask=attn, extra=ex)
+        logits = model(x, attn_mask=attn, extra=ex)
         return logits, torch.ones(x.shape, dtype=torch.float64, device=x.device)
 
     return forward
@@ -84,9 +90,16 @@ class LearnedVelocityDecoder(Decoder):
 
     def step(self, st, forward) -> None:
         active = st.masked.any(-1)
-        logits, k_hat = forward(st.x, st.masked)
-        logp, probs, proposal = self.propose(logits, st)
-        allowed = self.allowed(st, logp)
-        commit = self.select(k_hat, allowed, self.counts(st, allowed)) & active.unsqueeze(-1)
-        st.commit(commit, *self.fill(st, commit, logp, proposal))
+        out = {}
+
+        def logits_only(x, masked, rows=None, where=None):  # keep k̂ [B, L] (1 on rows that did not run)
+            logits, k_hat = forward(x, masked, rows)
+            out["k"] = k_hat if rows is None else torch.ones(
+                st.x.shape, dtype=k_hat.dtype, device=k_hat.device).index_copy_(0, rows, k_hat)
+            return logits
+
+        dist = self.step_dist(st, logits_only)
+        proposal = self.propose(dist, st)
+        commit = self.select(out["k"], dist.where, self.counts(st, dist.where))
+        st.commit(commit, *self.fill(st, commit, dist, proposal))
         st.nfe += active.long()

@@ -1,9 +1,9 @@
 """One decoding loop for every order.
 
     repeat until no masked answer position is left:
-        forward pass under the order's attention for the current state
-        propose a token for every position (greedy or float64 Gumbel-max)
+        forward pass under the order's attention for the current state (unfinished rows only)
         allowed  = masked ∩ what the order permits now ∩ the current semi-AR window
+        propose a token at the allowed positions (greedy or float64 Gumbel-max)
         score the allowed positions (random / top_prob / margin / entropy / left_to_right)
         commit the n best, n from the commit schedule (k per step, or LLaDA's even split:
             Nie et al., 2025, arXiv 2502.09992)
@@ -14,19 +14,25 @@ current block; Jigsaw: the block its probe picked, left to right; Scatter: the c
 the decoder decides *which* and *how many*. A new decoder subclasses :class:`Decoder` and
 overrides one of the hooks, from the smallest to the largest:
 
-    scores(probs, proposal, layout, gens)     which positions first (or just set ``score``)
+    scores(dist, proposal, layout, gens)      which positions first (or just set ``score``)
     windows(layout)                           the semi-AR windows (scatter_offsets: the columns)
-    allowed(state, logp)                      where (jigsaw_entropy: the lowest-entropy block)
+    allowed(state, dist)                      where (jigsaw_entropy: the lowest-entropy block)
     counts(state, allowed)                    how many this step
-    choose(state, probs, proposal, allowed)   the commit set itself (threshold)
-    fill(state, commit, logp, proposal)       the tokens written there (beam)
+    choose(state, dist, proposal, allowed)    the commit set itself (threshold)
+    fill(state, commit, dist, proposal)       the tokens written there (beam)
     step(state, forward)                      one whole step (random_init)
     run(state, forward)                       the whole loop (ancestral, remask, edit)
 
-``proposal`` [B, L] is the token the step proposes at every position (greedy or sampled);
-a hook decides where, and how many of, the proposals are committed.
+``dist`` (:class:`~anyorder.decoding.dist.StepDist`) is the step's model distribution, computed
+only at the positions the step may commit (``dist.where`` = allowed): the loop costs its
+forward passes, not a full-vocabulary softmax of every position. ``dist.logp()`` /
+``dist.probs()`` give the whole [B, L, V] tensors to a hook whose rule needs them.
+``proposal`` [B, L] is the token the step proposes at the allowed positions (greedy or
+sampled; the current token elsewhere); a hook decides where, and how many of, the proposals are
+committed. A forward is ``forward(x, masked, rows=None) -> logits``: with ``rows`` [R] it runs
+(and returns [R, L, V] for) those batch rows only; the loop passes the unfinished rows.
 
-Everything a decode carries from step to step lives in a :class:`DecodeState`; its
+Everything a decode carries from step to step lives in a :class:`DecodeState` (state.py); its
 ``commit``/``remask`` keep the trace right (``finalize_step`` = step of the last commit).
 Decoders in other files of this package (threshold, ancestral, remask, edit, random_init,
 beam, jigsaw_entropy, scatter_offsets) are built on these hooks.
@@ -34,107 +40,21 @@ beam, jigsaw_entropy, scatter_offsets) are built on these hooks.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..checks import check_float, check_int, in_range, show
 from ..orders.base import Layout, Order
 from ..registry import Registry
 from .approx_cache import cache_spec
-from .sampling import row_generators, sample_tokens
-from .scores import SCORES
+from .dist import StepDist
+from .sampling import row_generators, sample_at
 from .events import EventLog
-from .trace import Trace
+from .scores import SCORES
+from .state import DecodeResult, DecodeState
 
 DECODERS: Registry = Registry("decoder")
-_BIG = torch.iinfo(torch.long).max
-
-
-@dataclass
-class DecodeResult:
-    tokens: torch.Tensor
-    trace: Trace
-
-
-@dataclass
-class DecodeState:
-    """The state of one (batched) decode. Row b only ever reads row b, and draws randomness
-    only from ``gens[b]``: that is what makes a batch decode exactly as its rows one by one."""
-
-    model: torch.nn.Module
-    order: Order
-    layout: Layout
-    extra: Optional[Dict[str, torch.Tensor]]
-    x: torch.Tensor               # [B, L] current tokens (mask_id where masked)
-    masked: torch.Tensor          # [B, L] bool: answer positions still masked
-    answer: torch.Tensor          # [B, L] bool
-    gens: List[torch.Generator]   # one generator per row
-    window: torch.Tensor          # [B, L] semi-AR window of each answer position (-1 on prompt)
-    n_windows: torch.Tensor       # [B]
-    plan: List[List[int]]         # per-row commit counts left in the current window (steps mode)
-    cur_window: torch.Tensor      # [B] the window the plan was made for
-    finalize: torch.Tensor        # [B, L] step of the last commit (-1: never committed)
-    conf: torch.Tensor            # [B, L] probability of the committed token then
-    nfe: torch.Tensor             # [B] forward passes this row needed
-    limit: int
-    step: int = 0                 # steps taken by the batch
-    row_step: Optional[torch.Tensor] = None  # [B] steps taken by each row (while it had holes)
-    info: Dict[str, Any] = field(default_factory=dict)  # decoder-specific (phase, counters)
-    seeds: List[int] = field(default_factory=list)        # the row seeds gens were made from
-    events: Optional[EventLog] = None   # every commit / re-mask / edit (decoding/events.py)
-
-    def reseed(self, phase: int) -> None:
-        """Fresh per-row generators for a new phase of a decode (an edit round). A batched row
-        that finished a phase early keeps drawing (unused) noise while the others go on; a
-        row-by-row decode does not, so a later phase must not continue those streams."""
-        self.gens = row_generators([(s * 1_000_003 + phase) % (2 ** 63) for s in self.seeds])
-
-    @property
-    def mask_id(self) -> int:
-        return int(self.model.cfg.mask_id)
-
-    def current_window(self, masked: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """[B] the first semi-AR window that still has holes (a huge number if none)."""
-        masked = self.masked if masked is None else masked
-        return torch.where(masked, self.window, torch.full_like(self.window, _BIG)).min(-1).values
-
-    def commit(self, where: torch.Tensor, tokens: torch.Tensor, conf: torch.Tensor) -> None:
-        """Write ``tokens`` at ``where``; record this step and the confidence ``conf`` [B, L]."""
-        self.x = torch.where(where, tokens, self.x)
-        self.conf = torch.where(where, conf, self.conf)
-        # the row's own step count, not the batch's: a row that waited (an edit round that
-        # started later in the batch) records the same steps as when decoded alone
-        self.finalize = torch.where(where, self.row_step.unsqueeze(-1).expand_as(self.finalize), self.finalize)
-        self.masked = self.masked & ~where
-        if self.events is not None:
-            self.events.commit(where, tokens, conf, self.row_step)
-
-    def remask(self, where: torch.Tensor) -> None:
-        """Put [MASK] back at ``where`` (answer positions only). The position's trace entry is
-        rewritten when it is committed again: its finalisation is the last commit."""
-        where = where & self.answer
-        self.x = torch.where(where, torch.full_like(self.x, self.mask_id), self.x)
-        self.masked = self.masked | where
-        if self.events is not None:
-            self.events.remask(where, self.row_step)
-
-    def advance(self, active: torch.Tensor) -> None:
-        """End a step: ``active`` [B] rows took part in it."""
-        self.step += 1
-        self.row_step = self.row_step + active.long()
-        if self.events is not None:
-            self.events.end_step(self)
-
-    def check_limit(self) -> None:
-        if self.step >= self.limit:
-            raise RuntimeError(f"decoding did not finish in {self.limit} steps (order {self.order.name!r})")
-
-    def trace(self) -> Trace:
-        return Trace(self.finalize, self.conf, self.answer, self.nfe,
-                     None if self.events is None else self.events.finish())
 
 
 class Decoder:
@@ -156,6 +76,9 @@ class Decoder:
     record_events: bool = True  # keep trace.events (False: finalize_step / confidence only)
     alternatives: int = 0      # top-K tokens kept per committed position
     on_step = None             # called with the state after every step (the live viewer)
+    # True for a decoder whose hooks read every position's logits (dist.logp(): beam, jigsaw_entropy);
+    # otherwise the output head runs only at the positions a step may commit
+    needs_all_logits: bool = False
 
     def __init__(self, k: Optional[int] = None, steps: Optional[int] = None, window: Optional[int] = None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
@@ -187,34 +110,55 @@ class Decoder:
         """A forward for passes that look at a state the decode may later undo (a re-masked
         token, a tentative beam extension, random fills). Each call builds its forward afresh
         through :meth:`make_forward`, so a KV cache never keeps entries of an undone state."""
-        def forward(x, masked):
-            return self.make_forward(st.model, st.order, st.layout, st.extra)(x, masked)
+        def forward(x, masked, rows=None, where=None):
+            return self.make_forward(st.model, st.order, st.layout, st.extra)(x, masked, rows, where)
 
         return forward
 
     # -- pieces a subclass may override -------------------------------------------------
-    def scores(self, probs, proposal, layout, gens) -> torch.Tensor:
-        return SCORES.get(self.score)(probs, proposal, layout, gens)
+    def scores(self, dist: StepDist, proposal, layout, gens) -> torch.Tensor:
+        return SCORES.get(self.score)(dist, proposal, layout, gens)
 
     def select(self, score: torch.Tensor, allowed: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         """The n highest-scoring allowed positions per row (ties: leftmost first)."""
         key = torch.where(allowed, -score, torch.full_like(score, float("inf")))
         order = torch.sort(key, dim=-1, stable=True).indices
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))
+        rank = torch.empty_like(order).scatter_(
+            -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
         return allowed & (rank < n.unsqueeze(-1))
 
-    def propose(self, logits: torch.Tensor, st: DecodeState):
-        """float64 log-probs and probs of the model, and the proposed token at every position."""
-        logp = F.log_softmax(logits.double(), dim=-1)
-        if st.events is not None:
-            st.events.propose(logp)
-        return logp, logp.exp(), sample_tokens(logits, self.temperature, st.gens, self.top_k, self.top_p)
-
-    def allowed(self, st: DecodeState, logp: torch.Tensor, masked: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """What the order permits now, restricted to the current semi-AR window when that window
-        has an allowed position (an order may point elsewhere, e.g. Jigsaw's probe)."""
+    def step_dist(self, st: DecodeState, forward, x=None, masked=None) -> StepDist:
+        """One forward pass of the state (``x``, ``masked``: default the decode's) and the step's
+        commit candidates ``dist.where`` (:meth:`allowed` of the unfinished rows). Only the
+        unfinished rows run (a row reads only itself: the others' logits do not change), and when
+        the candidates do not depend on the logits the output head runs at them only."""
+        x = st.x if x is None else x
         masked = st.masked if masked is None else masked
-        allowed = st.order.allowed(masked, st.layout, logp)
+        active = st.masked.any(-1)
+        rows = None if bool(active.all()) else active.nonzero().squeeze(-1)
+        if self.needs_all_logits or st.order.reads_logp:
+            dist = StepDist(forward(x, masked, rows), x.shape[0], rows)
+            dist.where = self.allowed(st, dist, masked) & active.unsqueeze(-1)
+        else:
+            where = self.allowed(st, None, masked) & active.unsqueeze(-1)
+            dist = StepDist(forward(x, masked, rows, where), x.shape[0], rows, where)
+        return dist
+
+    def propose(self, dist: StepDist, st: DecodeState) -> torch.Tensor:
+        """[B, L] the proposed token at the step's commit candidates ``dist.where`` (greedy or
+        float64 Gumbel-max; the current token elsewhere). Rows with holes draw their noise."""
+        tokens = sample_at(dist, self.temperature, st.gens, self.top_k, self.top_p, draw=st.masked.any(-1))
+        if st.events is not None:
+            st.events.propose(dist)
+        return dist.put(tokens, st.x)
+
+    def allowed(self, st: DecodeState, dist: Optional[StepDist], masked: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """What the order permits now, restricted to the current semi-AR window when that window
+        has an allowed position (an order may point elsewhere, e.g. Jigsaw's probe). ``dist`` is
+        None when neither the order (``reads_logp``) nor the decoder (``needs_all_logits``) reads
+        the logits here: the candidates are then known before the forward pass."""
+        masked = st.masked if masked is None else masked
+        allowed = st.order.allowed(masked, st.layout, dist.logp() if st.order.reads_logp else None)
         in_win = allowed & (st.window == st.current_window(masked).unsqueeze(-1))
         return torch.where(in_win.any(-1, keepdim=True), in_win, allowed)
 
@@ -231,28 +175,27 @@ class Decoder:
         window, its masked positions there are split over ``steps_per_window[b]`` steps by
         :func:`even_split`; a row whose order committed fewer than planned takes 1 per extra
         step. At least ``at_least``, at most what is allowed now."""
-        n_allowed = allowed.sum(-1)
+        active = st.masked.any(-1)
         win = st.current_window()
-        out = torch.zeros(st.x.shape[0], dtype=torch.long)
-        for b in range(st.x.shape[0]):
-            if not st.masked[b].any():
-                continue
-            if int(win[b]) != int(st.cur_window[b]):  # entering a new window: plan it
-                st.cur_window[b] = win[b]
-                m = int((st.masked[b] & (st.window[b] == win[b])).sum())
-                st.plan[b] = even_split(m, int(steps_per_window[b]))
-            want = st.plan[b].pop(0) if st.plan[b] else 1
-            out[b] = min(max(want, at_least), int(n_allowed[b]))
-        return out
+        enter = active & (win != st.cur_window)         # entering a new window: plan it
+        st.cur_window = torch.where(enter, win, st.cur_window)
+        m = (st.masked & (st.window == win.unsqueeze(-1))).sum(-1)
+        st.plan = torch.where(enter.unsqueeze(-1), torch.stack([m, torch.zeros_like(m)], -1), st.plan)
+        n, i = st.plan.unbind(-1)
+        spw = steps_per_window.clamp_min(1)
+        want = torch.where(i < spw, n // spw + (i < n % spw).long(), torch.ones_like(n))  # even_split(n, spw)[i]
+        st.plan = torch.stack([n, i + active.long()], -1)
+        return torch.where(active, torch.minimum(want.clamp_min(at_least), allowed.sum(-1)), torch.zeros_like(n))
 
-    def choose(self, st: DecodeState, probs, proposal, allowed) -> torch.Tensor:
+    def choose(self, st: DecodeState, dist: StepDist, proposal, allowed) -> torch.Tensor:
         """[B, L] bool: the positions committed this step."""
-        return self.select(self.scores(probs, proposal, st.layout, st.gens), allowed, self.counts(st, allowed))
+        return self.select(self.scores(dist, proposal, st.layout, st.gens), allowed, self.counts(st, allowed))
 
-    def fill(self, st: DecodeState, commit, logp, proposal):
-        """The tokens written at ``commit`` and their confidence: the proposals, by default
+    def fill(self, st: DecodeState, commit, dist: StepDist, proposal):
+        """The tokens written at ``commit`` and their confidence (the model's probability of the
+        token, at the step's candidates, which hold ``commit``): the proposals, by default
         (beam search replaces them by the jointly best combination)."""
-        return proposal, logp.exp().gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
+        return proposal, dist.prob_of(proposal)
 
     # -- the loop -------------------------------------------------------------------------
     def start(self, model, order: Order, x: torch.Tensor, answer: torch.Tensor,
@@ -261,11 +204,12 @@ class Decoder:
         mask_id = model.cfg.mask_id
         x = x.clone()
         B, L = x.shape
+        dev = x.device
         answer = answer.bool()
         layout = order.layout(answer)
         masked = answer & (x == mask_id)
         seeds = [int(s) for s in (row_seeds if row_seeds is not None else [self.seed + b for b in range(B)])]
-        gens = row_generators(seeds)
+        gens = row_generators(seeds, dev)
         if len(gens) != B:
             raise ValueError(f"row_seeds has {len(gens)} seeds for a batch of {B} rows")
         window = self.windows(layout)
@@ -275,12 +219,13 @@ class Decoder:
                              f"windows ({int(n_windows.max())})")
         return DecodeState(
             model=model, order=order, layout=layout, extra=extra, x=x, masked=masked, answer=answer, gens=gens,
-            window=window, n_windows=n_windows, plan=[[] for _ in range(B)],
-            cur_window=torch.full((B,), -1, dtype=torch.long),
-            finalize=torch.full((B, L), -1, dtype=torch.long), conf=torch.zeros(B, L, dtype=torch.float64),
-            nfe=torch.zeros(B, dtype=torch.long), limit=max_steps or 4 * L * max(1, self.steps or 1) + 16,
-            seeds=seeds, row_step=torch.zeros(B, dtype=torch.long),
-            events=EventLog((B, L), x.device, self.alternatives, self.on_step,
+            window=window, n_windows=n_windows, plan=torch.zeros(B, 2, dtype=torch.long, device=dev),
+            cur_window=torch.full((B,), -1, dtype=torch.long, device=dev),
+            finalize=torch.full((B, L), -1, dtype=torch.long, device=dev),
+            conf=torch.zeros(B, L, dtype=torch.float64, device=dev),
+            nfe=torch.zeros(B, dtype=torch.long, device=dev), limit=max_steps or 4 * L * max(1, self.steps or 1) + 16,
+            seeds=seeds, row_step=torch.zeros(B, dtype=torch.long, device=dev),
+            events=EventLog((B, L), dev, self.alternatives, self.on_step,
                             initial=torch.where(answer & ~masked, x, -1)) if self.record_events else None)
 
     def windows(self, layout: Layout) -> torch.Tensor:
@@ -308,14 +253,12 @@ class Decoder:
             st.advance(active)
 
     def step(self, st: DecodeState, forward) -> None:
-        """One forward pass, one commit."""
-        x, masked = st.x, st.masked
-        active = masked.any(-1)
-        logits = forward(x, masked)
-        logp, probs, proposal = self.propose(logits, st)
-        allowed = self.allowed(st, logp)
-        commit = self.choose(st, probs, proposal, allowed) & active.unsqueeze(-1)
-        st.commit(commit, *self.fill(st, commit, logp, proposal))
+        """One forward pass (of the unfinished rows), one commit."""
+        active = st.masked.any(-1)
+        dist = self.step_dist(st, forward)
+        proposal = self.propose(dist, st)
+        commit = self.choose(st, dist, proposal, dist.where)
+        st.commit(commit, *self.fill(st, commit, dist, proposal))
         st.nfe += active.long()
 
 

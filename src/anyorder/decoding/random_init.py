@@ -52,16 +52,17 @@ class RandomInitDecoder(Decoder):
             if bad:
                 raise ValueError(f"decoder.fill_tokens {bad} are not tokens of this model (ids 0..{V - 1}, "
                                  f"not the mask {st.mask_id})")
-            pool = torch.tensor(self.fill_tokens)
+            pool = torch.tensor(self.fill_tokens, device=st.x.device)
         else:
-            pool = torch.tensor([t for t in range(V) if t != st.mask_id])
+            pool = torch.arange(V - 1, device=st.x.device)
+            pool = pool + (pool >= st.mask_id).long()  # every token but the mask, in order
         m = st.masked.sum(-1)
         n_fill = torch.minimum(torch.floor(self.ratio * m.double()).long(), (m - 1).clamp_min(0))
         keys, toks = [], []
         for g in st.gens:
-            keys.append(torch.rand(L, generator=g, dtype=torch.float64))
-            toks.append(pool[torch.randint(len(pool), (L,), generator=g)])
-        key = torch.where(st.masked, torch.stack(keys), torch.full((B, L), 2.0, dtype=torch.float64))
+            keys.append(torch.rand(L, generator=g, dtype=torch.float64, device=g.device))
+            toks.append(pool[torch.randint(len(pool), (L,), generator=g, device=g.device)])
+        key = torch.where(st.masked, torch.stack(keys), torch.full((B, L), 2.0, dtype=torch.float64, device=st.x.device))
         rank = key.argsort(dim=-1, stable=True).argsort(dim=-1)
         return st.masked & (rank < n_fill.unsqueeze(-1)), torch.stack(toks)
 
@@ -69,9 +70,8 @@ class RandomInitDecoder(Decoder):
         active = st.masked.any(-1)
         fill, noise = self.random_fill(st)
         xf, mf = torch.where(fill, noise, st.x), st.masked & ~fill
-        logits = self.probe_forward(st)(xf, mf)       # a state that is undone right after
-        logp, probs, proposal = self.propose(logits, st)
-        allowed = self.allowed(st, logp, masked=mf)
-        commit = self.choose(st, probs, proposal, allowed) & active.unsqueeze(-1)
-        st.commit(commit, *self.fill(st, commit, logp, proposal))  # on the real x: the fills are gone
+        dist = self.step_dist(st, self.probe_forward(st), xf, mf)  # a state that is undone right after
+        proposal = self.propose(dist, st)
+        commit = self.choose(st, dist, proposal, dist.where)
+        st.commit(commit, *self.fill(st, commit, dist, proposal))  # on the real x: the fills are gone
         st.nfe += active.long()

@@ -35,4 +35,4 @@ class ScatterOffsetsDecoder(Decoder):
         return layout.offset if self.stride is None else torch.where(layout.answer, layout.aidx % self.stride, -1)
 
     def counts(self, st, allowed):
-        return self.split_counts(st, allowed, torch.full((st.x.shape[0],), self.steps_per_offset), at_least=1)
+        return self.split_counts(st, allowed, torch.full((st.x.shape[0],), self.steps_per_offset, device=st.x.device), at_least=1)

@@ -29,7 +29,8 @@ def threshold_commit(conf: torch.Tensor, allowed: torch.Tensor, tau: float,
     out = (allowed & (conf >= tau)) | best
     if max_per_step is not None:
         order = torch.sort(torch.where(out, -conf, torch.full_like(conf, float("inf"))), dim=-1, stable=True).indices
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))
+        rank = torch.empty_like(order).scatter_(
+            -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
         out = out & (rank < max_per_step)
     return out
 
@@ -49,6 +50,5 @@ class ThresholdDecoder(Decoder):
         self.tau = check_range("tau", tau, 0.0, 1.0, lo_open=True)
         self.max_per_step = None if max_per_step is None else check_range("max_per_step", max_per_step, 1, kind=int)
 
-    def choose(self, st, probs, proposal, allowed):
-        conf = probs.gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
-        return threshold_commit(conf, allowed, self.tau, self.max_per_step)
+    def choose(self, st, dist, proposal, allowed):
+        return threshold_commit(dist.prob_of(proposal), allowed, self.tau, self.max_per_step)

@@ -112,6 +112,9 @@ class LoMDM(nn.Module):
     def forward_cached(self, *a, **kw):
         return self.backbone.forward_cached(*a, **kw)
 
+    def logits_at(self, *a, **kw):
+        return self.backbone.logits_at(*a, **kw)
+
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.backbone.head(h).float()
         logits[..., self.cfg.mask_id] = float("-inf")

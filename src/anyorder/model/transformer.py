@@ -232,6 +232,14 @@ class Transformer(nn.Module):
         logits[..., self.cfg.mask_id] = float("-inf")
         return logits
 
+    def logits_at(self, tokens, where, attn_mask=None, positions=None, extra=None, t=None):
+        """Logits [N, V] at the True positions of ``where`` [B, L] (row-major): every position runs
+        through the blocks, the output head only where asked (a decoder reads only the positions
+        it may commit now; at a large vocabulary the head is most of a pass)."""
+        logits = self.head(self.hidden(tokens, attn_mask, positions, extra, t)[where]).float()
+        logits[..., self.cfg.mask_id] = float("-inf")
+        return logits
+
     def forward_cached(self, tokens, positions, cache, slots, attn_mask, extra=None, t=None):
         """Logits [B, Q, V] of the query tokens [B, Q] only (model/kv_cache.py).
 

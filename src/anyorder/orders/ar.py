@@ -22,6 +22,7 @@ from .schedules import EpsAR
 @ORDERS.register("ar")
 class AROrder(ScheduledMasking):
     attention = "causal"
+    reads_logp = False  # allowed() ignores logp
     default_decoder = "left_to_right"
 
     def __init__(self, plan: str = "efficient", eps: float = 1e-3, prompt: str = "bidirectional", **kw):

@@ -42,6 +42,10 @@ class Layout:
     def prompt(self) -> torch.Tensor:
         return ~self.answer
 
+    def select(self, rows: torch.Tensor) -> "Layout":
+        """The layout of batch rows ``rows`` [R] only (a decode that forwards its unfinished rows)."""
+        return Layout(self.answer[rows], self.aidx[rows], self.block[rows], self.offset[rows], self.block_size)
+
     @property
     def n_answer(self) -> torch.Tensor:
         return self.answer.sum(-1)
@@ -81,6 +85,9 @@ class Order:
     default_decoder = "top_prob"
     objective = "nelbo"          # the objective that trains it (anyorder.objectives): train_plan + NELBO
     exact_likelihood = False     # True where train_plan's loss is the exact NLL, not an upper bound
+    # whether allowed() reads its logp argument; when False a decoder passes None and never computes
+    # the full-vocabulary log-probs of every position (True is the safe default for a new order)
+    reads_logp = True
 
     def __init__(self, block_size: int = 1):
         self.block_size = check_int("order.block_size", block_size, 1)

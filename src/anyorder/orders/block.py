@@ -28,6 +28,7 @@ def stratified_block_t(B: int, nb: int, gen: torch.Generator, eps: float = 1e-3)
 @ORDERS.register("block")
 class BlockOrder(ScheduledMasking):
     attention = "block-causal"
+    reads_logp = False  # allowed() ignores logp
     default_decoder = "top_prob"
 
     def __init__(self, block_size: int = 4, plan: str = "efficient", eps: float = 1e-3, **kw):

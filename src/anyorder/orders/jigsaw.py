@@ -57,7 +57,8 @@ class JigsawOrder(Order):
 
     @staticmethod
     def _finished_blocks(masked, layout):
-        open_blocks = torch.zeros(masked.shape[0], int(layout.n_blocks.max()) + 1, dtype=torch.bool)
+        open_blocks = torch.zeros(masked.shape[0], int(layout.n_blocks.max()) + 1, dtype=torch.bool,
+                                  device=masked.device)
         idx = torch.where(masked & layout.answer, layout.block, torch.full_like(layout.block, open_blocks.shape[1] - 1))
         open_blocks.scatter_(1, idx, True)
         return ~torch.gather(open_blocks, 1, layout.block.clamp_min(0)) & layout.answer
@@ -89,11 +90,11 @@ def probe_block(logp, masked, answer, block, n_blocks: int, candidate=None) -> t
     B = masked.shape[0]
     m = masked & answer
     blk = block.clamp_min(0)
-    n_masked = torch.zeros(B, n_blocks, dtype=torch.long).scatter_add_(1, blk, m.long())
-    n_total = torch.zeros(B, n_blocks, dtype=torch.long).scatter_add_(1, blk, answer.long())
+    n_masked = torch.zeros(B, n_blocks, dtype=torch.long, device=m.device).scatter_add_(1, blk, m.long())
+    n_total = torch.zeros(B, n_blocks, dtype=torch.long, device=m.device).scatter_add_(1, blk, answer.long())
     started = (n_masked > 0) & (n_masked < n_total)
     ent = -(logp.exp() * logp.clamp_min(-1e30)).sum(-1).double()                 # 0 * -inf guarded
-    ent_sum = torch.zeros(B, n_blocks, dtype=torch.float64).scatter_add_(1, blk, torch.where(m, ent, 0.0))
+    ent_sum = torch.zeros(B, n_blocks, dtype=torch.float64, device=m.device).scatter_add_(1, blk, torch.where(m, ent, 0.0))
     key = torch.where(n_masked > 0, ent_sum / n_masked.clamp_min(1), torch.full_like(ent_sum, math.inf))
     key = torch.where(started, torch.full_like(key, -math.inf), key)             # finish a started block
     if candidate is not None:

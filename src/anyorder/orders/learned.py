@@ -23,6 +23,7 @@ from .registry import ORDERS
 @ORDERS.register("learned")
 class LearnedOrder(Order):
     attention = "bidirectional"
+    reads_logp = False  # allowed() ignores logp
     default_weighting = "elbo"
     default_decoder = "learned_ancestral"
     objective = "lomdm"

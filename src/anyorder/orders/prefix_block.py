@@ -18,6 +18,7 @@ from .registry import ORDERS
 @ORDERS.register("prefix_block")
 class PrefixBlockOrder(Order):
     attention = "bidirectional over prefix + current block"
+    reads_logp = False  # allowed() ignores logp
     default_decoder = "top_prob"
 
     def __init__(self, block_size: int = 4, **kw):

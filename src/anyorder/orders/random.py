@@ -34,6 +34,7 @@ class ScheduledMasking(Order):
 @ORDERS.register("random")
 class RandomOrder(ScheduledMasking):
     attention = "bidirectional"
+    reads_logp = False  # allowed() ignores logp
     default_decoder = "top_prob"
 
     def decode_attention(self, masked, layout):

@@ -17,6 +17,7 @@ from .registry import ORDERS
 @ORDERS.register("scatter")
 class ScatterOrder(ScheduledMasking):
     attention = "offset(key) <= offset(query)"
+    reads_logp = False  # allowed() ignores logp
     default_weighting = "clamp"
     default_decoder = "top_prob"
 

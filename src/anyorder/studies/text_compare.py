@@ -55,20 +55,23 @@ class CommittableSampling:
     stays the current token. Same distribution, row-by-row streams (row b draws only from its
     own generator, for its own positions), a fraction of the noise at V = 8192."""
 
-    def propose(self, logits, st):
+    def propose(self, dist, st):
         if self.temperature == 0 or self.top_k or self.top_p < 1:
-            return super().propose(logits, st)
-        logp = F.log_softmax(logits.double(), dim=-1)
-        cand = st.masked & st.order.allowed(st.masked, st.layout, logp)
-        proposal = st.x.clone()
-        V = logits.shape[-1]
-        for b in range(len(proposal)):
-            idx = cand[b].nonzero().squeeze(-1)
+            return super().propose(dist, st)
+        # the candidates as this mixin has always drawn for: masked ∩ the order's rule (no window)
+        cand = st.masked & st.order.allowed(st.masked, st.layout, dist.logp() if st.order.reads_logp else None)
+        lp = (dist.logp_at() if self.temperature == 1
+              else F.log_softmax(dist.logits_at().double() / self.temperature, dim=-1))
+        b, pos = dist.where.nonzero(as_tuple=True)
+        noise = torch.empty_like(lp)
+        for row in range(len(st.gens)):
+            idx = cand[row].nonzero().squeeze(-1)
             if len(idx) == 0:
                 continue
-            lp = logp[b, idx] if self.temperature == 1 else F.log_softmax(logits[b, idx].double() / self.temperature, -1)
-            proposal[b, idx] = (lp + gumbel_noise((len(idx), V), [st.gens[b]])[0]).argmax(-1)
-        return logp, logp.exp(), proposal
+            u = gumbel_noise((len(idx), lp.shape[-1]), [st.gens[row]])[0]  # one row per candidate
+            sel = b == row
+            noise[sel] = u[torch.searchsorted(idx, pos[sel])]
+        return dist.put((lp + noise).argmax(-1), st.x)
 
 
 def sampling_decoder(spec: Dict[str, object]):
