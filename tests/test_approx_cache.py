@@ -125,7 +125,7 @@ class NaiveFrozenKV:
         self.mode, self.tol, self.every = mode, tol, every
         self.rows = None
 
-    def __call__(self, x, masked):
+    def __call__(self, x, masked, rows=None, where=None):  # the loop's forward protocol: rows= -> those rows
         B, L = x.shape
         attn = self.order.decode_attention(masked, self.layout)
         attn = torch.ones(B, L, L, dtype=torch.bool) if attn is None else attn.expand(B, L, L)
@@ -134,7 +134,8 @@ class NaiveFrozenKV:
             self.rows = [{} for _ in range(B)]
         for b, r in enumerate(self.rows):
             self._row(r, x[b:b + 1], masked[b], attn[b], self.window[b], first)
-        return torch.stack([r["logits"] for r in self.rows]).clone()
+        out = torch.stack([r["logits"] for r in self.rows])
+        return out.clone() if rows is None else out[rows]
 
     def _row(self, r, x, masked, attn, window, first):
         win = int(window[masked].min()) if masked.any() else BIG

@@ -129,9 +129,9 @@ def _timed_forwards(dec):
         f = make(*args)
         fwd.append(f)
 
-        def timed(x, masked):
+        def timed(x, masked, rows=None, where=None):
             t0 = time.perf_counter()
-            out = f(x, masked)
+            out = f(x, masked, rows, where)
             spent.append(time.perf_counter() - t0)
             return out
 
