@@ -39,7 +39,8 @@ def test_task_encoding_and_metrics():
     for row in x0:
         assert task.is_valid_path(row, row[task.prompt_len:].tolist())
         assert row[3 * 12 - 1] == task.slash and row[task.prompt_len - 1] == task.eq
-    assert task.metrics(x0, x0, answer) == {"path_acc": 1.0, "token_acc": 1.0}
+    assert task.metrics(x0, x0, answer) == {"path_acc": 1.0, "token_acc": 1.0, "step1_acc": 1.0, "step2_acc": 1.0,
+                                            "step3_acc": 1.0}
     wrong = x0.clone()
     wrong[:, task.prompt_len + 1] = (wrong[:, task.prompt_len + 1] + 1) % 20
     m = task.metrics(wrong, x0, answer)
