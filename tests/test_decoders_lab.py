@@ -143,7 +143,9 @@ def test_remask_terminates_when_only_one_position_is_allowed(tiny_model):
 
 
 # ---- edit --------------------------------------------------------------------------------
-def test_edit_fixes_a_planted_wrong_token():
+def planted_wrong_token():
+    """(truth, model, x, answer): a model sure of ``truth``; a prompt of 4 true tokens and one
+    wrong answer token (position 6) given in the input, the rest masked."""
     truth = torch.arange(12) % 9
     model = FakeModel(11, 10, lambda t: peaked(t, truth, 0.9))
     x = torch.full((1, 12), 10)
@@ -151,6 +153,11 @@ def test_edit_fixes_a_planted_wrong_token():
     answer[0, :4] = False
     x[0, :4] = truth[:4]
     x[0, 6] = (truth[6] + 1) % 9                            # a wrong answer token given in the input
+    return truth, model, x, answer
+
+
+def test_edit_fixes_a_planted_wrong_token():
+    truth, model, x, answer = planted_wrong_token()
     order = build_order("random")
     plain = build_decoder({"name": "top_prob", "k": 4}).decode(model, order, x, answer)
     assert plain.tokens[0, 6] != truth[6]

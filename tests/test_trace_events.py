@@ -17,7 +17,7 @@ from anyorder.viewer.page import embed_json, render_page
 from anyorder.viewer.server import Session, parse_request, sample_argv
 
 from conftest import make_batch
-from test_decoders_lab import FakeModel, _remask_model, masked_row, peaked
+from test_decoders_lab import _remask_model, masked_row, planted_wrong_token
 
 DECODERS = ["margin", "top_prob", {"name": "random", "k": 2}, {"name": "threshold", "tau": 0.3},
             {"name": "ancestral", "steps": 8}, {"name": "beam", "k": 2}, {"name": "random_init"},
@@ -93,13 +93,7 @@ def test_remask_events_step_by_step():
 
 
 def test_edit_records_the_correction_of_a_planted_token():
-    truth = torch.arange(12) % 9
-    model = FakeModel(11, 10, lambda t: peaked(t, truth, 0.9))
-    x = torch.full((1, 12), 10)
-    answer = torch.ones(1, 12, dtype=torch.bool)
-    answer[0, :4] = False
-    x[0, :4] = truth[:4]
-    x[0, 6] = (truth[6] + 1) % 9                                       # wrong, given in the input
+    truth, model, x, answer = planted_wrong_token()
     ev = build_decoder({"name": "edit", "k": 4}).decode(model, build_order("random"), x, answer).trace.events
     assert ev.pos[ev.kind == REMASK].tolist() == [6]
     assert ev.pos[ev.kind == EDIT].tolist() == [6] and ev.token[ev.kind == EDIT].tolist() == [int(truth[6])]
