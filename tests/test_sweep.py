@@ -122,10 +122,12 @@ def test_committed_sweep_presets_expand():
     assert presets
     for path in presets:
         runs = expand(load_sweep(path))
-        # every order of a preset runs the same 3 seeds, and a study compares at least 2 orders
+        # a study compares at least 2 orders, every order on the same seeds 0..S-1 (3 where a
+        # CPU-hour budget allows it; the 9x9 Sudoku study trains one seed per order)
         orders = {json.dumps(cfg["order"], sort_keys=True) for _, cfg in runs}
-        assert len(orders) >= 2 and len(runs) % (3 * len(orders)) == 0, path
-        assert sorted({cfg["seed"] for _, cfg in runs}) == [0, 1, 2], path
+        seeds = sorted({cfg["seed"] for _, cfg in runs})
+        assert len(orders) >= 2 and len(runs) % (len(seeds) * len(orders)) == 0, path
+        assert seeds == list(range(len(seeds))) and (len(seeds) >= 3 or path.stem == "sudoku9"), path
         for _, cfg in runs:
             build_order(cfg["order"])
 

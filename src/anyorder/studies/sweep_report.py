@@ -35,6 +35,7 @@ import yaml
 from ..analysis.table import format_table
 from ..decoding.regression import predict
 from ..experiment import load_run
+from .final_tables import decode_section, detail_section
 from ..sweep import OLD_RUN
 from ..tasks import TASKS
 from ..tasks.linear_regression import LinearRegressionTask, least_squares, ridge
@@ -156,7 +157,7 @@ def summarise(runs: List[dict], thresholds: Optional[Dict[str, Tuple[str, str, f
     return rows
 
 
-def plot_curves(runs: List[dict], task: str, key: str, path: Path) -> Path:
+def plot_curves(runs: List[dict], task: str, key: str, path: Path, threshold_line: bool = True) -> Path:
     import matplotlib  # lazy: matplotlib is heavy and only the plots need it
 
     matplotlib.use("Agg")
@@ -178,7 +179,7 @@ def plot_curves(runs: List[dict], task: str, key: str, path: Path) -> Path:
         ax.plot(x, m, label=f"{order} (n={len(rs)})")
         ax.fill_between(x, m - s, m + s, alpha=0.2)
     first = next((r for r in runs if r["task"] == task), None)
-    tau = threshold_for(first["cfg"])[2] if first is not None else None
+    tau = threshold_for(first["cfg"])[2] if first is not None and threshold_line else None
     if tau is not None:
         ax.axhline(tau, color="gray", linestyle="--", linewidth=0.8, label=f"τ = {tau:g}")
     ax.set_xlabel("training FLOPs")
@@ -335,8 +336,13 @@ def context_section(runs: List[dict], sweep_dir: Path, n: int = 256, out_dir: Op
     return lines
 
 
-def write_report(sweep_dir, thresholds=None, context_n: int = 256, out_dir=None) -> Path:
-    """report.md, report.json and the PNGs into ``out_dir`` (default: the sweep directory)."""
+def _file_name(task: str) -> str:
+    return re.sub(r'[^A-Za-z0-9_.=-]+', '_', task)
+
+
+def write_report(sweep_dir, thresholds=None, context_n: int = 256, out_dir=None, decode_n: int = 0) -> Path:
+    """report.md, report.json and the PNGs into ``out_dir`` (default: the sweep directory);
+    ``decode_n`` > 0 adds every finished run decoded by each of its decoders on that many examples."""
     sweep_dir = Path(sweep_dir)
     out_dir = Path(out_dir) if out_dir is not None else sweep_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -357,8 +363,18 @@ def write_report(sweep_dir, thresholds=None, context_n: int = 256, out_dir=None)
              "(`flops_trained`), so A > log10(AR's budget / C_order).", ""]
     for task in sorted({r["task"] for r in rows}):
         key = next(r["metric"] for r in rows if r["task"] == task)
-        png = plot_curves(runs, task, key, out_dir / f"curves_{re.sub(r'[^A-Za-z0-9_.=-]+', '_', task)}.png")
+        png = plot_curves(runs, task, key, out_dir / f"curves_{_file_name(task)}.png")
         lines += [f"## {task}", "", f"![{task}]({png.name})", ""]
+    def plot_detail(task, key):  # the task's detail_curves, e.g. a star graph's per-step accuracy
+        cfg = next(r["cfg"] for r in runs if r["task"] == task)
+        if not any(re.fullmatch(p, key) for p in getattr(task_class(cfg), "detail_curves", ())):
+            return None
+        return plot_curves(runs, task, f"val_{key}", out_dir / f"curves_{_file_name(task)}_{key}.png",
+                           threshold_line=False)
+
+    lines += detail_section(runs, lambda cfg: getattr(task_class(cfg), "detail_metrics", ()), plot_detail)
+    if decode_n:
+        lines += decode_section(runs, decode_n, lambda cfg: threshold_for(cfg, thresholds)[0] or "")
     lines += context_section(runs, sweep_dir, context_n, out_dir)
     out = out_dir / "report.md"
     out.write_text("\n".join(lines))
@@ -371,9 +387,14 @@ def write_report(sweep_dir, thresholds=None, context_n: int = 256, out_dir=None)
 def add_arguments(p) -> None:
     p.add_argument("sweep_dir")
     p.add_argument("--out", default=None, help="write report.md, report.json and PNGs here (default: SWEEP_DIR)")
+    p.add_argument("--decode", type=int, default=0, metavar="N",
+                   help="also decode every finished run with each decoder of its config on N held-out "
+                        "examples (cached in the run directory)")
 
 
 def run_from_args(args) -> Path:
-    out = write_report(args.sweep_dir, out_dir=args.out)
+    if args.decode < 0:
+        raise ValueError(f"--decode must be a number of examples >= 0, got {args.decode}")
+    out = write_report(args.sweep_dir, out_dir=args.out, decode_n=args.decode)
     print(f"report: {out}")
     return out

@@ -30,6 +30,9 @@ class Task:
     # (metric logged as val_<metric>, comparison, τ): a run has "learned" the task once it crosses τ
     threshold: Optional[Tuple[str, str, float]] = None
     secondary_metric: Optional[str] = None   # a second final metric shown beside the threshold metric
+    # regular expressions over metric names a study report tabulates at the end of training
+    detail_metrics: Tuple[str, ...] = ()
+    detail_curves: Tuple[str, ...] = ()    # ... and of those, the ones it also plots against training FLOPs
     grid_shape: Optional[Tuple[int, int]] = None  # (rows, columns) to draw an answer as a grid; None: a line
     unique_solution = False  # each prompt's only right answer is its x0: a decode's factorisation gap is exact
 

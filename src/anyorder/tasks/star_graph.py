@@ -45,6 +45,9 @@ class StarGraphTask(Task):
     name = "star_graph"
     threshold = ("path_acc", ">=", 0.9)
     secondary_metric = "token_acc"
+    # accuracy at each path step, decoded and teacher-forced: the Clever-Hans signature
+    detail_metrics = (r"path_acc", r"step\d+_acc", r"tf_step\d+_acc")
+    detail_curves = (r"tf_step\d+_acc",)
 
     def __init__(self, num_nodes: int = 20, degree: int = 3, path_len: int = 5, n_train: int = 50000,
                  n_eval: int = 1000, reverse: bool = False, seed: int = 0):

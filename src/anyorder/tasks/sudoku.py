@@ -26,6 +26,7 @@ class SudokuTask(Task):
     name = "sudoku"
     threshold = ("cell_acc", ">=", 0.9)
     secondary_metric = "puzzle_acc"
+    detail_metrics = (r"(cell|puzzle)_acc(_\w+)?", r"n_\w+")  # per difficulty grade where graded
     unique_solution = True  # the generator verifies every puzzle's uniqueness with its solver
 
     def __init__(self, size: int = 4, n_clues: int = 6, n_train: int = 20000, n_eval: int = 1000, seed: int = 0):
