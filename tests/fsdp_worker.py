@@ -112,10 +112,14 @@ def main() -> None:
             experiment_job(runs / job)
             continue
         trainer = train_job(name, runs / job.replace(":", "_"))
-        state = trainer.consolidated_state_dict()  # collective
+        tag = job.replace(":", "_")
+        state = trainer.consolidated_state_dict()  # collective (the EMA weights when EMA is on)
+        live = trainer.fsdp.full_state_dict(trainer.model) if trainer.ema is not None else None
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            save_weights(state, out / f"{job.replace(':', '_')}.safetensors")
+            save_weights(state, out / f"{tag}.safetensors")
+            if live is not None:
+                save_weights(live, out / f"{tag}_live.safetensors")
             print(f"job={job} world_size={info.world_size} backend={info.backend} step={trainer.step}", flush=True)
     cleanup()
 
