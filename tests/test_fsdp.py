@@ -103,3 +103,26 @@ def test_sharded_and_unsharded_checkpoints_refuse_each_other(tmp_path):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_a_two_rank_checkpoint_loads_on_one_rank(fsdp_run, tmp_path):
+    """DCP reshards: the 2-rank checkpoint of native_ga1 restores the same full parameters and the
+    optimizer's step count in a one-process FSDP trainer (with the world-size warning)."""
+    import shutil
+    import torch.distributed as dist
+    from anyorder.train import Trainer
+    out, runs, _ = fsdp_run
+    shutil.copytree(runs / "native_ga1" / "checkpoint", tmp_path / "checkpoint")
+    cfg = fsdp_worker.make_config(2, "fsdp")
+    try:
+        trainer = Trainer(fsdp_worker.make_model(), fsdp_worker.make_loss_fn(cfg.seed, 2), cfg, tmp_path)
+        with pytest.warns(UserWarning, match="saved with world size 2, resuming with 1"):
+            assert trainer._resume_or_seed() == fsdp_worker.STEPS
+        full = trainer.fsdp.full_state_dict(trainer.model)
+        ref = load_file(str(out / "native_ga1.safetensors"))
+        assert set(full) == set(ref) and all(torch.equal(full[k], ref[k]) for k in ref)
+        steps = {float(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
+        assert steps == {float(fsdp_worker.STEPS)}
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
