@@ -70,6 +70,7 @@ def test_fsdp_two_ranks_equal_one_process_accumulating(fsdp_run, job, tmp_path):
     assert all(not torch.equal(ref[k], init[k]) for k in ref), "parameters did not change"
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    print(f"{job}: max |fsdp - one process| = {max(float((got[k] - ref[k]).abs().max()) for k in ref):.2g}")
     # the checkpoint is sharded: one safetensors file per rank, no unsharded model file
     ckpt = runs / job / "checkpoint"
     assert sorted(p.name for p in (ckpt / "sharded").iterdir()) == [
