@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -156,8 +157,7 @@ class FSDPStrategy:
                 finish_checkpoint(tmp, ckpt_dir, checksums, has_ema=self.ema is not None, has_optimizer=True,
                                   layout={"sharded": SHARDED_DIR, "strategy": "fsdp"}, **fields)
         except BaseException:
-            if rank == 0 and tmp.exists():
-                import shutil  # lazy: only a failed save cleans up
+            if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
         return Path(ckpt_dir)
