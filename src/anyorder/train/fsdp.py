@@ -24,8 +24,8 @@ Checkpoints (``<run_dir>/checkpoint/``, swapped in atomically like the unsharded
 The shards go through ``torch.distributed.checkpoint`` (DCP) with its safetensors storage
 (``HuggingFaceStorageWriter/Reader``, every rank writing its own file): each tensor chunk's
 offsets live in the file's JSON header, so loading reads no pickle at all -- DCP's default
-``FileSystemReader`` unpickles its ``.metadata`` file with ``pickle.load`` and loads non-tensor
-entries with ``torch.load(weights_only=False)``. Non-tensor state (param_groups, step, RNG
+``FileSystemReader`` unpickles its ``.metadata`` file and reads non-tensor entries through
+torch's unrestricted (``weights_only=False``) loader. Non-tensor state (param_groups, step, RNG
 scalars) is JSON. A load reshards (another world size reads the same files).
 
 Evaluation and the final ``model.safetensors`` need full weights: :meth:`FSDPStrategy.full_state_dict`
