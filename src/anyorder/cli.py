@@ -181,6 +181,12 @@ def cmd_demo(args):
     run_demo(out_dir=args.out_dir, steps=args.steps, quick=args.quick)
 
 
+def cmd_selfcheck(args):
+    from .selfcheck import run_selfcheck  # lazy: trains every order
+    if not run_selfcheck(args.out_dir, tiny=args.tiny, orders=args.orders)["ok"]:
+        raise SystemExit(1)
+
+
 def cmd_bench(args):
     res = {"train": bench.bench_train, "decode": bench.bench_decode, "sudoku-gen": bench.bench_sudoku_gen,
            "decode-llada": bench_vs_llada, "cache": bench.bench_cache}[args.what]()
@@ -272,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None)
     d.add_argument("--quick", action="store_true", help="a few steps only (smoke run)")
     d.set_defaults(func=cmd_demo)
+    sc = sub.add_parser("selfcheck", help="train every order in bf16 (and FSDP2 on one rank), compare cached with "
+                                          "uncached decoding, report tokens/s and peak memory (< 8 min on one GPU)")
+    sc.add_argument("--out-dir", default="runs/selfcheck")
+    sc.add_argument("--tiny", action="store_true", help="tiny sizes: the whole check in seconds on a CPU")
+    sc.add_argument("--orders", nargs="+", default=None, help="only these orders (default: every registered one)")
+    sc.set_defaults(func=cmd_selfcheck)
     b = sub.add_parser("bench", help="benchmarks")
     b.add_argument("what", choices=["train", "decode", "decode-llada", "sudoku-gen", "cache"])
     b.add_argument("--json", action="store_true")

@@ -114,9 +114,9 @@ def steps_for_budget(flops_budget, flops_per_step: float) -> int:
 
 def save_final_weights(trainer: Trainer) -> None:
     """``model.safetensors`` (the EMA weights when EMA is on), written before the final evaluation."""
+    state = trainer.consolidated_state_dict()  # under FSDP a collective gather to rank 0
     if trainer.is_main:  # under torchrun only rank 0 writes
-        save_weights(trainer.ema.module if trainer.ema is not None else trainer.model,
-                     trainer.run_dir / "model.safetensors")
+        save_weights(state, trainer.run_dir / "model.safetensors")
 
 
 def train(cfg: Dict[str, Any], run_dir: Optional[Union[str, Path]] = None, resume: bool = True,

@@ -19,7 +19,9 @@ def run_decoder(model, exp, decoder_spec, x0, answer, batch_size: int = 256, ret
     after every step (neither changes the decode)."""
     dec = build_decoder(dict(decoder_spec) if isinstance(decoder_spec, dict) else decoder_spec)
     dec.alternatives, dec.on_step = alternatives, on_step
-    extra = exp.task.extra()
+    device = next(model.parameters()).device  # the held-out set lives on the CPU; decode where the model is
+    x0, answer = x0.to(device), answer.to(device)
+    extra = {k: v.to(device) for k, v in exp.task.extra().items()}
     mask_id = exp.task.mask_id
     toks, traces = [], []
     t0 = time.perf_counter()

@@ -106,6 +106,14 @@ class HFBackbone(nn.Module):
     def base(self) -> nn.Module:
         return getattr(self.hf, self.base_name)
 
+    def shard_units(self):
+        """The modules FSDP shards one by one (train/fsdp.py): the layers the model names as never to be
+        split (``_no_split_modules``), else the members of its longest ModuleList (the layer stack)."""
+        kinds = set(getattr(self.hf, "_no_split_modules", None) or ())
+        units = [m for m in self.hf.modules() if type(m).__name__ in kinds]
+        stacks = [m for m in self.hf.modules() if isinstance(m, nn.ModuleList)]
+        return units or (list(max(stacks, key=len)) if stacks else [])
+
     def attention_mask(self, attn_mask: Optional[torch.Tensor], B: int, L: int, dtype, device,
                        keys: Optional[int] = None) -> torch.Tensor:
         """The order's [B, L, keys] bool mask (None: all visible) as this implementation's 4-D mask."""

@@ -257,6 +257,10 @@ class Transformer(nn.Module):
         logits[..., self.cfg.mask_id] = float("-inf")
         return logits
 
+    def shard_units(self):
+        """The modules FSDP shards one by one (train/fsdp.py): the transformer blocks."""
+        return list(self.blocks)
+
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:

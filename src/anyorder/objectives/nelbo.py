@@ -72,6 +72,8 @@ def plan_loss(model, plan: TrainPlan, extra=None, weighting: str = "elbo", **kw)
     The head and the log-softmax run on the scored rows only (:mod:`.rows`); the sums keep the
     [B, L] layout, so the value is the one the full-logits computation gives, bit for bit.
     """
+    device = next(model.parameters()).device  # the plan was drawn on the CPU
+    plan, extra = plan.to(device), (None if extra is None else {k: v.to(device) for k, v in extra.items()})
     logp_t, n_correct = scored_target_logp(model, plan, extra, logits_fn=plan_logits)
     w = token_weights(weighting, plan, logp_t, **kw)
     n_tok = (plan.answer.sum() if plan.answer is not None else plan.targets.numel()).clamp_min(1)

@@ -74,6 +74,11 @@ class TrainPlan:
     time: Optional[torch.Tensor] = None   # [B] float: t fed to a time-conditioned model
     answer: Optional[torch.Tensor] = None  # [B, L] bool: answer positions (the loss normaliser)
 
+    def to(self, device: torch.device) -> "TrainPlan":
+        """This plan with its tensors on ``device`` (plans are drawn on the CPU from CPU generators,
+        so a run's batches do not depend on its device)."""
+        return TrainPlan(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in vars(self).items()})
+
 
 class Order:
     """Base class. Subclasses set ``name``, ``attention`` (a word for the table) and implement

@@ -17,6 +17,8 @@ after the swap. A crash at any point leaves either the old or the new checkpoint
 ``find_checkpoint`` recovers the one crash window in which only ``ckpt.old-XXXX`` exists. Temp
 folders carry their writer's pid and host, and a writer removes only its own leftovers and those
 of dead processes, never a live writer's (one writer per run directory is the rule: ``lock.py``).
+A sharded checkpoint (``train.strategy: fsdp``) holds ``sharded/`` instead of the model, EMA and
+optimizer files; train/fsdp.py writes it through the same temp directory and swap.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -64,14 +66,14 @@ OLD_PREFIX = "ckpt.old-"
 
 
 # ----------------------------------------------------------------------------- plain weights
-def save_weights(model: nn.Module, path: PathLike) -> Path:
-    """Write ``model.state_dict()`` to a single safetensors file (atomically, via a temp file)."""
+def save_weights(model: Union[nn.Module, Mapping[str, torch.Tensor]], path: PathLike) -> Path:
+    """Write ``model.state_dict()`` (or a state dict) to one safetensors file, atomically (a temp file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
     os.close(fd)
     try:
-        save_tensors(Path(tmp), unwrap(model).state_dict())
+        save_tensors(Path(tmp), model if isinstance(model, Mapping) else unwrap(model).state_dict())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -221,11 +223,19 @@ def find_checkpoint(run_dir: PathLike) -> Optional[Path]:
     return None
 
 
-def save_checkpoint(
+def begin_checkpoint(ckpt_dir: PathLike) -> Path:
+    """A fresh temp directory next to ``ckpt_dir`` (leftovers of crashed saves removed first)."""
+    ckpt_dir = Path(ckpt_dir)
+    parent = ckpt_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _cleanup_stale(parent, ckpt_dir)
+    return Path(tempfile.mkdtemp(prefix=TMP_PREFIX + _writer_tag(), dir=parent))
+
+
+def finish_checkpoint(
+    tmp: Path,
     ckpt_dir: PathLike,
-    model: nn.Module,
-    optimizer: Optional[torch.optim.Optimizer] = None,
-    ema: Any = None,
+    checksums: Dict[str, str],
     *,
     step: int,
     tokens_seen: int = 0,
@@ -234,19 +244,75 @@ def save_checkpoint(
     config: Any = None,
     rng_states: Optional[List[Dict[str, Any]]] = None,
     extra: Optional[Dict[str, Any]] = None,
+    has_ema: bool = False,
+    has_optimizer: bool = False,
+    layout: Optional[Dict[str, Any]] = None,
+) -> Path:
+    """Write the RNG file and state.json into ``tmp`` (which holds the files of ``checksums``), then
+    swap it onto ``ckpt_dir``. ``layout``: entries state.json gets for a non-default layout (a
+    sharded checkpoint: train/fsdp.py)."""
+    ckpt_dir = Path(ckpt_dir)
+    parent = ckpt_dir.parent
+    rng_tensors, rng_scalars = rng_to_files(rng_states if rng_states is not None else [capture_rng_state()])
+    checksums[RNG_FILE] = save_tensors(tmp / RNG_FILE, rng_tensors)
+
+    if config is not None and hasattr(config, "to_dict"):
+        config_dict, config_hash = config.to_dict(), config.hash()
+    else:
+        config_dict, config_hash = config, None
+    state = {
+        "step": int(step),
+        "tokens_seen": int(tokens_seen),
+        "flops": flops,
+        "best": best or {},
+        "config": config_dict,
+        "config_hash": config_hash,
+        "versions": versions(),
+        "saved_at": time.time(),
+        "world_size": len(rng_scalars),
+        "has_ema": has_ema,
+        "has_optimizer": has_optimizer,
+        "rng": rng_scalars,
+        "extra": extra or {},
+        **(layout or {}),
+        # sha256 of each file: of the tensors for a .safetensors (tensors_sha256), of the bytes otherwise
+        "checksums": checksums,
+    }
+    write_json(tmp / STATE_FILE, state)
+    fsync_dir(tmp)
+    fault_point("ckpt_write")
+
+    if ckpt_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=OLD_PREFIX + _writer_tag(), dir=parent))
+        os.replace(ckpt_dir, old)  # rename onto an empty dir is allowed
+        fault_point("ckpt_write")  # the window find_checkpoint repairs: only ckpt.old-* exists
+        os.replace(tmp, ckpt_dir)
+        fault_point("ckpt_write")
+        fsync_dir(parent)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, ckpt_dir)
+    fsync_dir(parent)
+    return ckpt_dir
+
+
+def save_checkpoint(
+    ckpt_dir: PathLike,
+    model: nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    ema: Any = None,
+    **fields: Any,
 ) -> Path:
     """Atomically write a checkpoint directory at ``ckpt_dir`` (usually ``run_dir/checkpoint``).
 
-    ``ema`` is anything with ``state_dict()`` (an ``EMA`` or a module). ``rng_states`` is one
-    ``capture_rng_state()`` per rank (index = rank); by default this process's state as rank 0.
-    ``config`` may be a TrainConfig (its hash is stored for resume checks) or a plain dict.
+    ``ema`` is anything with ``state_dict()`` (an ``EMA`` or a module). ``fields`` go to
+    :func:`finish_checkpoint`: ``step`` (required), ``tokens_seen``, ``flops``, ``best``,
+    ``config`` (a TrainConfig, whose hash is stored for resume checks, or a plain dict), ``extra``
+    and ``rng_states`` (one ``capture_rng_state()`` per rank, index = rank; by default this
+    process's state as rank 0).
     """
-    ckpt_dir = Path(ckpt_dir)
-    parent = ckpt_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    _cleanup_stale(parent, ckpt_dir)
     model = unwrap(model)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + _writer_tag(), dir=parent))
+    tmp = begin_checkpoint(ckpt_dir)
     try:
         checksums = {MODEL_FILE: save_tensors(tmp / MODEL_FILE, model.state_dict())}
         fault_point("ckpt_write")
@@ -259,60 +325,15 @@ def save_checkpoint(
             fault_point("ckpt_write")
             write_json(tmp / OPTIMIZER_JSON, meta)
             checksums[OPTIMIZER_JSON] = file_sha256(tmp / OPTIMIZER_JSON)
-        rng_tensors, rng_scalars = rng_to_files(rng_states if rng_states is not None else [capture_rng_state()])
-        checksums[RNG_FILE] = save_tensors(tmp / RNG_FILE, rng_tensors)
-
-        if config is not None and hasattr(config, "to_dict"):
-            config_dict, config_hash = config.to_dict(), config.hash()
-        else:
-            config_dict, config_hash = config, None
-        state = {
-            "step": int(step),
-            "tokens_seen": int(tokens_seen),
-            "flops": flops,
-            "best": best or {},
-            "config": config_dict,
-            "config_hash": config_hash,
-            "versions": versions(),
-            "saved_at": time.time(),
-            "world_size": len(rng_scalars),
-            "has_ema": ema is not None,
-            "has_optimizer": optimizer is not None,
-            "rng": rng_scalars,
-            "extra": extra or {},
-            # sha256 of each file: of the tensors for a .safetensors (tensors_sha256), of the bytes otherwise
-            "checksums": checksums,
-        }
-        write_json(tmp / STATE_FILE, state)
-        fsync_dir(tmp)
-        fault_point("ckpt_write")
-
-        if ckpt_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=OLD_PREFIX + _writer_tag(), dir=parent))
-            os.replace(ckpt_dir, old)  # rename onto an empty dir is allowed
-            fault_point("ckpt_write")  # the window find_checkpoint repairs: only ckpt.old-* exists
-            os.replace(tmp, ckpt_dir)
-            fault_point("ckpt_write")
-            fsync_dir(parent)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, ckpt_dir)
-        fsync_dir(parent)
+        return finish_checkpoint(tmp, ckpt_dir, checksums, has_ema=ema is not None,
+                                 has_optimizer=optimizer is not None, **fields)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ckpt_dir
 
 
-def load_checkpoint(
-    ckpt_dir: PathLike,
-    model: nn.Module,
-    optimizer: Optional[torch.optim.Optimizer] = None,
-    ema: Any = None,
-    *,
-    rank: int = 0,
-    restore_rng: bool = True,
-) -> Dict[str, Any]:
+def load_checkpoint(ckpt_dir: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    ema: Any = None, *, rank: int = 0, restore_rng: bool = True) -> Dict[str, Any]:
     """Restore model, optimizer, EMA and (this rank's) RNG state; returns the parsed state.json.
 
     Raises CheckpointMismatchError (a ValueError) naming keys and shapes when the checkpoint does
@@ -323,6 +344,9 @@ def load_checkpoint(
     if not (ckpt_dir / STATE_FILE).exists():
         raise FileNotFoundError(f"no checkpoint at {ckpt_dir} (missing {STATE_FILE})")
     state = read_json(ckpt_dir / STATE_FILE)
+    if state.get("sharded"):
+        raise CheckpointMismatchError(f"{ckpt_dir} is a sharded checkpoint (written with train.strategy=fsdp); "
+                                      "resume it with train.strategy=fsdp")
     checksums = state.get("checksums") or {}  # none in a checkpoint written before checksums
     where = f"in {ckpt_dir / STATE_FILE}"
     model = unwrap(model)
@@ -346,16 +370,23 @@ def load_checkpoint(
         else:
             warnings.warn(f"{ckpt_dir} has no optimizer state; the optimizer starts fresh")
 
-    if restore_rng and (ckpt_dir / RNG_FILE).exists():
-        rng = rng_from_files(load_tensors(ckpt_dir / RNG_FILE, checksums.get(RNG_FILE), where), state.get("rng", {}), rank)
-        if rng is None:
-            warnings.warn(
-                f"{ckpt_dir} has no RNG state for rank {rank} (saved with world size "
-                f"{state.get('world_size')}); RNG not restored, so the resumed run is not bit-exact"
-            )
-        else:
-            restore_rng_state(rng)
+    if restore_rng:
+        restore_rng_of_rank(ckpt_dir, state, rank)
     return state
+
+
+def restore_rng_of_rank(ckpt_dir: Path, state: Dict[str, Any], rank: int) -> None:
+    """Restore this rank's RNG state from the checkpoint's RNG file (a warning if it has none)."""
+    if not (ckpt_dir / RNG_FILE).exists():
+        return
+    where = f"in {ckpt_dir / STATE_FILE}"
+    tensors = load_tensors(ckpt_dir / RNG_FILE, (state.get("checksums") or {}).get(RNG_FILE), where)
+    rng = rng_from_files(tensors, state.get("rng", {}), rank)
+    if rng is None:
+        warnings.warn(f"{ckpt_dir} has no RNG state for rank {rank} (saved with world size "
+                      f"{state.get('world_size')}); RNG not restored, so the resumed run is not bit-exact")
+    else:
+        restore_rng_state(rng)
 
 
 def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> Optional[List[str]]:
@@ -365,11 +396,5 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> Optional
     return None if any(n is None for n in names) else names  # type: ignore[return-value]
 
 
-__all__ = [
-    "CHECKPOINT_DIR",
-    "find_checkpoint",
-    "load_checkpoint",
-    "load_weights",
-    "save_checkpoint",
-    "save_weights",
-]
+__all__ = ["CHECKPOINT_DIR", "begin_checkpoint", "find_checkpoint", "finish_checkpoint", "load_checkpoint", "load_weights",
+           "restore_rng_of_rank", "save_checkpoint", "save_weights"]

@@ -20,6 +20,9 @@ from ..registry import unknown_choice
 PRECISIONS = ("auto", "fp32", "bf16")
 # what a step with a non-finite loss or gradient norm does: stop the run there, or skip its update
 NONFINITE_MODES = ("error", "skip")
+# how several processes share the work: "ddp" replicates the model and all-reduces gradients; "fsdp"
+# shards parameters, gradients and optimizer state over the ranks (FSDP2, train/fsdp.py)
+STRATEGIES = ("ddp", "fsdp")
 
 # Fields that only change what is observed (logging, progress, how often we save/evaluate), not the
 # trajectory of the parameters. Changing them between a run and its resume is harmless, so they are
@@ -27,9 +30,11 @@ NONFINITE_MODES = ("error", "skip")
 # ``nonfinite`` is here too: every run that completes computes the same numbers in either mode (an
 # "error" run never gets past a non-finite step), so switching to "skip" to resume a run stopped by
 # a NaN continues the same trajectory.
+# ``strategy`` too: DDP and FSDP compute the same update (the mean gradient over ranks, up to
+# rounding), and a checkpoint written by one is refused by the other with the fix (train/fsdp.py).
 _OBSERVATION_FIELDS = frozenset(
     {"eval_every", "checkpoint_every", "log_every", "tensorboard", "wandb", "wandb_project", "progress",
-     "nonfinite"}
+     "nonfinite", "strategy"}
 )
 
 
@@ -59,6 +64,7 @@ class TrainConfig:
     # last checkpoint is kept, the run is not finished); "skip" drops its update and goes on (logged
     # as nonfinite_skipped; more than 10 in a row is an error)
     nonfinite: str = "error"
+    strategy: str = "ddp"  # "ddp" | "fsdp" (only matters under torchrun; fsdp also runs on one process)
 
     def __post_init__(self) -> None:
         # YAML has no tuples; accept a 2-list for betas and normalise it so the hash and
@@ -105,6 +111,11 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.nonfinite must be one of {', '.join(repr(m) for m in NONFINITE_MODES)}, "
                 f"got {self.nonfinite!r}"
+            )
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"TrainConfig.strategy must be one of {', '.join(repr(m) for m in STRATEGIES)}, "
+                f"got {self.strategy!r}"
             )
         _int(self, "eval_every", minimum=0)
         _int(self, "checkpoint_every", minimum=0)
@@ -170,4 +181,4 @@ def _float(
     setattr(cfg, name, float(value))
 
 
-__all__ = ["TrainConfig", "PRECISIONS", "NONFINITE_MODES"]
+__all__ = ["TrainConfig", "PRECISIONS", "NONFINITE_MODES", "STRATEGIES"]

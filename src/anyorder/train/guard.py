@@ -139,6 +139,8 @@ def save_on_interrupt(trainer, signum: int) -> str:
     what = f"{signal.Signals(signum).name} at step {t.step}"
     if not t.is_main:
         return f"{what} (rank {t.rank})"
+    if getattr(t, "fsdp", None) is not None:  # every rank writes its shards: a collective, and ranks may be gone
+        return f"{what}: not saved (a sharded checkpoint needs every rank); resuming starts from {t.checkpoint_dir}"
     if t._in_update or t._saving:
         return (f"{what}, while updating parameters or writing a checkpoint: not saved (the previous "
                 f"checkpoint in {t.checkpoint_dir}, if any, is intact)")

@@ -40,6 +40,7 @@ from .config import TrainConfig
 from .distributed import LossStep, all_reduce_sum, barrier, init_distributed, unwrap
 from .ema import EMA
 from .faults import fault_point
+from .fsdp import FSDPStrategy
 from .files import replace_json
 from .guard import (SUMMARY_FILE, SignalGuard, TrainingInterrupted, finished_at_resume, last_train_row, lock_run_dir,
                     save_on_interrupt)
@@ -92,6 +93,17 @@ class Trainer:
         # what "auto" chose and why goes into run.json (run_info.precision)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.run_info["precision"] = self.precision
+        # The EMA copy is made before any wrapping or sharding so it is a plain module.
+        self.ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
+        # Under DDP/FSDP the loss runs in LossStep.forward: DDP all-reduces the gradients of whatever the loss
+        # touched, FSDP gathers the root's parameters for it (sharding in place, before the optimizer exists).
+        self.train_step: nn.Module = LossStep(self.model, loss_fn)
+        self.fsdp: Optional[FSDPStrategy] = None
+        if cfg.strategy == "fsdp":
+            self.fsdp = FSDPStrategy(self.train_step, self.ema, self.precision["chosen"], self.device,
+                                     replica=self.is_main and eval_fn is not None)
+        elif self.world_size > 1:
+            self.train_step = DDP(self.train_step, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no parameters with requires_grad=True; nothing to train")
@@ -107,14 +119,6 @@ class Trainer:
                   for (dec, sc), ps in buckets.items()]
         self.optimizer = build_adamw(groups, cfg.lr, cfg.betas, self.device)  # fused where torch has it
         self._params = [p for _, p in named]
-
-        # The EMA copy is made before DDP wrapping so it is a plain module.
-        self.ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
-        # Under DDP the loss runs inside LossStep.forward: DDP all-reduces the gradients of whatever
-        # the loss touched. One process calls loss_fn on the model directly.
-        self.train_step: nn.Module = LossStep(self.model, loss_fn)
-        if self.world_size > 1:
-            self.train_step = DDP(self.train_step, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
         self.step = 0
         self.tokens_seen = 0
@@ -169,13 +173,8 @@ class Trainer:
             enabled=self.is_main,
             redo_eval=redo_eval,
         )
-        pbar = tqdm(
-            total=cfg.steps,
-            initial=self.step,
-            desc="train",
-            disable=not (cfg.progress and self.is_main),
-            dynamic_ncols=True,
-        )
+        pbar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not (cfg.progress and self.is_main),
+                    dynamic_ncols=True)
         t_start = time.perf_counter()
         tokens_at_start = self.tokens_seen
         self._window.reset(self.tokens_seen)
@@ -232,8 +231,10 @@ class Trainer:
             return {}
         t0 = time.perf_counter()
         results: Dict[str, float] = {}
+        target = self.ema.module if self.ema is not None else self.model
+        if self.fsdp is not None:
+            target = self.fsdp.eval_module(target)  # collective: rank 0's plain copy with the full weights
         if self.is_main:
-            target = self.ema.module if self.ema is not None else self.model
             was_training = target.training
             target.eval()
             self._signals.raise_pending()
@@ -263,7 +264,7 @@ class Trainer:
         t0 = time.perf_counter()
         self._sync_tokens()
         rng_states = gather_rng_states(self.world_size)
-        if self.is_main:
+        if self.is_main or self.fsdp is not None:  # a sharded checkpoint is written by every rank
             self._saving = True
             try:
                 self._write_checkpoint(rng_states, self.tokens_seen, eval_pending)
@@ -308,6 +309,8 @@ class Trainer:
         else:
             grads = [p.grad for p in self._params if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        if self.fsdp is not None:
+            grad_norm = self.fsdp.plain(grad_norm)  # a DTensor over the shards
         if not self.nonfinite.check(step, [loss for loss, _ in outs], grad_norm):  # NaN/inf, skipped (:mod:`.nonfinite`)
             self.step, self._in_update, self._rng_after_step = step + 1, False, capture_rng_state()
             return
@@ -348,20 +351,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _write_checkpoint(self, rng_states, tokens_seen: int, eval_pending: bool = False) -> None:
+        fields = dict(step=self.step, tokens_seen=tokens_seen, best=self.best, config=self.cfg, rng_states=rng_states,
+                      flops=None if self.flops_per_step is None else self.flops_per_step * self.step,
+                      extra={"run_info": self.run_info, "eval_pending": bool(eval_pending),
+                             "nonfinite": self.nonfinite.state()})
+        if self.fsdp is not None:  # collective; the sum of every rank's shard norms is finite iff all are
+            self.nonfinite.check_params([self.fsdp.params_norm_sum()], self.step)
+            self.fsdp.save(self.checkpoint_dir, self.optimizer, self.rank, **fields)
+            return
         self.nonfinite.check_params(self.model.parameters(), self.step)  # never save NaN/inf parameters
-        save_checkpoint(
-            self.checkpoint_dir,
-            self.model,
-            self.optimizer,
-            self.ema,
-            step=self.step,
-            tokens_seen=tokens_seen,
-            flops=None if self.flops_per_step is None else self.flops_per_step * self.step,
-            best=self.best,
-            config=self.cfg,
-            rng_states=rng_states,
-            extra={"run_info": self.run_info, "eval_pending": bool(eval_pending), "nonfinite": self.nonfinite.state()},
-        )
+        save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.ema, **fields)
+
+    def consolidated_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The weights ``model.safetensors`` holds (the EMA's when EMA is on), in full; under FSDP a
+        collective whose result only rank 0 gets ({} elsewhere)."""
+        module = self.ema.module if self.ema is not None else self.model
+        return module.state_dict() if self.fsdp is None else self.fsdp.full_state_dict(module)
 
     def _resume_or_seed(self) -> Optional[int]:
         """Load run_dir/checkpoint if there is one (returns its step); else seed the global RNGs."""
@@ -376,7 +381,10 @@ class Trainer:
             self.step = 0
             return None
 
-        state = load_checkpoint(ckpt, self.model, self.optimizer, self.ema, rank=self.rank)
+        if self.fsdp is not None:
+            state = self.fsdp.load(ckpt, self.optimizer, self.rank)
+        else:
+            state = load_checkpoint(ckpt, self.model, self.optimizer, self.ema, rank=self.rank)
         self.step = int(state["step"])
         self._saved_step = self.step
         self._eval_pending = bool((state.get("extra") or {}).get("eval_pending"))
