@@ -184,3 +184,23 @@ def test_example_tokenizer_rebuilds_and_the_tiny_config_trains(tmp_path):
     assert task["conversations"]["train"] + task["conversations"]["validation"] == 50 and task["truncated"] == 0
     summary = json.loads((run / "summary.json").read_text())
     assert 0.0 <= summary["eval"]["val_token_acc"] <= 1.0
+
+
+def test_continued_pretraining_on_text_with_the_models_own_tokenizer(tmp_path):
+    """Plain text through the text task with `tokenizer: {name: hf, path: DIR}`: the rows hold the
+    model tokenizer's ids (documents end with its EOS) and an hf-backbone config trains on them."""
+    tok_dir = save_tokenizer(tmp_path / "tok")
+    tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    lines = [f"{a} plus {b} is {c} ." for a, b, c in [("one", "two", "three"), ("two", "two", "four")] * 20]
+    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
+    task = {"name": "text", "sources": [{"name": "files", "paths": [str(tmp_path / "t.txt")], "per_line": True}],
+            "zero_shot": None, "tokenizer": {"name": "hf", "path": str(tok_dir)}, "seq_len": 16,
+            "val_frac": 0.2, "test_frac": 0.1, "cache_dir": str(tmp_path / "cache")}
+    built = build_task(task)
+    assert (built.mask_id, built.vocab_size) == (tok.mask_token_id, len(tok)) and built.hf_tokenizer is not None
+    x0, answer = built.rows("train")
+    stream = tok(lines[0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert answer.all() and tok.eos_token_id in x0[0].tolist()
+    assert any(x0.view(-1)[i: i + len(stream)].tolist() == stream for i in range(x0.numel() - len(stream)))
+    run = train(load_config(CHAT_CONFIG, chat_overrides(tmp_path, "text")[2:] + [f"task={json.dumps(task)}"]))
+    assert json.loads((run / "run.json").read_text())["run_info"]["task"]["tokenizer"]["name"] == "hf"

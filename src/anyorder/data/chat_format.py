@@ -27,6 +27,20 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 ROLES = ("system", "user", "assistant")
 
 
+def load_tokenizer(path: Any, key: str):
+    """A local Hugging Face tokenizer (or model) directory; ``key`` names the config key in errors.
+    Nothing is downloaded (a hub id works only once it is in the local cache)."""
+    import transformers  # lazy: optional dependency (the 'hf' extra)
+
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"{key} must be a local tokenizer or model directory, got {path!r}")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{key} {path!r} holds no loadable tokenizer here (nothing is downloaded): "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
 def _bad(where: str, what: str) -> ValueError:
     return ValueError(f"{where}: {what}")
 

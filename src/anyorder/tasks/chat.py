@@ -36,23 +36,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..checks import check_bool, check_choice, check_float, check_int, check_mapping, show
-from ..data.chat_format import read_hub, read_jsonl, render
+from ..data.chat_format import load_tokenizer, read_hub, read_jsonl, render
 from .base import TASKS, Task
 
 PAD_AS = ("context", "answer")
-
-
-def load_tokenizer(path: str):
-    """A local Hugging Face tokenizer directory (nothing is downloaded)."""
-    import transformers  # lazy: optional dependency (the 'hf' extra)
-
-    if not isinstance(path, str) or not path.strip():
-        raise ValueError(f"task.tokenizer must be a local tokenizer or model directory, got {show(path)}")
-    try:
-        return transformers.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"task.tokenizer {path!r} holds no loadable tokenizer here (nothing is downloaded): "
-                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
 @TASKS.register("chat")
@@ -70,7 +57,7 @@ class ChatTask(Task):
         self.val_frac = check_float("task.val_frac", val_frac, 0, 1, hi_open=True)
         max_rows = None if max_rows is None else check_int("task.max_rows", max_rows, 1)
         self.tokenizer_path = tokenizer
-        tok = self.hf_tokenizer = load_tokenizer(tokenizer)
+        tok = self.hf_tokenizer = load_tokenizer(tokenizer, "task.tokenizer")
         self.mask_id = self._mask_id(tok, mask_id)
         self.pad_id = self._pad_id(tok, pad_id)
         self.vocab_size = max(len(tok), self.mask_id + 1, self.pad_id + 1)
