@@ -42,6 +42,18 @@ def save_tokenizer(path: Path, template=True) -> Path:
     return path
 
 
+def no_mask_tokenizer():
+    """A word-level tokenizer with a chat template and no mask token (as Qwen's, Llama's)."""
+    import tokenizers  # lazy: imported (or skipped) at the top
+    words = ["[PAD]", "[UNK]", "<|end|>"] + sorted({w for r in ROWS for w in json.dumps(r).split()})
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]",
+                                               eos_token="<|end|>")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} <|end|> {% endfor %}"
+    return tok
+
+
 def chat_overrides(tmp_path, name, *extra):
     """A chat_tiny run small enough for a test (a few seconds)."""
     return [f"task.path={EXAMPLE}", f"task.tokenizer={EXAMPLE_TOKENIZER}", "model.from_config.hidden_size=32",
@@ -154,13 +166,7 @@ def test_missing_files_and_bad_options_are_one_line_errors(tmp_path):
 
 def test_a_tokenizer_without_mask_token_gets_one_and_hub_rows_read_through_datasets(tmp_path):
     pytest.importorskip("datasets")
-    tokenizers = pytest.importorskip("tokenizers")
-    words = ["[PAD]", "[UNK]", "<|end|>"] + sorted({w for r in ROWS for w in json.dumps(r).split()})
-    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]",
-                                               eos_token="<|end|>")     # no mask token
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }} <|end|> {% endfor %}"
+    tok = no_mask_tokenizer()
     tok.save_pretrained(tmp_path / "tok")
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     task = build_task({"name": "chat", "path": str(data), "tokenizer": str(tmp_path / "tok"), "val_frac": 0.0})
@@ -204,3 +210,28 @@ def test_continued_pretraining_on_text_with_the_models_own_tokenizer(tmp_path):
     assert any(x0.view(-1)[i: i + len(stream)].tolist() == stream for i in range(x0.numel() - len(stream)))
     run = train(load_config(CHAT_CONFIG, chat_overrides(tmp_path, "text")[2:] + [f"task={json.dumps(task)}"]))
     assert json.loads((run / "run.json").read_text())["run_info"]["task"]["tokenizer"]["name"] == "hf"
+
+
+def test_the_large_model_recipes_validate_and_build_on_stand_ins(tmp_path):
+    """configs/hf/qwen_block.yaml builds with a tiny Qwen2 in place of Qwen2.5-0.5B (a tied head, a
+    tokenizer without a mask token: one is added); configs/hf/llada_lora.yaml passes every check
+    that needs no checkpoint."""
+    from anyorder.experiment import build  # lazy: only this test builds without training
+    from anyorder.model.hf_backbone import check_hf_options
+    plain = no_mask_tokenizer()
+    d = tmp_path / "qwen"
+    plain.save_pretrained(d)
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=len(plain) + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True)).save_pretrained(d)
+    cfg = load_config(str(ROOT / "configs" / "hf" / "qwen_block.yaml"), [
+        f"task.path={write_jsonl(tmp_path / 'd.jsonl', ROWS * 4)}", f"task.tokenizer={d}", f"model.path={d}",
+        "task.seq_len=48", "task.val_frac=0.2"])
+    exp = build(cfg)
+    assert exp.order.name == "block" and exp.task.template == "chat_template" and exp.task.pack
+    assert sum(exp.task.n_rows.values()) == 12 and exp.task.truncated == 0
+    assert exp.task.mask_id == len(plain) < exp.model.cfg.vocab_size     # an unused row of the table
+    assert exp.model.hf.config.tie_word_embeddings
+    llada = load_config(str(ROOT / "configs" / "hf" / "llada_lora.yaml"))
+    opts = check_hf_options({k: v for k, v in llada["model"].items() if k != "backbone"})
+    assert opts["trust_remote_code"] and opts["lora"]["r"] == 16 and llada["task"]["mask_id"] == 126336
