@@ -105,6 +105,7 @@ def add_arguments(p) -> None:
     p.add_argument("--shift-logits", dest="shift_logits", choices=["auto", "true", "false"], default="auto")
     p.add_argument("--attn-implementation", dest="attn_implementation", default=None)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default=None, help="where the model runs (default: cuda if available, else cpu)")
     p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap each prompt with the tokenizer's chat template (default: anyorder.json's, else no)")
@@ -118,6 +119,11 @@ def run_from_args(args) -> None:
     shift = {"auto": None, "true": True, "false": False}[args.shift_logits]
     model, tok = load_generator(args.model, args.mask_id, args.add_mask_token, shift, args.attn_implementation,
                                 args.trust_remote_code, args.dtype)
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise ValueError(f"--device {args.device!r} is not a device: {str(exc).splitlines()[0]}") from None
+    model.to(device)
     info = read_export_info(args.model)
     order = info.get("order", "random") if args.order is None else read_yaml(args.order, f"--order {args.order!r}")
     decoder = info.get("decoder", "top_prob") if args.decoder is None else read_yaml(args.decoder, f"--decoder {args.decoder!r}")
