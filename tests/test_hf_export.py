@@ -90,6 +90,8 @@ def test_export_errors_name_the_fix(tmp_path, capsys):
     assert "exists and is not an empty directory: choose another or pass --force" in capsys.readouterr().err
     assert main(["export", str(run), "--out", str(out), "--force"]) == 0 and not (out / "keep.txt").exists()
     capsys.readouterr()
+    assert main(["generate", "--model", str(out), "--prompt", "hi", "--device", "gpu9"]) == 2
+    assert "--device 'gpu9' is not a device" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) == 2
     assert "is not a run directory" in capsys.readouterr().err
     sudoku = train(load_config(str(ROOT / "configs" / "hf" / "sudoku4_llama.yaml"), [
