@@ -217,7 +217,7 @@ def test_the_large_model_recipes_validate_and_build_on_stand_ins(tmp_path):
     tokenizer without a mask token: one is added); configs/hf/llada_lora.yaml passes every check
     that needs no checkpoint."""
     from anyorder.experiment import build  # lazy: only this test builds without training
-    from anyorder.model.hf_backbone import check_hf_options
+    from anyorder.model.hf_backbone import check_hf_options  # lazy: as above
     plain = no_mask_tokenizer()
     d = tmp_path / "qwen"
     plain.save_pretrained(d)

@@ -79,13 +79,22 @@ def test_tied_embeddings_merge_once(tmp_path):
 
 @pytest.mark.parametrize("lora, message", [
     ({"rank": 4}, "unknown model.lora option\\(s\\) rank. Valid options: r, alpha, dropout, target_modules, train_mask_row"),
-    ({"r": 0}, "model.lora.r must be an integer >= 1, got 0"),
+    ({"r": -1}, "model.lora.r must be an integer >= 0, got -1"),
     ({"dropout": 1.5}, "model.lora.dropout must be"),
     ({"target_modules": 3}, "model.lora.target_modules must be 'all-linear', a module-name regex or a list"),
-    ({"target_modules": ["wq"]}, "model.lora.target_modules \\['wq'\\] matches no layer of LlamaForCausalLM"),
+    ({"r": 2, "target_modules": ["wq"]}, "model.lora.target_modules \\['wq'\\] matches no layer of LlamaForCausalLM"),
 ])
 def test_bad_lora_options_are_one_line_errors(tmp_path, lora, message):
     spec = {"backbone": "hf", "from_config": {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32,
                                               "num_hidden_layers": 1, "num_attention_heads": 2}, "lora": lora}
     with pytest.raises(ValueError, match=message):
         build_hf_backbone(spec, vocab_size=20, mask_id=19, max_len=16)
+
+
+def test_rank_zero_is_no_lora():
+    """``r: 0`` (the default of ``model.lora``) adds no adapters: every weight trains."""
+    spec = {"backbone": "hf", "from_config": {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32,
+                                              "num_hidden_layers": 1, "num_attention_heads": 2}}
+    for lora in ({"r": 0, "alpha": 4}, None):
+        model = build_hf_backbone({**spec, "lora": lora}, vocab_size=20, mask_id=19, max_len=16)
+        assert not has_lora(model) and all(p.requires_grad for p in model.parameters())

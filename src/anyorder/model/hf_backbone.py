@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from ..checks import check_bool, check_choice, check_mapping, show
-from .lora import apply_lora, check_lora_options
+from .lora import LORA_DEFAULTS, apply_lora, check_lora_options
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 AUTO_CLASSES = ("auto", "causal_lm", "masked_lm")
@@ -52,7 +52,7 @@ HF_DEFAULTS: Dict[str, Any] = {
     "trust_remote_code": False,
     "dtype": "float32",
     "auto_class": "auto",          # auto: masked LM where transformers has one for the type, else causal LM
-    "lora": None,                  # or {r, alpha, dropout, target_modules, train_mask_row}: model/lora.py
+    "lora": dict(LORA_DEFAULTS),   # r > 0: LoRA adapters (model/lora.py); r: 0 (or null) trains every weight
 }
 
 
@@ -311,4 +311,4 @@ def build_hf_backbone(options: Dict[str, Any], vocab_size: Optional[int] = None,
     if mask_id is None:
         raise ValueError("backbone 'hf' needs a mask id (the task's, or the tokenizer's: see anyorder.adapters.hf_generate)")
     model = HFBackbone(hf, int(mask_id), extra_embeddings, opts["shift_logits"])
-    return model if opts["lora"] is None else apply_lora(model, opts["lora"])
+    return apply_lora(model, opts["lora"]) if opts["lora"] is not None and opts["lora"]["r"] > 0 else model

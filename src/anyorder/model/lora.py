@@ -2,6 +2,9 @@
 
     model: {backbone: hf, path: DIR, lora: {r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}}
 
+``r: 0``, the default, means no adapters (every weight trains); ``anyorder train CONFIG
+model.lora.r=16`` turns them on.
+
 LoRA (Hu et al., 2021, arXiv 2106.09685) adds a trainable low-rank update ``B A`` (scaled by
 ``alpha / r``) beside each targeted linear layer; ``B`` starts at zero, so the adapted model
 computes exactly what the pretrained one did at step 0. What trains:
@@ -28,7 +31,7 @@ import torch.nn as nn
 
 from ..checks import check_bool, check_float, check_int, check_mapping, show
 
-LORA_DEFAULTS: Dict[str, Any] = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear",
+LORA_DEFAULTS: Dict[str, Any] = {"r": 0, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear",
                                  "train_mask_row": True}
 
 
@@ -38,7 +41,7 @@ def check_lora_options(options: Any) -> Dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown model.lora option(s) {', '.join(unknown)}. Valid options: {', '.join(LORA_DEFAULTS)}")
     opts = {**LORA_DEFAULTS, **options}
-    check_int("model.lora.r", opts["r"], 1)
+    check_int("model.lora.r", opts["r"], 0)
     check_float("model.lora.alpha", opts["alpha"], 0, lo_open=True)
     check_float("model.lora.dropout", opts["dropout"], 0, 1, hi_open=True)
     check_bool("model.lora.train_mask_row", opts["train_mask_row"])
@@ -60,6 +63,8 @@ def _peft():
 def apply_lora(backbone: nn.Module, options: Dict[str, Any]) -> nn.Module:
     """Inject LoRA adapters into ``backbone.hf`` in place and freeze all but what trains (module doc)."""
     opts = check_lora_options(options)
+    if int(opts["r"]) < 1:
+        raise ValueError(f"model.lora.r must be >= 1 to add adapters, got {opts['r']}")
     peft = _peft()
     config = peft.LoraConfig(r=int(opts["r"]), lora_alpha=float(opts["alpha"]), lora_dropout=float(opts["dropout"]),
                              target_modules=opts["target_modules"],
