@@ -148,6 +148,15 @@ def test_bad_rows_name_the_line_and_key(tmp_path, line, message):
         build_task({"name": "chat", "path": str(data), "tokenizer": str(tok_dir)})
 
 
+def test_a_template_that_fails_on_a_row_names_the_row(tmp_path):
+    tok = word_level_tokenizer(["a b"], chat_template="{{ raise_exception('system turns only') }}")
+    tok.save_pretrained(tmp_path / "tok")
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    with pytest.raises(ValueError, match="d.jsonl:1: the tokenizer's chat template cannot render this row: "
+                                         "TemplateError: system turns only"):
+        build_task({"name": "chat", "path": str(data), "tokenizer": str(tmp_path / "tok")})
+
+
 def test_missing_files_and_bad_options_are_one_line_errors(tmp_path):
     tok_dir = save_tokenizer(tmp_path / "tok")
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)

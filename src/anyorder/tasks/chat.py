@@ -13,8 +13,8 @@ Layout of a row (``seq_len`` ids):
   tokens (as in every order, prompt positions are); with ``pad_as: answer`` they are answer
   positions whose target is the pad id, so the model learns to close a fixed-length answer with
   pads, LLaDA's |EOS| filling (Nie et al., 2025, arXiv 2502.09992, §2.3).
-- ``pack: true``: conversations back to back (first fit, in file order) so fewer positions are
-  pads; the conversations of a row see each other (no document mask), and each one's response
+- ``pack: true``: conversations back to back (first fit among the last 64 rows, in file order) so
+  fewer positions are pads; the conversations of a row see each other (no document mask), and each one's response
   tokens are its answer positions.
 
 A conversation longer than ``seq_len`` keeps its first ``seq_len`` ids (the response is cut) and is
@@ -40,6 +40,7 @@ from ..data.chat_format import load_tokenizer, read_hub, read_jsonl, render
 from .base import TASKS, Task
 
 PAD_AS = ("context", "answer")
+PACK_WINDOW = 64   # packing looks for room in the last this-many rows only
 
 
 @TASKS.register("chat")
@@ -69,7 +70,11 @@ class ChatTask(Task):
         for k, (where, turns) in enumerate(rows):
             if max_rows is not None and k >= max_rows:
                 break
-            p, r = render(tok, turns)
+            try:
+                p, r = render(tok, turns)
+            except Exception as exc:  # the template is the tokenizer's own Jinja code: any error, one line
+                raise ValueError(f"{where}: the tokenizer's chat template cannot render this row: "
+                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
             if len(p) >= self.seq_len:
                 self.dropped += 1
                 continue
@@ -109,7 +114,8 @@ class ChatTask(Task):
         fill: List[int] = []
         for p, r in rows:   # first fit in file order; without packing every conversation opens a row
             n = len(p) + len(r)
-            k = next((i for i, f in enumerate(fill) if f + n <= L), None) if self.pack else None
+            lo = max(0, len(fill) - PACK_WINDOW)   # bounded work per conversation on large files
+            k = next((i for i in range(lo, len(fill)) if fill[i] + n <= L), None) if self.pack else None
             if k is None:
                 groups.append([])
                 fill.append(0)
