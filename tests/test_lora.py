@@ -1,5 +1,7 @@
 """LoRA through peft (model.lora): only the adapters (and the mask token's embedding row) train,
 and merging the adapters reproduces the adapted model's logits."""
+import json
+
 import pytest
 import torch
 
@@ -98,3 +100,23 @@ def test_rank_zero_is_no_lora():
     for lora in ({"r": 0, "alpha": 4}, None):
         model = build_hf_backbone({**spec, "lora": lora}, vocab_size=20, mask_id=19, max_len=16)
         assert not has_lora(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_an_interrupted_lora_run_resumes_to_the_same_adapters(tmp_path, monkeypatch):
+    from anyorder.objectives.nelbo import NelboObjective  # lazy: only this test patches it
+    a = train_chat(tmp_path, "a", *LORA)
+    real = NelboObjective.loss
+
+    def interrupted(self, model, batch_size, gen, step):   # Ctrl-C during step 4 (steps count from 0)
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(self, model, batch_size, gen, step)
+
+    monkeypatch.setattr(NelboObjective, "loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_chat(tmp_path, "b", *LORA, "train.checkpoint_every=2")
+    monkeypatch.setattr(NelboObjective, "loss", real)
+    b = train_chat(tmp_path, "b", *LORA, "train.checkpoint_every=2")
+    assert json.loads((b / "summary.json").read_text())["resumed_from"] is not None   # resumed, not restarted
+    wa, wb = load_tensors(a / "model.safetensors"), load_tensors(b / "model.safetensors")
+    assert sorted(wa) == sorted(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
