@@ -111,28 +111,35 @@ def read_hub(spec: Dict[str, Any]) -> Iterator[Tuple[str, List[Dict[str, str]]]]
         yield where, check_row({k: v for k, v in row.items() if v is not None}, where)
 
 
+def _encode(tok, text: str) -> List[int]:
+    return list(tok(text, add_special_tokens=False)["input_ids"])   # rendered text holds its specials
+
+
+def _template_prompt(tok, turns: Sequence[Dict[str, str]]) -> str:
+    return tok.apply_chat_template(list(turns), add_generation_prompt=True, tokenize=False)
+
+
 def render(tok, turns: Sequence[Dict[str, str]]) -> Tuple[List[int], List[int]]:
     """(prompt ids, response ids) of one conversation (see the module doc)."""
     if getattr(tok, "chat_template", None):
-        prefix = tok.apply_chat_template(list(turns[:-1]), add_generation_prompt=True, tokenize=False)
+        prefix = _template_prompt(tok, turns[:-1])
         full = tok.apply_chat_template(list(turns), tokenize=False)
         if not full.startswith(prefix):
             raise ValueError("the tokenizer's chat template does not render a conversation as its prompt (with the "
                              "generation prompt) followed by the reply; use a tokenizer without a template")
-        enc = lambda s: list(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731  (the text has them)
-        return enc(prefix), enc(full[len(prefix):])
+        return _encode(tok, prefix), _encode(tok, full[len(prefix):])
     prompt = "\n".join(m["content"] for m in turns[:-1])
     ids = list(tok(prompt)["input_ids"]) if prompt else []
-    response = list(tok(turns[-1]["content"], add_special_tokens=False)["input_ids"])
     eos = getattr(tok, "eos_token_id", None)
-    return ids, response + ([int(eos)] if eos is not None else [])
+    return ids, _encode(tok, turns[-1]["content"]) + ([int(eos)] if eos is not None else [])
 
 
 def generation_prompt_ids(tok, prompt: str, chat: bool) -> List[int]:
-    """The ids ``anyorder generate`` decodes after: the prompt as a user turn (``chat``) rendered
-    as :func:`render` renders a training prompt, or the raw text with the tokenizer's specials."""
+    """The ids ``anyorder generate`` decodes after: the prompt as a user turn with the generation
+    prompt (``chat``), encoded as :func:`render` encodes a training prompt, or the raw text with
+    the tokenizer's special tokens (BOS)."""
     if chat:
-        return render(tok, [{"role": "user", "content": prompt}, {"role": "assistant", "content": "-"}])[0]
+        return _encode(tok, _template_prompt(tok, [{"role": "user", "content": prompt}]))
     return list(tok(prompt)["input_ids"])
 
 
