@@ -4,6 +4,7 @@
     anyorder eval RUN_DIR [--decoder NAME ...]     task metrics + AFP / Kendall τ / NFE per decoder
     anyorder sample RUN_DIR [--decoder NAME] ...   decode prompts (or puzzle strings) and print them
     anyorder generate --model DIR --prompt TEXT [--order ORDER --decoder NAME --json]   decode a HF model directory
+    anyorder export RUN_DIR --out DIR              an hf-backbone run as a HF directory (LoRA merged, anyorder.json)
     anyorder orders [--json] | decoders [--json]   registered names
     anyorder toy [--json]                          the A/B toy: marginals are not the joint
     anyorder demo                                  three orders × several decoders on 4×4 Sudoku
@@ -51,7 +52,7 @@ from .config import load_config, read_yaml
 from .decoding import DECODERS, build_decoder
 from .demo import run_demo
 from .evaluation.likelihood import likelihood_of_run
-from .adapters import hf_generate
+from .adapters import hf_export, hf_generate
 from .experiment import evaluate, load_run, run_decoder, train
 from .orders import ORDERS
 from .plugins import allowed
@@ -266,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="decode a local Hugging Face model directory under any order and decoder")
     hf_generate.add_arguments(g)
     g.set_defaults(func=hf_generate.run_from_args)
+    x = sub.add_parser("export", help="write an hf-backbone run as a Hugging Face directory (LoRA merged)")
+    hf_export.add_arguments(x)
+    x.set_defaults(func=hf_export.run_from_args)
     for name, registry in (("orders", ORDERS), ("decoders", DECODERS)):
         q = sub.add_parser(name, help=f"list registered {name}")
         q.add_argument("--json", action="store_true")
@@ -339,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="a local page (127.0.0.1) that decodes a puzzle and streams it step by step")
     viewer_server.add_arguments(sv)
     sv.set_defaults(func=viewer_server.run_from_args)
-    for cmd in ("eval", "sample", "likelihood", "analyze", "report", "text-compare", "view", "serve"):  # load runs
+    for cmd in ("eval", "sample", "likelihood", "analyze", "report", "text-compare", "view", "serve", "export"):  # load runs
         _add_plugin_args(sub.choices[cmd])
     for q in sub.choices.values():
         q.add_argument("--threads", type=count, default=None, help="CPU threads for torch (default: torch's choice)")

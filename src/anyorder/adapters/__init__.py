@@ -3,7 +3,8 @@
 Both need optional packages (``pip install 'anyorder[hf]'`` / ``'anyorder[lm_eval]'``), so nothing
 heavy is imported here: ``from anyorder.adapters import load_hf_model`` imports it on first use.
 Importing :mod:`anyorder.adapters.lm_eval` registers the lm_eval model ``"anyorder"``;
-:mod:`anyorder.adapters.hf_generate` is ``anyorder generate`` (any order on a Hugging Face directory).
+:mod:`anyorder.adapters.hf_generate` is ``anyorder generate`` (any order on a Hugging Face directory);
+:mod:`anyorder.adapters.hf_export` is ``anyorder export`` (an hf-backbone run as such a directory).
 """
 from importlib import import_module
 

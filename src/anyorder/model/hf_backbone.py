@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from ..checks import check_bool, check_choice, check_mapping, show
+from .lora import LORA_DEFAULTS, apply_lora, check_lora_options
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 AUTO_CLASSES = ("auto", "causal_lm", "masked_lm")
@@ -51,6 +52,7 @@ HF_DEFAULTS: Dict[str, Any] = {
     "trust_remote_code": False,
     "dtype": "float32",
     "auto_class": "auto",          # auto: masked LM where transformers has one for the type, else causal LM
+    "lora": dict(LORA_DEFAULTS),   # r > 0: LoRA adapters (model/lora.py); r: 0 (or null) trains every weight
 }
 
 
@@ -263,6 +265,8 @@ def check_hf_options(options: Dict[str, Any]) -> Dict[str, Any]:
     check_choice("model.auto_class", opts["auto_class"], AUTO_CLASSES)
     for key in ("shift_logits", "trust_remote_code"):
         check_bool(f"model.{key}", opts[key])
+    if opts["lora"] is not None:
+        opts["lora"] = check_lora_options(opts["lora"])
     return opts
 
 
@@ -314,4 +318,5 @@ def build_hf_backbone(options: Dict[str, Any], vocab_size: Optional[int] = None,
         hf.resize_token_embeddings(int(vocab_size))
     if mask_id is None:
         raise ValueError("backbone 'hf' needs a mask id (the task's, or the tokenizer's: see anyorder.adapters.hf_generate)")
-    return HFBackbone(hf, int(mask_id), extra_embeddings, opts["shift_logits"])
+    model = HFBackbone(hf, int(mask_id), extra_embeddings, opts["shift_logits"])
+    return apply_lora(model, opts["lora"]) if opts["lora"] is not None and opts["lora"]["r"] > 0 else model

@@ -148,6 +148,11 @@ class TextTask(Task):
     def token_str(self, token: int) -> str:
         return "[MASK]" if token == self.mask_id else self.decode_text([token])
 
+    @property
+    def hf_tokenizer(self):
+        """The Hugging Face tokenizer of ``tokenizer: {name: hf, path: DIR}`` (``anyorder export``), else None."""
+        return getattr(self.tokenizer, "hf", None)
+
     def describe(self):
         out = super().describe()
         out.update({"tokenizer": self.tokenizer.describe(), "mode": self.mode,
