@@ -106,3 +106,15 @@ def test_decoders_run_on_the_gpu(tiny_model):
     calls = _decode_all(model, [{"name": n} for n in BUILTIN] + EXTRA, ORDERS)
     bad = _without_device(calls, "cuda")
     assert not bad, "\n".join(f"{n}: {w}" for n, _, w in bad[:20])
+
+
+def test_decoders_on_a_hugging_face_backbone_create_tensors_on_its_device():
+    """The same check through the Hugging Face wrapper (a tiny random Llama): the wrapper's masks,
+    positions and cache are made on the model's device too."""
+    pytest.importorskip("transformers")
+    from test_hf_backbone import backbone
+
+    calls = _decode_all(backbone("llama"), [{"name": n} for n in BUILTIN] + EXTRA, ORDERS)
+    assert len(calls) > 100  # the recorder sees the loop's factories (it is not vacuous)
+    bad = _without_device(calls, "cpu")
+    assert not bad, "factory calls without the model's device:\n" + "\n".join(f"{n}: {w}" for n, _, w in bad[:20])
