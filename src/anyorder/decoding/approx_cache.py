@@ -128,7 +128,7 @@ class ApproxCachedForward:
         if first:  # one full pass: exact logits everywhere, every slot written
             refresh = torch.ones_like(active)
         run = self._recompute(x, win) & active.unsqueeze(-1)
-        self._pass(x, torch.where(refresh.unsqueeze(-1), torch.ones_like(run), run), attn)
+        self._pass(x, run | refresh.unsqueeze(-1), attn)
         check = ~refresh & active
         if self.spec.mode == "drift" and bool(check.any()):
             drifted = check & (self._drift(x, run) > self.spec.tol)

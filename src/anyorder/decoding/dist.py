@@ -168,6 +168,15 @@ class StepDist:
         out[where] = values
         return out
 
+    def put_proposal(self, tokens: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+        """[B, L]: the step's proposed ``tokens`` [N] at the candidates, ``fill`` elsewhere. When they
+        are :meth:`top1`'s (greedy: the same tensor), ``prob_of`` of the result is top1's
+        probabilities, bit for bit what it would compute (for the argmax, logit - max is exactly 0)."""
+        out = self.put(tokens, fill)
+        if self._top1 is not None and self._top1[0] is self.where and tokens is self._top1[1]:
+            self._prob = (self.where, out, self.put(self._top1[2], 0.0))
+        return out
+
     def prob_of(self, tokens: torch.Tensor, where: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, L] float64: the model's probability of ``tokens`` [B, L] at ``where`` (0 elsewhere)."""
         where = self.where if where is None else where

@@ -149,7 +149,7 @@ class Decoder:
         tokens = sample_at(dist, self.temperature, st.gens, self.top_k, self.top_p, draw=st.active()[2])
         if st.events is not None:
             st.events.propose(dist)
-        return dist.put(tokens, st.x)
+        return dist.put_proposal(tokens, st.x)
 
     def allowed(self, st: DecodeState, dist: Optional[StepDist], masked: Optional[torch.Tensor] = None) -> torch.Tensor:
         """What the order permits now, restricted to the current semi-AR window when that window
