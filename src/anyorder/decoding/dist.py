@@ -7,8 +7,10 @@ works at the ``where`` rows only:
 
 - the probability of a token (``top_prob``, ``threshold``, the trace's confidence) is
   exp((logit - max) - log sum exp(logit - max)) with the exps in float32 and the rest in float64
-  (:meth:`normaliser`): within about 1e-7 relative of the float64 softmax of the same logits --
-  the logits' own precision -- at a tenth of its cost at a 126k vocabulary;
+  (:meth:`normaliser`, once a step): within about 1e-7 relative of the float64 softmax of the
+  same logits -- the logits' own precision -- at a tenth of its cost at a 126k vocabulary; the
+  greedy token is the first maximum found in two vectorised passes (:func:`first_max`), and its
+  probability is reused, not recomputed, when the decoder scores or records it;
 - scores that read the whole distribution (``margin``, ``entropy``) and sampling get float64
   ``F.log_softmax`` rows (:meth:`logp_at`, :meth:`rowwise`): a subset of rows gives bit for bit
   the rows of the full call, since each row is reduced on its own.
