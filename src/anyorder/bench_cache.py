@@ -7,8 +7,9 @@ For every cache option on the ``random`` order (bidirectional: no exact cache sk
   init, output head scaled as in ``bench_decode_cache``), timed round-robin against exact
   uncached decoding in the same process (best of ``repeats``), the same for the time spent in
   the forward passes alone (the loop's own per-step work -- scores at the window's holes,
-  bookkeeping -- is the same for every option and caps the end-to-end ratio), the fraction of answer tokens equal to the exact decode's, and the cost of one full
-  pass against one window pass (``pass_ms``);
+  bookkeeping -- is the same for every option and caps the end-to-end ratio), the fraction of
+  answer tokens equal to the exact decode's, and the cost of one full pass against one window
+  pass (``pass_ms``);
 - accuracy: a small random-order 4x4 Sudoku model (the demo's, trained in fp32) decodes the
   held-out puzzles with each option; puzzle and cell accuracy, and agreement with exact tokens;
 - staleness: which of the dual cache's stale K/V cost it accuracy there -- the dual cache that
@@ -216,7 +217,8 @@ def bench_cache_staleness(run_dir: str = "runs/bench_cache/sudoku4-random", step
             fwd = []
             if rerun is not None:
                 def make(model, order, layout, extra, dec=dec, rerun=rerun):
-                    fwd.append(RerunForward(model, order, layout, dec.windows(layout), dec.cache_spec, extra, rerun=rerun))
+                    fwd.append(RerunForward(model, order, layout, dec.windows(layout), dec.cache_spec, extra,
+                                            rerun=rerun))
                     return fwd[-1]
                 dec.make_forward = make
             out = dec.decode(exp.model, exp.order, prompt, answer, extra=exp.task.extra(),

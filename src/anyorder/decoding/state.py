@@ -35,7 +35,7 @@ class DecodeState:
     layout: Layout
     extra: Optional[Dict[str, torch.Tensor]]
     x: torch.Tensor               # [B, L] current tokens (mask_id where masked)
-    masked: torch.Tensor          # [B, L] bool: answer positions still masked
+    masked: torch.Tensor          # [B, L] bool: answer positions still masked (replaced, never written in place)
     answer: torch.Tensor          # [B, L] bool
     gens: List[torch.Generator]   # one generator per row
     window: torch.Tensor          # [B, L] semi-AR window of each answer position (-1 on prompt)
