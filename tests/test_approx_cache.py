@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anyorder.bench_cache import bench_cache_speed
+from anyorder.bench_cache import RERUN, RerunForward, bench_cache_speed
 from anyorder.decoding import build_decoder
 from anyorder.decoding.approx_cache import ApproxCachedForward
 from anyorder.decoding.forward import CachedForward
@@ -252,3 +252,25 @@ def test_the_benchmark_counts_less_work():
     # dual: per window of 4 steps one full pass (20) and 3 passes of the window (4)
     assert rows["dual"]["query_tokens_per_step"] == (20 + 3 * 4) / 4
     assert rows["dual"]["refreshes"] == 4
+
+
+def test_rerunning_every_stale_part_is_exact(sharp_model):
+    """``bench cache``'s staleness diagnostic: the dual cache that also reruns the prompt and the
+    answer before and after the window every step leaves nothing stale, so it decodes exactly;
+    each part alone leaves the rest stale and (on this sharp model) changes tokens."""
+    x, answer = _ragged()
+    order = build_order("random")
+    spec = {"name": "top_prob", "window": 4}
+    ref = _decode(sharp_model, order, x, answer, spec)
+
+    def rerun_decode(rerun):
+        dec = build_decoder(dict(spec, cache="dual"))
+        dec.make_forward = lambda model, order, layout, extra: RerunForward(
+            model, order, layout, dec.windows(layout), dec.cache_spec, extra, rerun=rerun)
+        return dec.decode(sharp_model, order, x, answer, row_seeds=[3, 5, 7, 9])
+
+    before, after = RERUN["prompt + answer before"], RERUN["answer after the window"]
+    everything = rerun_decode(lambda w, cur: before(w, cur) | after(w, cur))
+    assert torch.equal(everything.tokens, ref.tokens)
+    assert torch.equal(everything.trace.finalize_step, ref.trace.finalize_step)
+    assert not torch.equal(rerun_decode(RERUN["none (dual)"]).tokens, ref.tokens)

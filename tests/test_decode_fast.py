@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 
 from anyorder.bench_decode import TimedForward, llada_generate, timed_decoder
 from anyorder.decoding import build_decoder
-from anyorder.decoding.dist import StepDist
+from anyorder.decoding.dist import StepDist, first_max
 from anyorder.decoding.forward import uncached_forward
 from anyorder.decoding.loop import even_split
 from anyorder.model import ModelConfig, Transformer
@@ -187,3 +187,49 @@ def test_commit_counts_follow_llada_even_split(tiny_model, steps, window):
         for k in range(n_win):
             want += even_split(min(w, n - k * w), steps // n_win)
         assert counts == want + [0] * (len(counts) - len(want))
+
+
+@pytest.mark.parametrize("V", [50, 1024, 1100, 4096 + 7])
+def test_first_max_is_tensor_max(V):
+    """The blocked first maximum gives Tensor.max's values and indices: ties (the first wins), a
+    maximum in the partial last block, NaN (counts as the largest), rows of -inf."""
+    torch.manual_seed(V)
+    x = (torch.randn(9, V) * 5).round()  # rounded: many ties
+    x[1] = float("-inf")
+    x[2, V - 1] = 100.0
+    x[3, 3] = x[3, V - 2] = 200.0
+    x[4, V // 2] = float("nan")
+    x[5] = float("-inf")
+    x[5, V - 1] = 0.0
+    ref = x.max(-1)
+    top, idx = first_max(x)
+    assert torch.equal(idx, ref.indices) and torch.allclose(top, ref.values, equal_nan=True)
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts the calls that read a tensor's value on the host (a sync on a GPU)."""
+
+    READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "equal")
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.n += getattr(func, "__name__", "") in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("spec", [{"name": "top_prob"}, {"name": "top_prob", "steps": 12, "window": 4},
+                                  {"name": "threshold", "tau": 0.3}, {"name": "top_prob", "window": 4, "cache": "dual"}])
+def test_two_host_reads_per_step(tiny_model, spec):
+    """A greedy step reads the device twice: the loop's rows with holes left (whether to go on,
+    which rows to forward) and the model's position check; a cached forward's query count is its
+    one more. No other step-by-step read (nothing compares tokens, counts or tests a mask)."""
+    x, answer = _batch()
+    rec = _HostReads()
+    with rec:
+        r = build_decoder(dict(spec)).decode(tiny_model, build_order("random"), x, answer)
+    steps = int(r.trace.nfe.max())
+    # + the start's window count (2), the loop's last read (1), the event log's flushes (1 per 16 steps)
+    assert rec.n <= (3 if spec.get("cache") else 2) * steps + 3 + (steps + 15) // 16, (rec.n, steps)

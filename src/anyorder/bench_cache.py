@@ -6,12 +6,14 @@ For every cache option on the ``random`` order (bidirectional: no exact cache sk
   256-token answer after a 32-token prompt, batch 1, on a 6-layer width-256 backbone (random
   init, output head scaled as in ``bench_decode_cache``), timed round-robin against exact
   uncached decoding in the same process (best of ``repeats``), the same for the time spent in
-  the forward passes alone (the loop's own per-step work, today a float64 softmax over the
-  whole vocabulary at every position, is the same for every option and caps the end-to-end
-  ratio), the fraction of answer tokens equal to the exact decode's, and the cost of one full
-  pass against one window pass (``pass_ms``);
+  the forward passes alone (the loop's own per-step work -- scores at the window's holes,
+  bookkeeping -- is the same for every option and caps the end-to-end ratio), the fraction of
+  answer tokens equal to the exact decode's, and the cost of one full pass against one window
+  pass (``pass_ms``);
 - accuracy: a small random-order 4x4 Sudoku model (the demo's, trained in fp32) decodes the
-  held-out puzzles with each option; puzzle and cell accuracy, and agreement with exact tokens.
+  held-out puzzles with each option; puzzle and cell accuracy, and agreement with exact tokens;
+- staleness: which of the dual cache's stale K/V cost it accuracy there -- the dual cache that
+  also reruns, every step, the prompt, the answer before the window, or the answer after it.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import torch
 
 from .config import load_config, merge
 from .decoding import build_decoder
+from .decoding.approx_cache import ApproxCachedForward
 from .demo import DEMO_CONFIG
 from .experiment import evaluate, load_run, train
 from .model import ModelConfig, Transformer
@@ -42,7 +45,7 @@ OPTIONS = [("none (exact)", {}),
 
 
 def bench_cache_speed(d_model: int = 256, n_layers: int = 6, prompt_len: int = 32, answer_len: int = 256,
-                      window: int = 32, vocab: int = 1024, repeats: int = 2, threads: int = 1,
+                      window: int = 32, vocab: int = 1024, repeats: int = 3, threads: int = 1,
                       head_scale: float = 10.0) -> Dict[str, object]:
     """Decode time of every option against exact uncached decoding, interleaved, best of
     ``repeats``; one torch thread by default (both sides of every ratio use the same setting)."""
@@ -176,3 +179,54 @@ def bench_cache_sudoku(run_dir: str = "runs/bench_cache/sudoku4-random", steps: 
                          "agreement_with_exact": round(float((out.tokens == ref.tokens)[ans].float().mean()), 4)})
     return {"run_dir": str(run), "train_steps": steps, "train_seconds_if_trained": train_seconds,
             "n_eval": n, "decoder": "top_prob", "results": rows}
+
+
+# the positions, besides the window, that the dual cache reruns every step: [B, L] from the
+# decoder's windows [B, L] (-1 on the prompt) and the current window [B]
+RERUN = {"none (dual)": lambda w, cur: torch.zeros_like(w, dtype=torch.bool),
+         "prompt": lambda w, cur: w < 0,
+         "answer before the window": lambda w, cur: (w >= 0) & (w < cur.unsqueeze(-1)),
+         "answer after the window": lambda w, cur: w > cur.unsqueeze(-1),
+         "prompt + answer before": lambda w, cur: w < cur.unsqueeze(-1)}
+
+
+class RerunForward(ApproxCachedForward):
+    """The dual cache, with the positions ``rerun(window, current window)`` also run every step
+    (their K/V fresh, not as at the window's first step): what staleness there costs."""
+
+    def __init__(self, *args, rerun=None, **kw):
+        super().__init__(*args, **kw)
+        self.rerun = rerun
+
+    def _recompute(self, x, win):
+        return super()._recompute(x, win) | self.rerun(self.window, win)
+
+
+def bench_cache_staleness(run_dir: str = "runs/bench_cache/sudoku4-random", steps: int = 500, n_eval: int = 500,
+                          windows=(4, 8)) -> Dict[str, object]:
+    """Puzzle accuracy of the dual cache when one of its stale parts is rerun every step (see
+    :data:`RERUN`), per semi-AR window, against exact decoding; the query tokens a step costs."""
+    exp = load_run(sudoku_run(run_dir, steps))
+    x0, answer = exp.task.eval_set(min(n_eval, len(exp.task.eval_p)))
+    prompt = torch.where(answer, torch.full_like(x0, exp.task.mask_id), x0)
+    rows = []
+    for window in windows:
+        ref = None
+        for label, rerun in [("exact", None)] + list(RERUN.items()):
+            dec = build_decoder({"name": "top_prob", "window": window, "cache": False if rerun is None else "dual"})
+            fwd = []
+            if rerun is not None:
+                def make(model, order, layout, extra, dec=dec, rerun=rerun):
+                    fwd.append(RerunForward(model, order, layout, dec.windows(layout), dec.cache_spec, extra,
+                                            rerun=rerun))
+                    return fwd[-1]
+                dec.make_forward = make
+            out = dec.decode(exp.model, exp.order, prompt, answer, extra=exp.task.extra(),
+                             row_seeds=list(range(len(x0))))
+            ref = out if ref is None else ref
+            met = exp.task.metrics(out.tokens, x0, answer)
+            rows.append({"window": window, "rerun": label, "puzzle_acc": round(met["puzzle_acc"], 4),
+                         "agreement_with_exact": round(float((out.tokens == ref.tokens)[answer].float().mean()), 4),
+                         "query_tokens_per_step": round(fwd[0].query_tokens / int(out.trace.nfe.sum()), 1) if fwd
+                         else float(x0.shape[1])})
+    return {"run_dir": run_dir, "n_eval": len(x0), "decoder": "top_prob", "results": rows}

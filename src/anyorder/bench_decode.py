@@ -141,45 +141,48 @@ def compare_with_llada(vocab: int = 8192, d_model: int = 256, n_layers: int = 6,
 
 def loop_overhead(vocab: int = 126464, d_model: int = 256, n_layers: int = 6, prompt_len: int = 32,
                   answer_len: int = 128, block: int = 32, steps: int = 128, batch: int = 1,
-                  head_scale: float = 10.0, max_steps: int = 32) -> Dict[str, object]:
+                  head_scale: float = 10.0, max_steps: int = 32, repeats: int = 3) -> Dict[str, object]:
     """The loop's own share of a decoding step at a large vocabulary (LLaDA's is 126,464): the
     seconds outside the model's forward passes over the total, for anyorder's ``top_prob`` and for
     the plain reference loop. ``max_steps`` steps of each (the first block or so): every step costs
-    the same forward, and the loop's work per step only shrinks later in a block."""
+    the same forward, and the loop's work per step only shrinks later in a block. Each side runs
+    ``repeats`` times, round-robin; the quickest run of each is reported (the machine at its
+    quietest: a busy machine slows the forward and the loop differently)."""
     model = _model(vocab, d_model, n_layers, prompt_len + answer_len, head_scale)
     prompt, x, answer = _prompts(batch, prompt_len, answer_len, vocab)
-    dec = timed_decoder({"name": "top_prob", "steps": steps, "window": block})
-    t0 = time.perf_counter()
-    try:
-        dec.decode(model, build_order("random"), x, answer, max_steps=max_steps)
-    except RuntimeError:  # stopped after max_steps, as asked
-        pass
-    total = time.perf_counter() - t0
-    fwd = dec.forwards[0]
-
-    # the reference loop's share, over the same number of steps (its forward timed the same way)
     ref_fwd = {"s": 0.0}
     model_call = model.forward
 
-    def timed(*a, **kw):
+    def timed(*a, **kw):  # the reference loop's forward, timed the same way
         t = time.perf_counter()
         try:
             return model_call(*a, **kw)
         finally:
             ref_fwd["s"] += time.perf_counter() - t
 
-    model.forward = timed
-    t0 = time.perf_counter()
-    llada_generate(model, prompt, answer_len, steps, block, vocab - 1, max_steps=max_steps)
-    ref_total = time.perf_counter() - t0
-    del model.forward
-    return {"vocab": vocab, "batch": batch, "steps_timed": fwd.calls,
-            "anyorder": {"seconds_per_step": round(total / fwd.calls, 4),
-                         "forward_seconds_per_step": round(fwd.seconds / fwd.calls, 4),
-                         "loop_fraction": round(1 - fwd.seconds / total, 4)},
-            "llada": {"seconds_per_step": round(ref_total / max_steps, 4),
-                      "forward_seconds_per_step": round(ref_fwd["s"] / max_steps, 4),
-                      "loop_fraction": round(1 - ref_fwd["s"] / ref_total, 4)}}
+    runs: Dict[str, List] = {"anyorder": [], "llada": []}
+    for _ in range(repeats):
+        dec = timed_decoder({"name": "top_prob", "steps": steps, "window": block})
+        t0 = time.perf_counter()
+        try:
+            dec.decode(model, build_order("random"), x, answer, max_steps=max_steps)
+        except RuntimeError:  # stopped after max_steps, as asked
+            pass
+        fwd = dec.forwards[0]
+        runs["anyorder"].append((time.perf_counter() - t0, fwd.seconds, fwd.calls))
+        ref_fwd["s"] = 0.0
+        model.forward = timed
+        t0 = time.perf_counter()
+        llada_generate(model, prompt, answer_len, steps, block, vocab - 1, max_steps=max_steps)
+        runs["llada"].append((time.perf_counter() - t0, ref_fwd["s"], max_steps))
+        del model.forward
+    out = {"vocab": vocab, "batch": batch, "steps_timed": max_steps, "repeats": repeats}
+    for name, r in runs.items():
+        total, fwd_s, n = min(r)
+        out[name] = {"seconds_per_step": round(total / n, 4), "forward_seconds_per_step": round(fwd_s / n, 4),
+                     "loop_fraction": round(1 - fwd_s / total, 4),
+                     "loop_fraction_all_runs": [round(1 - f / t, 4) for t, f, _ in r]}
+    return out
 
 
 def threshold_row_passes(vocab: int = 8192, d_model: int = 256, n_layers: int = 6, prompt_len: int = 32,

@@ -66,16 +66,15 @@ class AncestralDecoder(Decoder):
         stale = torch.ones(B, dtype=torch.bool, device=dev)      # row changed since its last forward pass
         grid_pos = torch.zeros(B, dtype=torch.long, device=dev)  # steps taken on the current window's grid
         grid_win = torch.full((B,), -1, dtype=torch.long, device=dev)
-        while st.masked.any():
+        while st.active()[2]:  # rows with a hole left (one host read a step: DecodeState.active)
             st.check_limit()
-            active = st.masked.any(-1)
+            active, rows, _ = st.active()
             need = (stale if self.skip_unchanged else torch.ones_like(stale)) & active
             if need.any():
                 # the unfinished rows run (finished ones cost nothing); only the rows that changed
                 # take the new outputs. Running just those would also be exact in exact arithmetic,
                 # but a different batch shape can round differently in the matmuls (MKL), which
                 # would move the trace's confidences in the last bits
-                rows = None if bool(active.all()) else active.nonzero().squeeze(-1)
                 fresh = forward(st.x, st.masked) if rows is None else forward(st.x, st.masked, rows)
                 fresh = (fresh,) if torch.is_tensor(fresh) else tuple(fresh)
                 if out is None and rows is None:

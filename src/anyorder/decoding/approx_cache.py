@@ -40,7 +40,7 @@ import torch
 
 from ..checks import check_float, check_int, show
 from ..model.kv_cache import KVCache
-from .forward import cached_forward, run_queries, uncached_forward
+from .forward import QueryCounts, cached_forward, full_attention, new_logits, read_logits, run_queries, uncached_forward
 
 APPROX_MODES = ("prefix", "dual", "drift")
 _BIG = torch.iinfo(torch.long).max
@@ -96,13 +96,17 @@ class ApproxCachedForward:
         self.model, self.order, self.layout, self.extra = model, order, layout, extra
         self.window, self.spec = window, spec
         self.cache = None
-        self.query_tokens = self.calls = self.refreshes = 0
+        self.counts = QueryCounts()
+        self._refreshes = 0
+
+    query_tokens = property(lambda self: self.counts.tokens)
+    calls = property(lambda self: self.counts.calls)
+    refreshes = property(lambda self: int(self._refreshes))
 
     def _start(self, x: torch.Tensor) -> None:
         B, L = x.shape
         self.cache = KVCache(self.model, B, L)
-        self.logits = torch.zeros(B, L, self.model.cfg.vocab_size, device=x.device)
-        self.logits[..., self.model.cfg.mask_id] = float("-inf")
+        self.logits = new_logits(self.model, B, L, x.device)
         self.tokens = torch.full_like(x, -1)          # the token each slot's K/V was computed with
         self.win_at = torch.full((B,), -1, dtype=torch.long, device=x.device)  # window at refresh
         self.since = torch.zeros(B, dtype=torch.long, device=x.device)        # steps on this cache
@@ -110,13 +114,12 @@ class ApproxCachedForward:
 
     def __call__(self, x: torch.Tensor, masked: torch.Tensor, rows=None, where=None) -> torch.Tensor:
         """The decoding loop's forward protocol (decoding/forward.py): ``rows`` -> those batch rows'
-        logits only (finished rows run nothing here anyway); ``where`` is not used."""
+        logits only (finished rows run nothing here anyway); ``where`` -> the [N, V] logits there."""
         B, L = x.shape
         first = self.cache is None
         if first:
             self._start(x)
-        attn = self.order.decode_attention(masked, self.layout)
-        attn = torch.ones(B, L, L, dtype=torch.bool, device=x.device) if attn is None else attn.expand(B, L, L)
+        attn = full_attention(self.order.decode_attention(masked, self.layout), B, L, x.device)
         active = masked.any(-1)
         win = torch.where(masked, self.window, torch.full_like(self.window, _BIG)).min(-1).values  # [B]
         refresh = (win != self.win_at) & active
@@ -125,7 +128,7 @@ class ApproxCachedForward:
         if first:  # one full pass: exact logits everywhere, every slot written
             refresh = torch.ones_like(active)
         run = self._recompute(x, win) & active.unsqueeze(-1)
-        self._pass(x, torch.where(refresh.unsqueeze(-1), torch.ones_like(run), run), attn)
+        self._pass(x, run | refresh.unsqueeze(-1), attn)
         check = ~refresh & active
         if self.spec.mode == "drift" and bool(check.any()):
             drifted = check & (self._drift(x, run) > self.spec.tol)
@@ -133,7 +136,7 @@ class ApproxCachedForward:
                 self._pass(x, drifted.unsqueeze(-1).expand(B, L), attn)
                 refresh = refresh | drifted
         self._refreshed(x, refresh, win, active)
-        return self.logits.clone() if rows is None else self.logits[rows]
+        return read_logits(self.logits, L, rows, where)
 
     def _recompute(self, x: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
         """[B, L] the positions a non-refresh step runs: the window (``prefix``: from its first
@@ -146,11 +149,8 @@ class ApproxCachedForward:
 
     def _pass(self, x: torch.Tensor, q: torch.Tensor, attn: torch.Tensor) -> None:
         """Run ``q`` [B, L] over every slot (each was written by the first, full pass)."""
-        n = run_queries(self.model, self.cache, self.logits, x, q, attn, torch.ones_like(q), self.extra)
+        self.counts.add(run_queries(self.model, self.cache, self.logits, x, q, attn, torch.ones_like(q), self.extra))
         self.tokens = torch.where(q, x, self.tokens)
-        if n:
-            self.query_tokens += n
-            self.calls += 1
 
     def _drift(self, x: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
         """[B] relative change, all layers, of the K/V of the positions just run whose token is
@@ -169,7 +169,7 @@ class ApproxCachedForward:
         snapshot their K/V); the others count one more step."""
         self.since = torch.where(refresh, torch.ones_like(self.since), self.since + active.long())
         self.win_at = torch.where(refresh, win, self.win_at)
-        self.refreshes += int(refresh.sum())
+        self._refreshes = self._refreshes + refresh.sum()  # a tensor: no host read per step
         if self.spec.mode != "drift" or not bool(refresh.any()):
             return
         L = x.shape[1]

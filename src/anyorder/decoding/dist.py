@@ -7,8 +7,10 @@ works at the ``where`` rows only:
 
 - the probability of a token (``top_prob``, ``threshold``, the trace's confidence) is
   exp((logit - max) - log sum exp(logit - max)) with the exps in float32 and the rest in float64
-  (:meth:`normaliser`): within about 1e-7 relative of the float64 softmax of the same logits --
-  the logits' own precision -- at a tenth of its cost at a 126k vocabulary;
+  (:meth:`normaliser`, once a step): within about 1e-7 relative of the float64 softmax of the
+  same logits -- the logits' own precision -- at a tenth of its cost at a 126k vocabulary; the
+  greedy token is the first maximum found in two vectorised passes (:func:`first_max`), and its
+  probability is reused, not recomputed, when the decoder scores or records it;
 - scores that read the whole distribution (``margin``, ``entropy``) and sampling get float64
   ``F.log_softmax`` rows (:meth:`logp_at`, :meth:`rowwise`): a subset of rows gives bit for bit
   the rows of the full call, since each row is reduced on its own.
@@ -33,6 +35,27 @@ import torch.nn.functional as F
 CHUNK_BYTES = 2 ** 21  # float64 log-probs worked on at a time: a block of rows that stays in cache
 
 
+BLOCK = 256  # first_max: the columns reduced per block
+
+
+def first_max(x: torch.Tensor):
+    """``x.max(-1)`` of [N, V] float logits (values, indices: the first of equal maxima; NaN counts
+    as the largest, as in Tensor.max), in two vectorised passes at a large vocabulary: the max of
+    each block of ``BLOCK`` columns (``amax``, several times faster than ``max`` with indices),
+    the first block holding the row's max, and the first maximum inside it."""
+    N, V = x.shape
+    n = V // BLOCK * BLOCK
+    if n < 4 * BLOCK or N == 0:  # small: the plain reduction is as fast
+        return x.max(-1)
+    bm = x[:, :n].view(N, n // BLOCK, BLOCK).amax(-1)
+    if n < V:
+        bm = torch.cat([bm, x[:, n:].amax(-1, keepdim=True)], -1)
+    idx = bm.argmax(-1, keepdim=True) * BLOCK + torch.arange(BLOCK, device=x.device)
+    vals = x.gather(1, idx.clamp_max(V - 1)).masked_fill_(idx >= V, float("-inf"))
+    top, at = vals.max(-1, keepdim=True)
+    return top.squeeze(-1), idx.gather(1, at).squeeze(-1)
+
+
 class StepDist:
     """logits [R, L, V] of batch rows ``rows`` [R] (None: all B rows), or [N, V] at the True
     positions of ``where`` (row-major); ``where`` [B, L] bool the positions this step may commit
@@ -51,6 +74,7 @@ class StepDist:
         self._full = None
         self._top1 = None          # (where, argmax [N], its probability [N]) from top1()
         self._prob = None          # (where, tokens, probabilities [B, L]) from prob_of()
+        self._norm = None          # (where, max [N], sum of exps [N]) from normaliser()
 
     @property
     def shape(self):
@@ -112,18 +136,27 @@ class StepDist:
         in float64: log p = (logit - max) - log(sum) is then the float64 log-probability of the
         float32 logits to about 1e-7 relative, the precision of the logits themselves, at a tenth of
         the cost of a float64 log-softmax (which converts and writes every entry). ``top``: the
-        [N] max logits if known."""
+        [N] max logits if known. Computed once per step at the candidates (kept for ``prob_of``)."""
+        where = self.where if where is None else where
+        if self._norm is not None and self._norm[0] is where:
+            return self._norm[1], self._norm[2]
         x = self.logits_at(where)
         m = x.amax(-1) if top is None else top
         step = max(1, CHUNK_BYTES // (4 * x.shape[-1]))
-        s = [(x[i:i + step] - m[i:i + step, None]).exp_().sum(-1) for i in range(0, len(x), step)]
-        return m, (torch.cat(s) if s else m.new_zeros(0)).double()  # float32 cascade sum: ~1e-7 too
+        # one scratch block for every block of rows: a fresh multi-MB tensor per block would be a
+        # fresh mapping from the OS, paid in page faults (a third of the normaliser's time at 126k)
+        buf = x.new_empty(min(step, len(x)), x.shape[-1])
+        s = [torch.sub(x[i:i + step], m[i:i + step, None], out=buf[:len(x[i:i + step])]).exp_().sum(-1)
+             for i in range(0, len(x), step)]
+        s = (torch.cat(s) if s else m.new_zeros(0)).double()  # float32 cascade sum: ~1e-7 too
+        self._norm = (where, m, s)
+        return m, s
 
     def top1(self):
         """([N] argmax token, [N] its float64 probability 1 / sum exp(logit - max)) at the commit
         candidates."""
         if self._top1 is None or self._top1[0] is not self.where:
-            top, tok = self.logits_at().max(-1)  # argmax (the first of equal maxima), vectorised
+            top, tok = first_max(self.logits_at())  # the first of equal maxima, as Tensor.max
             _, s = self.normaliser(top=top)
             self._top1 = (self.where, tok, torch.exp(-torch.log(s)))
         return self._top1[1], self._top1[2]
@@ -137,18 +170,26 @@ class StepDist:
         out[where] = values
         return out
 
+    def put_proposal(self, tokens: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+        """[B, L]: the step's proposed ``tokens`` [N] at the candidates, ``fill`` elsewhere. When they
+        are :meth:`top1`'s (greedy: the same tensor), ``prob_of`` of the result is top1's
+        probabilities, bit for bit what it would compute (for the argmax, logit - max is exactly 0)."""
+        out = self.put(tokens, fill)
+        if self._top1 is not None and self._top1[0] is self.where and tokens is self._top1[1]:
+            self._prob = (self.where, out, self.put(self._top1[2], 0.0))
+        return out
+
     def prob_of(self, tokens: torch.Tensor, where: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, L] float64: the model's probability of ``tokens`` [B, L] at ``where`` (0 elsewhere)."""
         where = self.where if where is None else where
         if self._prob is not None and self._prob[0] is where and self._prob[1] is tokens:
             return self._prob[2]
         tok = tokens[where]
-        if self._top1 is not None and self._top1[0] is where and torch.equal(tok, self._top1[1]):
-            p = self._top1[2]                                    # the greedy proposals' probabilities
-        else:
-            m, s = self.normaliser(where)
-            x_tok = self.logits_at(where).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
-            p = torch.exp((x_tok.double() - m.double()) - torch.log(s))
+        # no test of tok against the argmax (a host sync on a GPU): for the argmax, logit - max is
+        # exactly 0, so this is bit for bit top1()'s exp(-log(sum)); the normaliser is computed once
+        m, s = self.normaliser(where)
+        x_tok = self.logits_at(where).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+        p = torch.exp((x_tok.double() - m.double()) - torch.log(s))
         self._prob = (where, tokens, self.put(p, 0.0, where))
         return self._prob[2]
 

@@ -51,18 +51,18 @@ class CachedForward:
         self.model, self.order, self.layout, self.extra = model, order, layout, extra
         self.cache = None
         self.logits = None
-        self.query_tokens = 0
-        self.calls = 0
+        self.counts = QueryCounts()
+
+    query_tokens = property(lambda self: self.counts.tokens)
+    calls = property(lambda self: self.counts.calls)
 
     def __call__(self, x: torch.Tensor, masked: torch.Tensor, rows=None, where=None) -> torch.Tensor:
         B, L = x.shape
         if self.cache is None:
             self.cache = KVCache(self.model, B, L)
-            self.logits = torch.zeros(B, L, self.model.cfg.vocab_size, device=x.device)
-            self.logits[..., self.model.cfg.mask_id] = float("-inf")
-        attn = self.order.decode_attention(masked, self.layout)
-        attn = torch.ones(B, L, L, dtype=torch.bool, device=x.device) if attn is None else attn.expand(B, L, L)
-        if self.calls == 0:  # a full pass
+            self.logits = new_logits(self.model, B, L, x.device)
+        attn = full_attention(self.order.decode_attention(masked, self.layout), B, L, x.device)
+        if self.counts.calls == 0:  # a full pass
             live = torch.ones_like(masked)
         else:
             live = self.order.live(masked, self.layout)
@@ -70,28 +70,64 @@ class CachedForward:
             live = live & masked.any(-1, keepdim=True)  # a finished row needs no logits
         valid = self.cache.valid(x, attn)
         q = query_set(live, valid, attn)
-        n = run_queries(self.model, self.cache, self.logits, x, q, attn, valid | q, self.extra)
-        if n:
-            self.query_tokens += n
-            self.calls += 1
+        self.counts.add(run_queries(self.model, self.cache, self.logits, x, q, attn, valid | q, self.extra))
         # K/V just computed in a state they can no longer leave: keep them
         self.cache.store(q & self.order.frozen(masked, self.layout), x, attn)
-        return self.logits.clone() if rows is None else self.logits[rows]  # finished rows ran nothing
+        return read_logits(self.logits, L, rows, where)  # finished rows ran nothing
 
 
-def run_queries(model, cache, logits, x, q, attn, keys, extra=None) -> int:
+class QueryCounts:
+    """Query tokens run and passes made by a cached forward, kept as a tensor (reading a count
+    every step would be a host sync on a GPU; it is read when asked)."""
+
+    def __init__(self):
+        self.calls, self._tokens = 0, 0
+
+    def add(self, n) -> None:
+        if n is not None:
+            self.calls += 1
+            self._tokens = self._tokens + n
+
+    @property
+    def tokens(self) -> int:
+        return int(self._tokens)
+
+
+def new_logits(model, B: int, L: int, device) -> torch.Tensor:
+    """[B, L + 1, V] logits buffer (slot L: scratch for padding queries), -inf at the mask id."""
+    logits = torch.zeros(B, L + 1, model.cfg.vocab_size, device=device)
+    logits[..., model.cfg.mask_id] = float("-inf")
+    return logits
+
+
+def full_attention(attn, B: int, L: int, device) -> torch.Tensor:
+    """[B, L, L] bool attention rows (an order's ``None`` = every position sees every other)."""
+    return torch.ones(B, L, L, dtype=torch.bool, device=device) if attn is None else attn.expand(B, L, L)
+
+
+def read_logits(logits: torch.Tensor, L: int, rows=None, where=None) -> torch.Tensor:
+    """What a cached forward returns from its [B, L + 1, V] buffer, by the forward protocol:
+    [N, V] at ``where`` (a copy of those rows only), else [R, L, V] of ``rows``, else [B, L, V]
+    (a copy: the buffer changes on the next call)."""
+    if where is not None:
+        return logits[:, :L][where]
+    return logits[:, :L].clone() if rows is None else logits[rows, :L]
+
+
+def run_queries(model, cache, logits, x, q, attn, keys, extra=None):
     """Run the positions ``q`` [B, L] of ``x`` against ``cache`` (their K/V are written into it
     in every layer; they attend to the slots ``keys`` [B, L] under the rows of ``attn``
-    [B, L, L]) and write their logits into ``logits`` [B, L, V]. Returns how many ran."""
+    [B, L, L]) and write their logits into ``logits`` [B, L + 1, V] (padding queries into slot
+    L). Returns how many ran (a 0-dim tensor), or None when nothing did."""
     B, L = x.shape
     pos, slots, real = pack(q, scratch=L)
-    if pos.shape[1] == 0 or not bool(real.any()):
-        return 0
+    if pos.shape[1] == 0:  # no row has a query (pack read the largest count)
+        return None
     mask = query_mask(attn, keys, pos, real)
     out = model.forward_cached(torch.gather(x, 1, pos), pos, cache, slots, mask, extra=gather_extra(extra, pos))
-    b = torch.arange(B, device=x.device).unsqueeze(-1).expand_as(pos)
-    logits[b[real], pos[real]] = out[real]
-    return int(real.sum())
+    flat = (slots + (L + 1) * torch.arange(B, device=x.device).unsqueeze(-1)).flatten()
+    logits.view(B * (L + 1), -1).index_copy_(0, flat, out.flatten(0, 1).to(logits.dtype))
+    return real.sum()
 
 
 def cached_forward(model, order, layout, extra=None):

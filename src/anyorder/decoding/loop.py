@@ -134,8 +134,7 @@ class Decoder:
         the candidates do not depend on the logits the output head runs at them only."""
         x = st.x if x is None else x
         masked = st.masked if masked is None else masked
-        active = st.masked.any(-1)
-        rows = None if bool(active.all()) else active.nonzero().squeeze(-1)
+        active, rows, _ = st.active()
         if self.needs_all_logits or st.order.reads_logp:
             dist = StepDist(forward(x, masked, rows), x.shape[0], rows)
             dist.where = self.allowed(st, dist, masked) & active.unsqueeze(-1)
@@ -147,10 +146,10 @@ class Decoder:
     def propose(self, dist: StepDist, st: DecodeState) -> torch.Tensor:
         """[B, L] the proposed token at the step's commit candidates ``dist.where`` (greedy or
         float64 Gumbel-max; the current token elsewhere). Rows with holes draw their noise."""
-        tokens = sample_at(dist, self.temperature, st.gens, self.top_k, self.top_p, draw=st.masked.any(-1))
+        tokens = sample_at(dist, self.temperature, st.gens, self.top_k, self.top_p, draw=st.active()[2])
         if st.events is not None:
             st.events.propose(dist)
-        return dist.put(tokens, st.x)
+        return dist.put_proposal(tokens, st.x)
 
     def allowed(self, st: DecodeState, dist: Optional[StepDist], masked: Optional[torch.Tensor] = None) -> torch.Tensor:
         """What the order permits now, restricted to the current semi-AR window when that window
@@ -246,15 +245,15 @@ class Decoder:
 
     def run(self, st: DecodeState, forward) -> None:
         """Steps until no masked answer position is left."""
-        while st.masked.any():
+        while st.active()[2]:  # rows with a hole left
             st.check_limit()
-            active = st.masked.any(-1)
+            active = st.active()[0]
             self.step(st, forward)
             st.advance(active)
 
     def step(self, st: DecodeState, forward) -> None:
         """One forward pass (of the unfinished rows), one commit."""
-        active = st.masked.any(-1)
+        active = st.active()[0]
         dist = self.step_dist(st, forward)
         proposal = self.propose(dist, st)
         commit = self.choose(st, dist, proposal, dist.where)

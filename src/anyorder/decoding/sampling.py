@@ -58,10 +58,11 @@ def sample_tokens(logits: torch.Tensor, temperature: float, gens: List[torch.Gen
 
 
 def sample_at(dist, temperature: float, gens: List[torch.Generator], top_k: int = 0, top_p: float = 1.0,
-              draw: Optional[torch.Tensor] = None) -> torch.Tensor:
+              draw=None) -> torch.Tensor:
     """[N] token ids at the step's commit candidates ``dist.where`` (row-major), the same tokens
     :func:`sample_tokens` gives there on the whole [B, L, V] logits. Greedy: the argmax. Sampled:
-    each row in ``draw`` [B] bool (default: rows with a candidate) draws its full [L, V] float64
+    each row in ``draw`` ([B] bool, or a host list of row indices; default: rows with a
+    candidate) draws its full [L, V] float64
     uniforms from its own generator, exactly as :func:`sample_tokens` does, so every stream stays
     the same; the tempered log-softmax, filtering and Gumbel transform run at the candidates only."""
     if temperature < 0:
@@ -76,7 +77,8 @@ def sample_at(dist, temperature: float, gens: List[torch.Generator], top_k: int 
     draw = dist.where.any(-1) if draw is None else draw
     L, V = dist.shape[1], logp.shape[-1]
     noise = torch.empty_like(logp)
-    for row in draw.nonzero().squeeze(-1).tolist():  # host loop: one generator per row
+    rows = draw if isinstance(draw, list) else draw.nonzero().squeeze(-1).tolist()
+    for row in rows:  # host loop: one generator per row
         u = torch.rand(L, V, generator=gens[row], dtype=torch.float64, device=gens[row].device)
         sel = b == row
         noise[sel] = gumbel(u[pos[sel]])

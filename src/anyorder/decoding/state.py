@@ -35,7 +35,7 @@ class DecodeState:
     layout: Layout
     extra: Optional[Dict[str, torch.Tensor]]
     x: torch.Tensor               # [B, L] current tokens (mask_id where masked)
-    masked: torch.Tensor          # [B, L] bool: answer positions still masked
+    masked: torch.Tensor          # [B, L] bool: answer positions still masked (replaced, never written in place)
     answer: torch.Tensor          # [B, L] bool
     gens: List[torch.Generator]   # one generator per row
     window: torch.Tensor          # [B, L] semi-AR window of each answer position (-1 on prompt)
@@ -51,6 +51,19 @@ class DecodeState:
     info: Dict[str, Any] = field(default_factory=dict)  # decoder-specific (phase, counters)
     seeds: List[int] = field(default_factory=list)        # the row seeds gens were made from
     events: Optional[EventLog] = None   # every commit / re-mask / edit (decoding/events.py)
+    _active: Optional[tuple] = field(default=None, repr=False)  # (masked, active, rows, live)
+
+    def active(self):
+        """(active [B] bool: the rows with a hole; rows [R]: their indices, None when every row has
+        one; live: the same indices as a host list). One host read per state of ``masked`` (a GPU
+        decode syncs once per step for it: the loop needs to know whether to go on, which rows to
+        forward, and which rows' generators draw)."""
+        if self._active is None or self._active[0] is not self.masked:
+            act = self.masked.any(-1)
+            live = [b for b, a in enumerate(act.tolist()) if a]
+            rows = None if len(live) == len(act) else torch.tensor(live, dtype=torch.long, device=act.device)
+            self._active = (self.masked, act, rows, live)
+        return self._active[1:]
 
     def reseed(self, phase: int) -> None:
         """Fresh per-row generators for a new phase of a decode (an edit round). A batched row
