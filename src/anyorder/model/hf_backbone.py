@@ -335,8 +335,15 @@ def build_hf_backbone(options: Dict[str, Any], vocab_size: Optional[int] = None,
         hf.resize_token_embeddings(int(vocab_size))
     if mask_id is None:
         raise ValueError("backbone 'hf' needs a mask id (the task's, or the tokenizer's: see anyorder.adapters.hf_generate)")
+    model = wrap_hf(hf, int(mask_id), extra_embeddings, opts["shift_logits"])
+    return apply_lora(model, opts["lora"]) if opts["lora"] is not None and opts["lora"]["r"] > 0 else model
+
+
+def wrap_hf(hf: nn.Module, mask_id: int, extra_embeddings: Optional[Dict[str, int]] = None,
+            shift_logits: bool = False) -> HFBackbone:
+    """The backbone class that reads this model's layout, chosen by what its forward takes: a
+    base model taking ``attention_bias`` and no positions (LLaDA) or the *ForCausalLM / *ForMaskedLM one."""
     from .hf_llada import BiasBackbone  # lazy: it subclasses HFBackbone (an import cycle at module level)
 
     cls = BiasBackbone if BiasBackbone.fits(hf) else HFBackbone
-    model = cls(hf, int(mask_id), extra_embeddings, opts["shift_logits"])
-    return apply_lora(model, opts["lora"]) if opts["lora"] is not None and opts["lora"]["r"] > 0 else model
+    return cls(hf, int(mask_id), extra_embeddings, shift_logits)
