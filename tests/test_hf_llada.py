@@ -204,7 +204,12 @@ def test_decoding_runs_uncached_and_refuses_a_cache():
             build_decoder({"name": "top_prob", "cache": mode}).decode(m, order, x, answer)
 
 
-def test_lora_adapts_every_block_projection_but_not_the_head():
+NAMES = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+
+
+@pytest.mark.parametrize("targets,names", [("all-linear", NAMES), (["q_proj", "v_proj", "ff_out"], ("q_proj", "v_proj", "ff_out"))])
+def test_lora_adapts_block_projections_but_never_the_head(targets, names):
+    """The head ``transformer.ff_out`` shares its last name with each block's ``ff_out``."""
     pytest.importorskip("peft")
     from anyorder.model.lora import LORA_DEFAULTS, apply_lora, merge_lora  # lazy: peft is optional
 
@@ -212,10 +217,9 @@ def test_lora_adapts_every_block_projection_but_not_the_head():
     x, answer = batch()
     with torch.no_grad():
         before = m(x)
-    apply_lora(m, {**LORA_DEFAULTS, "r": 4, "train_mask_row": False})
+    apply_lora(m, {**LORA_DEFAULTS, "r": 4, "target_modules": targets, "train_mask_row": False})
     adapted = {n.split(".lora_A")[0].split("transformer.")[1] for n, _ in m.named_parameters() if "lora_A" in n}
-    names = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
-    assert adapted == {f"blocks.{i}.{p}" for i in range(2) for p in names}    # the head ff_out is not adapted
+    assert adapted == {f"blocks.{i}.{p}" for i in range(2) for p in names}
     assert {n for n, p in m.named_parameters() if p.requires_grad} == {n for n, _ in m.named_parameters() if "lora_" in n}
     with torch.no_grad():
         torch.testing.assert_close(m(x), before)                              # B = 0: unchanged at step 0
