@@ -193,12 +193,14 @@ def test_two_stream_orders_are_refused_with_the_fix(spec):
 
 
 def test_decoding_runs_uncached_and_refuses_a_cache():
+    """Decoding is one stream under every order (ar and block too); a cache is refused."""
     m = llada()
     x, answer = batch(B=2, L=14, prompt=4)
     x = x.masked_fill(answer, MASK)
+    for spec in ("ar", {"name": "block", "block_size": 4}, "random", {"name": "prefix_block", "block_size": 4}):
+        out = build_decoder("top_prob").decode(m, build_order(spec), x, answer)
+        assert not (out.tokens == MASK).any() and torch.equal(out.tokens[~answer], x[~answer])
     order = build_order({"name": "prefix_block", "block_size": 4})
-    out = build_decoder("top_prob").decode(m, order, x, answer)
-    assert not (out.tokens == MASK).any()
     for mode in (True, "dual"):
         with pytest.raises(ValueError, match="takes no KV cache .* decode with cache: false"):
             build_decoder({"name": "top_prob", "cache": mode}).decode(m, order, x, answer)
