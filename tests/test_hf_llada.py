@@ -232,3 +232,14 @@ def test_lora_adapts_block_projections_but_never_the_head(targets, names):
         assert float((lora_logits - before)[..., :MASK].abs().max()) > 1e-3
         merged = merge_lora(m)(x)
     torch.testing.assert_close(merged, lora_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_remote_code_refusing_sdpa_gets_the_fix():
+    """transformers' error for a remote-code model without sdpa support (LLaDA under 5.x, the
+    message as 5.24 words it) becomes one line naming model.attn_implementation=eager."""
+    from anyorder.model.hf_backbone import explain_load_error
+
+    exc = ValueError("LLaDAModelLM does not support an attention implementation through "
+                     "torch.nn.functional.scaled_dot_product_attention yet. Please request the support ...")
+    err = explain_load_error(exc, "models/llada")
+    assert "model.attn_implementation=eager" in str(err) and "\n" not in str(err)
