@@ -85,13 +85,7 @@ class HFBackbone(nn.Module):
                              f"valid choices: {', '.join(ATTN_IMPLEMENTATIONS)}")
         self.hf = hf
         self.base_name = hf.base_model_prefix
-        heads = [n for n, _ in hf.named_children() if n != self.base_name]
-        if not hasattr(hf, self.base_name) or len(heads) != 1:
-            raise ValueError(f"{type(hf).__name__} is not a base model plus one output head "
-                             f"(children: {[n for n, _ in hf.named_children()]}); wrap a *ForCausalLM or *ForMaskedLM")
-        self.head_name = heads[0]
-        # transformers 5.x names the base model's cache argument ``cache`` (``past_key_values`` before)
-        self.cache_kw = "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
+        self.bind(hf)
         vocab = hf.get_input_embeddings().num_embeddings
         if not 0 <= int(mask_id) < vocab:
             raise ValueError(f"mask id {mask_id} is outside the model's vocabulary of size {vocab}")
@@ -100,9 +94,20 @@ class HFBackbone(nn.Module):
         self.extra = nn.ModuleDict({k: nn.Embedding(int(n), d) for k, n in extra.items()})
         for emb in self.extra.values():  # zero: a pretrained model computes exactly what it did
             nn.init.zeros_(emb.weight)
-        max_len = int(getattr(conf, "max_position_embeddings", None) or 2 ** 31 - 1)
+        max_len = int(getattr(conf, "max_position_embeddings", None) or getattr(conf, "max_sequence_length", None)
+                      or 2 ** 31 - 1)
         self.cfg = HFBackboneConfig(vocab, int(mask_id), d, int(conf.num_hidden_layers), int(conf.num_attention_heads),
                                     max_len, bool(shift_logits), impl, extra_embeddings=extra)
+
+    def bind(self, hf: nn.Module) -> None:
+        """Find the output head beside the base model (the *ForCausalLM / *ForMaskedLM layout)."""
+        heads = [n for n, _ in hf.named_children() if n != self.base_name]
+        if not hasattr(hf, self.base_name) or len(heads) != 1:
+            raise ValueError(f"{type(hf).__name__} is not a base model plus one output head "
+                             f"(children: {[n for n, _ in hf.named_children()]}); wrap a *ForCausalLM or *ForMaskedLM")
+        self.head_name = heads[0]
+        # transformers 5.x names the base model's cache argument ``cache`` (``past_key_values`` before)
+        self.cache_kw = "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
 
     @property
     def base(self) -> nn.Module:
@@ -119,17 +124,8 @@ class HFBackbone(nn.Module):
     def attention_mask(self, attn_mask: Optional[torch.Tensor], B: int, L: int, dtype, device,
                        keys: Optional[int] = None) -> torch.Tensor:
         """The order's [B, L, keys] bool mask (None: all visible) as this implementation's 4-D mask."""
-        keys = L if keys is None else keys
-        if attn_mask is None:
-            allow = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device).expand(B, 1, L, keys)
-        else:
-            allow = attn_mask.to(device=device, dtype=torch.bool)
-            allow = (allow.unsqueeze(1) if allow.dim() == 3 else allow).expand(B, 1, L, keys)
-        if self.cfg.attn_implementation == "sdpa":
-            return allow
-        # eager adds the mask to the scores: 0 where allowed, the dtype's minimum where not
-        zero = torch.zeros((), dtype=dtype, device=device)
-        return torch.where(allow, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device))
+        allow = allowed(attn_mask, B, L, L if keys is None else keys, device)
+        return allow if self.cfg.attn_implementation == "sdpa" else additive(allow, dtype)  # eager adds it
 
     def embed(self, tokens: torch.Tensor, extra: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         B, L = tokens.shape
@@ -165,12 +161,15 @@ class HFBackbone(nn.Module):
 
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:
         """float32 logits [..., V] of hidden states; the mask column is -inf (MDLM's zero-masking)."""
-        raw = getattr(self.hf, self.head_name)(h)
+        raw = self.raw_logits(h)
         logits = raw.float()
         if logits.data_ptr() == raw.data_ptr():   # float32 already: copy before writing -inf into it
             logits = logits.clone()
         logits[..., self.cfg.mask_id] = float("-inf")
         return logits
+
+    def raw_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return getattr(self.hf, self.head_name)(h)
 
     def forward(self, tokens, attn_mask=None, positions=None, extra=None, t=None) -> torch.Tensor:
         return self.head_logits(self.hidden(tokens, attn_mask, positions, extra, t))
@@ -206,6 +205,21 @@ class HFBackbone(nn.Module):
                                  "with i: decode with cache: false")
             h = torch.where((positions == 0).unsqueeze(-1), h, kv.hidden.gather(1, prev.unsqueeze(-1).expand_as(h)))
         return self.head_logits(h)
+
+
+def allowed(attn_mask: Optional[torch.Tensor], B: int, L: int, keys: int, device) -> torch.Tensor:
+    """An order's [B, L, keys] bool mask (None: all visible) as [B, 1, L, keys], True = may attend."""
+    if attn_mask is None:
+        return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device).expand(B, 1, L, keys)
+    allow = attn_mask.to(device=device, dtype=torch.bool)
+    return (allow.unsqueeze(1) if allow.dim() == 3 else allow).expand(B, 1, L, keys)
+
+
+def additive(allow: torch.Tensor, dtype) -> torch.Tensor:
+    """A bool mask as the bias a kernel *adds* to its scores: 0 where allowed, the dtype's minimum
+    where not (a bool mask added there would be 0/1 and leave every key visible)."""
+    zero = torch.zeros((), dtype=dtype, device=allow.device)
+    return torch.where(allow, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=allow.device))
 
 
 class SlotKV:
@@ -301,6 +315,9 @@ def explain_load_error(exc: Exception, path: str) -> ValueError:
     if "trust_remote_code" in text:
         return ValueError(f"model.path {path!r} runs custom code from its directory: set model.trust_remote_code=true "
                           f"(anyorder generate: --trust-remote-code) only if you trust that code")
+    if "does not support an attention implementation" in text:  # remote code with its own attention (LLaDA)
+        return ValueError(f"model.path {path!r}: its code runs its own attention and refuses transformers' "
+                          f"'sdpa' flag: set model.attn_implementation=eager (generate: --attn-implementation eager)")
     if not Path(path).is_dir():
         return ValueError(f"model.path {path!r} is not a model directory here and not in the local Hugging Face "
                           f"cache (nothing is downloaded: HF_HUB_OFFLINE): download it first "
@@ -318,5 +335,15 @@ def build_hf_backbone(options: Dict[str, Any], vocab_size: Optional[int] = None,
         hf.resize_token_embeddings(int(vocab_size))
     if mask_id is None:
         raise ValueError("backbone 'hf' needs a mask id (the task's, or the tokenizer's: see anyorder.adapters.hf_generate)")
-    model = HFBackbone(hf, int(mask_id), extra_embeddings, opts["shift_logits"])
+    model = wrap_hf(hf, int(mask_id), extra_embeddings, opts["shift_logits"])
     return apply_lora(model, opts["lora"]) if opts["lora"] is not None and opts["lora"]["r"] > 0 else model
+
+
+def wrap_hf(hf: nn.Module, mask_id: int, extra_embeddings: Optional[Dict[str, int]] = None,
+            shift_logits: bool = False) -> HFBackbone:
+    """The backbone class that reads this model's layout, chosen by what its forward takes: a
+    base model taking ``attention_bias`` and no positions (LLaDA) or the *ForCausalLM / *ForMaskedLM one."""
+    from .hf_llada import BiasBackbone  # lazy: it subclasses HFBackbone (an import cycle at module level)
+
+    cls = BiasBackbone if BiasBackbone.fits(hf) else HFBackbone
+    return cls(hf, int(mask_id), extra_embeddings, shift_logits)

@@ -22,9 +22,15 @@ adapters are injected in place (``peft.inject_adapter_in_model``), so the backbo
 structure and a run's ``model.safetensors`` holds base weights and adapters under stable names.
 :func:`merge_lora` folds every adapter into its base layer (``W + alpha/r B A``; the mask row's
 delta into the table) and puts the plain layers back: what ``anyorder export`` saves.
+
+The output head is never adapted (excluded by its full module name, whatever
+``target_modules`` says): ``all-linear`` means the transformer's linear layers, and a list such
+as ``[q_proj, ff_out]`` names layers inside the blocks even where the head shares a last name
+(LLaDA: ``transformer.ff_out``, the head, beside ``blocks.i.ff_out``, each block's MLP output).
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Dict
 
 import torch.nn as nn
@@ -66,8 +72,10 @@ def apply_lora(backbone: nn.Module, options: Dict[str, Any]) -> nn.Module:
     if int(opts["r"]) < 1:
         raise ValueError(f"model.lora.r must be >= 1 to add adapters, got {opts['r']}")
     peft = _peft()
+    head = output_head_name(backbone.hf)
     config = peft.LoraConfig(r=int(opts["r"]), lora_alpha=float(opts["alpha"]), lora_dropout=float(opts["dropout"]),
                              target_modules=opts["target_modules"],
+                             exclude_modules=None if head is None else re.escape(head),
                              trainable_token_indices=[backbone.cfg.mask_id] if opts["train_mask_row"] else None)
     try:
         peft.inject_adapter_in_model(config, backbone.hf)
@@ -77,6 +85,17 @@ def apply_lora(backbone: nn.Module, options: Dict[str, Any]) -> nn.Module:
     for name, p in backbone.named_parameters():
         p.requires_grad_(is_trained(name))
     return backbone
+
+
+def output_head_name(hf: nn.Module):
+    """The module name of the model's output head when it is a linear layer, else None. Names
+    match LoRA targets by suffix, and LLaDA's head ``model.transformer.ff_out`` shares its last
+    name with every block's MLP output (``blocks.i.ff_out``): the head is excluded by full name."""
+    get = getattr(hf, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Linear):
+        return None
+    return next((name for name, module in hf.named_modules() if module is head), None)
 
 
 def is_trained(name: str) -> bool:
