@@ -125,6 +125,14 @@ def test_the_layout_is_recognised_by_its_forward_not_its_name():
     assert m.shard_units() == list(m.hf.model.transformer.blocks)          # FSDP2 wraps each block
 
 
+def test_shift_logits_auto_follows_what_the_head_predicts():
+    """`generate --shift-logits auto` asks the backbone: an AR LM's head predicts the next token (read
+    shifted, as Dream does), a masked LM's and LLaDA's their own position's."""
+    assert backbone("llama").head_predicts_next_token is True
+    assert backbone("bert").head_predicts_next_token is False
+    assert llada().head_predicts_next_token is False
+
+
 def test_no_mask_is_the_models_own_bidirectional_pass_and_a_mask_its_explicit_bias():
     m = llada()
     x, answer = batch(B=2, L=14, prompt=3)

@@ -43,7 +43,7 @@ def load_generator(model_dir: str, mask_id: Optional[int] = None, add_mask_token
     shift_logits = info.get("shift_logits") if shift_logits is None else shift_logits
     attn_implementation = attn_implementation or info.get("attn_implementation") or "sdpa"
     try:
-        config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)  # its error first
     except (OSError, ValueError) as exc:
         raise explain_load_error(exc, model_dir) from None
     try:
@@ -62,10 +62,10 @@ def load_generator(model_dir: str, mask_id: Optional[int] = None, add_mask_token
         mask_id = tok.mask_token_id
     opts = {"path": str(model_dir), "attn_implementation": attn_implementation, "dtype": dtype,
             "trust_remote_code": trust_remote_code}
-    if shift_logits is None:  # a causal LM's head predicts the next token (Dream reads it shifted)
-        shift_logits = not any(a.endswith("ForMaskedLM") for a in (getattr(config, "architectures", None) or []))
-    opts["shift_logits"] = bool(shift_logits)
+    opts["shift_logits"] = bool(shift_logits)  # auto (None): unshifted until the model says otherwise
     model = build_hf_backbone(opts, vocab_size=len(tok), mask_id=int(mask_id))
+    if shift_logits is None:  # an AR LM's head predicts the next token (Dream reads it shifted); LLaDA's its own
+        model.cfg.shift_logits = model.head_predicts_next_token
     return model.eval(), tok
 
 

@@ -99,6 +99,13 @@ class HFBackbone(nn.Module):
         self.cfg = HFBackboneConfig(vocab, int(mask_id), d, int(conf.num_hidden_layers), int(conf.num_attention_heads),
                                     max_len, bool(shift_logits), impl, extra_embeddings=extra)
 
+    @property
+    def head_predicts_next_token(self) -> bool:
+        """Whether the pretrained head predicts the token after its position (an AR LM, read shifted
+        as Dream does) rather than its own (a masked LM): what ``shift_logits: auto`` follows."""
+        names = [type(self.hf).__name__] + list(getattr(self.hf.config, "architectures", None) or [])
+        return not any(a.endswith("ForMaskedLM") for a in names)
+
     def bind(self, hf: nn.Module) -> None:
         """Find the output head beside the base model (the *ForCausalLM / *ForMaskedLM layout)."""
         heads = [n for n, _ in hf.named_children() if n != self.base_name]

@@ -53,6 +53,10 @@ class BiasBackbone(HFBackbone):
         params = inspect.signature(base.forward).parameters
         return "attention_bias" in params and "input_embeddings" in params and "position_ids" not in params
 
+    @property
+    def head_predicts_next_token(self) -> bool:
+        return False  # a masked-diffusion model (LLaDA): position i's logits predict token i
+
     def bind(self, hf: nn.Module) -> None:
         body = getattr(self.base, "transformer", None)
         missing = [k for k in ("wte", "blocks", "ln_f") if body is None or k not in body]
