@@ -355,7 +355,7 @@ def test_config_defaults_are_the_experiment_config_defaults():
     assert list(DEFAULTS["train"]) == [  # the order configs are dumped to YAML in
         "steps", "batch_size", "grad_accum", "lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio",
         "grad_clip", "ema", "precision", "eval_every", "checkpoint_every", "log_every", "tensorboard", "wandb",
-        "wandb_project", "progress", "nonfinite", "strategy", "flops_budget",
+        "wandb_project", "progress", "nonfinite", "strategy", "gradient_checkpointing", "flops_budget",
     ]
     assert DEFAULTS["train"]["betas"] == [0.9, 0.95]  # a list: YAML has no tuples
 

@@ -17,7 +17,8 @@ from .train.lock import LOCK_FILE, RunLock
 # code of the registered names lives, e.g. a path relative to another directory; the names are kept)
 _NOT_TRAJECTORY = ("name", "out_dir", "plugins", "eval", "decode", "force_size")
 _NOT_TRAJECTORY_TRAIN = ("steps", "eval_every", "checkpoint_every", "log_every", "progress", "tensorboard",
-                         "wandb", "wandb_project", "nonfinite", "strategy")
+                         "wandb", "wandb_project", "nonfinite", "strategy",
+                         "gradient_checkpointing")
 
 
 def check_run_name(name: Any) -> str:

@@ -99,6 +99,19 @@ class HFBackbone(nn.Module):
         self.cfg = HFBackboneConfig(vocab, int(mask_id), d, int(conf.num_hidden_layers), int(conf.num_attention_heads),
                                     max_len, bool(shift_logits), impl, extra_embeddings=extra)
 
+    def set_gradient_checkpointing(self, on: bool = True) -> None:
+        """Recompute each layer's activations in the backward pass (train/recompute.py), through the
+        model's own ``gradient_checkpointing_enable``; a model without support is a one-line error."""
+        # transformers 5 renamed it activation checkpointing; 4.x (LLaDA's remote code) has the old name
+        prefix = "activation" if hasattr(self.hf, "activation_checkpointing_enable") else "gradient"
+        if not on:
+            getattr(self.hf, f"{prefix}_checkpointing_disable")()
+        elif not getattr(self.hf, "supports_gradient_checkpointing", False):
+            raise ValueError(f"train.gradient_checkpointing=true: {type(self.hf).__name__} does not support "
+                             f"gradient checkpointing; set train.gradient_checkpointing=false")
+        else:
+            getattr(self.hf, f"{prefix}_checkpointing_enable")(**{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
+
     @property
     def head_predicts_next_token(self) -> bool:
         """Whether the pretrained head predicts the token after its position (an AR LM, read shifted

@@ -15,6 +15,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..checks import check_bool, check_choice, check_float, check_int, check_mapping
 
@@ -169,6 +170,7 @@ class Transformer(nn.Module):
         self.extra = nn.ModuleDict({k: nn.Embedding(n, cfg.d_model) for k, n in cfg.extra_embeddings.items()})
         self.time = TimeEmbedding(cfg.d_model) if cfg.time_conditioning else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.recompute = False  # set_gradient_checkpointing
         self.norm = RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -200,8 +202,15 @@ class Transformer(nn.Module):
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)  # [B, 1, Lq, Lk] broadcasts over heads
         for blk in self.blocks:
-            h = blk(h, cos, sin, attn_mask)
+            if self.recompute and torch.is_grad_enabled():  # train.gradient_checkpointing
+                h = checkpoint(blk, h, cos, sin, attn_mask, use_reentrant=False)
+            else:
+                h = blk(h, cos, sin, attn_mask)
         return self.norm(h)
+
+    def set_gradient_checkpointing(self, on: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (train/recompute.py)."""
+        self.recompute = bool(on)
 
     def _embed(self, tokens, positions, extra=None, t=None):
         """Token + task embeddings (+ time) of [B, L] ids at [B, L] positions."""

@@ -34,7 +34,7 @@ STRATEGIES = ("ddp", "fsdp")
 # rounding), and a checkpoint written by one is refused by the other with the fix (train/fsdp.py).
 _OBSERVATION_FIELDS = frozenset(
     {"eval_every", "checkpoint_every", "log_every", "tensorboard", "wandb", "wandb_project", "progress",
-     "nonfinite", "strategy"}
+     "nonfinite", "strategy", "gradient_checkpointing"}
 )
 
 
@@ -65,6 +65,9 @@ class TrainConfig:
     # as nonfinite_skipped; more than 10 in a row is an error)
     nonfinite: str = "error"
     strategy: str = "ddp"  # "ddp" | "fsdp" (only matters under torchrun; fsdp also runs on one process)
+    # recompute each block's activations in the backward pass instead of keeping them: less memory,
+    # about one more forward pass of compute; the same numbers (a test), so an observation field
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         # YAML has no tuples; accept a 2-list for betas and normalise it so the hash and
@@ -112,6 +115,8 @@ class TrainConfig:
                 f"TrainConfig.nonfinite must be one of {', '.join(repr(m) for m in NONFINITE_MODES)}, "
                 f"got {self.nonfinite!r}"
             )
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"TrainConfig.gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
         if self.strategy not in STRATEGIES:
             raise ValueError(
                 f"TrainConfig.strategy must be one of {', '.join(repr(m) for m in STRATEGIES)}, "

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from .checkpoint import CHECKPOINT_DIR, STATE_FILE, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import LossStep, all_reduce_sum, barrier, init_distributed, unwrap
+from .recompute import enable_gradient_checkpointing
 from .ema import EMA
 from .faults import fault_point
 from .fsdp import FSDPStrategy
@@ -97,6 +98,8 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
         # Under DDP/FSDP the loss runs in LossStep.forward: DDP all-reduces the gradients of whatever the loss
         # touched, FSDP gathers the root's parameters for it (sharding in place, before the optimizer exists).
+        if cfg.gradient_checkpointing:  # before sharding: FSDP wraps the blocks that recompute
+            enable_gradient_checkpointing(self.model)
         self.train_step: nn.Module = LossStep(self.model, loss_fn)
         self.fsdp: Optional[FSDPStrategy] = None
         if cfg.strategy == "fsdp":
@@ -107,8 +110,7 @@ class Trainer:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no parameters with requires_grad=True; nothing to train")
-        # Decay only matrices/embeddings; biases, norm gains and scalars are not decayed (standard
-        # practice: decaying them hurts and does not regularise anything useful).
+        # Decay only matrices/embeddings, not biases, norm gains and scalars (decaying them only hurts).
         # ``lr_scale(name)`` gives some parameters their own learning rate (e.g. LoMDM's schedule
         # heads); groups are keyed by (decayed?, scale) in order of first appearance.
         buckets: Dict[Any, List[torch.nn.Parameter]] = {}
