@@ -40,7 +40,7 @@ import torch
 
 from ..checks import check_float, check_int, show
 from ..model.kv_cache import KVCache
-from .forward import QueryCounts, cached_forward, full_attention, new_logits, read_logits, run_queries, uncached_forward
+from .forward import QueryCounts, cached_forward, new_logits, read_logits, run_queries, uncached_forward
 
 APPROX_MODES = ("prefix", "dual", "drift")
 _BIG = torch.iinfo(torch.long).max
@@ -119,7 +119,7 @@ class ApproxCachedForward:
         first = self.cache is None
         if first:
             self._start(x)
-        attn = full_attention(self.order.decode_attention(masked, self.layout), B, L, x.device)
+        attn = self.order.decode_attention(masked, self.layout)  # None: all see all (no mask to build)
         active = masked.any(-1)
         win = torch.where(masked, self.window, torch.full_like(self.window, _BIG)).min(-1).values  # [B]
         refresh = (win != self.win_at) & active
@@ -147,9 +147,10 @@ class ApproxCachedForward:
             in_win = torch.arange(x.shape[1], device=x.device) >= start
         return in_win | (x != self.tokens)
 
-    def _pass(self, x: torch.Tensor, q: torch.Tensor, attn: torch.Tensor) -> None:
-        """Run ``q`` [B, L] over every slot (each was written by the first, full pass)."""
-        self.counts.add(run_queries(self.model, self.cache, self.logits, x, q, attn, torch.ones_like(q), self.extra))
+    def _pass(self, x: torch.Tensor, q: torch.Tensor, attn) -> None:
+        """Run ``q`` [B, L] over every slot (each was written by the first, full pass) under the
+        order's ``attn`` (None: all see all)."""
+        self.counts.add(run_queries(self.model, self.cache, self.logits, x, q, attn, None, self.extra))
         self.tokens = torch.where(q, x, self.tokens)
 
     def _drift(self, x: torch.Tensor, run: torch.Tensor) -> torch.Tensor:

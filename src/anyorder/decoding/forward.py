@@ -118,12 +118,18 @@ def run_queries(model, cache, logits, x, q, attn, keys, extra=None):
     """Run the positions ``q`` [B, L] of ``x`` against ``cache`` (their K/V are written into it
     in every layer; they attend to the slots ``keys`` [B, L] under the rows of ``attn``
     [B, L, L]) and write their logits into ``logits`` [B, L + 1, V] (padding queries into slot
-    L). Returns how many ran (a 0-dim tensor), or None when nothing did."""
+    L). ``attn=None`` and ``keys=None``: every slot visible to every query (then, if no row has
+    padding and the model allows it, no mask is built at all). Returns how many ran (a 0-dim
+    tensor), or None when nothing did."""
     B, L = x.shape
-    pos, slots, real = pack(q, scratch=L)
+    pos, slots, real, padded = pack(q, scratch=L)
     if pos.shape[1] == 0:  # no row has a query (pack read the largest count)
         return None
-    mask = query_mask(attn, keys, pos, real)
+    if attn is None and keys is None and not padded and getattr(model, "cached_mask_optional", False):
+        mask = None
+    else:
+        mask = query_mask(full_attention(attn, B, L, x.device), torch.ones_like(q) if keys is None else keys,
+                          pos, real)
     out = model.forward_cached(torch.gather(x, 1, pos), pos, cache, slots, mask, extra=gather_extra(extra, pos))
     flat = (slots + (L + 1) * torch.arange(B, device=x.device).unsqueeze(-1)).flatten()
     logits.view(B * (L + 1), -1).index_copy_(0, flat, out.flatten(0, 1).to(logits.dtype))

@@ -65,15 +65,16 @@ def query_set(live: torch.Tensor, valid: torch.Tensor, attn: torch.Tensor) -> to
         q = new
 
 
-def pack(q: torch.Tensor, scratch: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack(q: torch.Tensor, scratch: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """Left-align each row's query positions: ``pos`` [B, Q] (0 on padding), ``slots`` [B, Q]
-    (``scratch`` on padding) and ``real`` [B, Q] bool, Q = the largest per-row count."""
+    (``scratch`` on padding), ``real`` [B, Q] bool, Q = the largest per-row count, and whether any
+    row has padding (both counts in one read of the device)."""
     counts = q.sum(-1)
-    n = int(counts.max()) if q.numel() else 0
+    n, least = torch.stack([counts.max(), counts.min()]).tolist() if q.numel() else (0, 0)
     idx = torch.sort((~q).to(torch.int8), dim=-1, stable=True).indices[:, :n]  # True first, in order
     real = torch.arange(n, device=q.device).unsqueeze(0) < counts.unsqueeze(-1)
     pos = torch.where(real, idx, torch.zeros_like(idx))
-    return pos, torch.where(real, idx, torch.full_like(idx, scratch)), real
+    return pos, torch.where(real, idx, torch.full_like(idx, scratch)), real, least < n
 
 
 def query_mask(attn: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

@@ -74,17 +74,23 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, base: float):
-    """cos/sin tables for integer positions of shape [B, L] (or [L])."""
+    """cos/sin tables [..., L, hd] for integer positions of shape [B, L] (or [L]), laid out for
+    :func:`apply_rope`: ``cos`` repeated over both halves, ``sin`` negated on the first half."""
     inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     ang = positions.float().unsqueeze(-1) * inv  # [..., L, hd/2]
-    return ang.cos(), ang.sin()
+    cos, sin = ang.cos(), ang.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, H, L, hd]; cos/sin: [B, 1, L, hd/2]; rotate pairs (even, odd) halves
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    """Rotate the (first half, second half) pairs of ``x`` [..., L, hd] by the tables of
+    :func:`rope_tables` (broadcast over the leading dims: queries and keys rotate in one go):
+    ``[x1 cos - x2 sin, x2 cos + x1 sin]`` as ``x * cos + [x2, x1] * [-sin, sin]``, the same bits
+    (negation and the order of a two-term sum are exact) in four element-wise ops instead of
+    seven per tensor."""
+    half = x.shape[-1] // 2
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -96,21 +102,24 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask):
         B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        qkv = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(qkv[:2], cos, sin)
+        y = F.scaled_dot_product_attention(q, k, qkv[2], attn_mask=attn_mask)
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
-    def forward_cached(self, x, cos, sin, k_buf, v_buf, slots, attn_mask):
+    def forward_cached(self, x, cos, sin, k_buf, v_buf, idx, attn_mask):
         """Queries ``x`` [B, Q, D] only: write their post-RoPE K/V into the per-position buffers
-        ``k_buf``/``v_buf`` [B, H, L', hd] at ``slots`` [B, Q], then attend over the whole buffer
-        under ``attn_mask`` [B, 1, Q, L'] (keys of cached positions were written when they froze)."""
+        ``k_buf``/``v_buf`` [B, H, L + 1, hd] at ``idx`` [B, H, Q, hd] (their slots, expanded), then
+        attend over the buffer under ``attn_mask`` [B, 1, Q, L + 1] (keys of cached positions were
+        written when they froze); ``attn_mask=None``: every query sees slots 0..L-1 (no mask for
+        SDPA to build, read or add), never the scratch slot L."""
         B, Q, D = x.shape
-        q, k, v = self.qkv(x).view(B, Q, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        idx = slots.view(B, 1, Q, 1).expand_as(k)
+        qkv = self.qkv(x).view(B, Q, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(qkv[:2], cos, sin)
         k_buf.scatter_(2, idx, k.to(k_buf.dtype))
-        v_buf.scatter_(2, idx, v.to(v_buf.dtype))
+        v_buf.scatter_(2, idx, qkv[2].to(v_buf.dtype))
+        if attn_mask is None:
+            k_buf, v_buf = k_buf[:, :, :-1], v_buf[:, :, :-1]
         y = F.scaled_dot_product_attention(q.to(k_buf.dtype), k_buf, v_buf, attn_mask=attn_mask).to(x.dtype)
         return self.proj(y.transpose(1, 2).reshape(B, Q, D))
 
@@ -142,8 +151,8 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), cos, sin, attn_mask)
         return x + self.mlp(self.norm2(x))
 
-    def forward_cached(self, x, cos, sin, k_buf, v_buf, slots, attn_mask):
-        x = x + self.attn.forward_cached(self.norm1(x), cos, sin, k_buf, v_buf, slots, attn_mask)
+    def forward_cached(self, x, cos, sin, k_buf, v_buf, idx, attn_mask):
+        x = x + self.attn.forward_cached(self.norm1(x), cos, sin, k_buf, v_buf, idx, attn_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -160,6 +169,11 @@ class TimeEmbedding(nn.Module):
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         ang = t.float().unsqueeze(-1) * 1000.0 * freqs
         return self.mlp(torch.cat([ang.cos(), ang.sin()], dim=-1))
+
+
+def check_positions(largest: int, max_len: int) -> None:
+    if largest >= max_len:
+        raise ValueError(f"position {largest} exceeds model.max_len={max_len}")
 
 
 class Transformer(nn.Module):
@@ -192,8 +206,11 @@ class Transformer(nn.Module):
     def hidden(self, tokens, attn_mask=None, positions=None, extra=None, t=None):
         """Final hidden states [B, L, D] (before the output head)."""
         B, L = tokens.shape
-        if positions is None:
+        if positions is None:  # 0..L-1: checked without reading the device
+            check_positions(L - 1, self.cfg.max_len)
             positions = torch.arange(L, device=tokens.device)
+        else:
+            check_positions(int(positions.max()), self.cfg.max_len)
         if positions.dim() == 1:
             positions = positions.unsqueeze(0).expand(B, L)
         h = self._embed(tokens, positions, extra, t)
@@ -213,10 +230,8 @@ class Transformer(nn.Module):
         self.recompute = bool(on)
 
     def _embed(self, tokens, positions, extra=None, t=None):
-        """Token + task embeddings (+ time) of [B, L] ids at [B, L] positions."""
+        """Token + task embeddings (+ time) of [B, L] ids at [B, L] positions (checked by the caller)."""
         B, L = tokens.shape
-        if int(positions.max()) >= self.cfg.max_len:
-            raise ValueError(f"position {int(positions.max())} exceeds model.max_len={self.cfg.max_len}")
         h = self.tok(tokens)
         for name, ids in (extra or {}).items():
             if name not in self.extra:
@@ -254,17 +269,27 @@ class Transformer(nn.Module):
 
         ``positions`` [B, Q]: their true sequence positions (RoPE); ``slots`` [B, Q]: where their
         K/V go in ``cache`` (the position, or the cache's scratch slot for padding queries);
-        ``attn_mask`` [B, Q, L'] bool over the cache's slots. Same maths as :meth:`forward` for
-        these rows, given that the cache holds the K/V every visible key would get in a full pass.
+        ``attn_mask`` [B, Q, L'] bool over the cache's slots, or None when every query is real
+        and sees every slot but the scratch one (:attr:`cached_mask_optional`). Same maths as
+        :meth:`forward` for these rows, given that the cache holds the K/V every visible key
+        would get in a full pass. Positions index the cache, so checking its length against
+        ``max_len`` checks them without a read of the device per step.
         """
+        check_positions(cache.length - 1, self.cfg.max_len)
         h = self._embed(tokens, positions, extra, t)
         cos, sin = rope_tables(positions, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_base)
-        cos, sin, attn_mask = cos.unsqueeze(1), sin.unsqueeze(1), attn_mask.unsqueeze(1)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        mask = None if attn_mask is None else attn_mask.unsqueeze(1)
+        k0 = cache.k[0]
+        idx = slots.view(slots.shape[0], 1, -1, 1).expand(-1, k0.shape[1], -1, k0.shape[3])  # once, not per layer
         for i, blk in enumerate(self.blocks):
-            h = blk.forward_cached(h, cos, sin, cache.k[i], cache.v[i], slots, attn_mask)
+            h = blk.forward_cached(h, cos, sin, cache.k[i], cache.v[i], idx, mask)
         logits = self.head(self.norm(h)).float()
         logits[..., self.cfg.mask_id] = float("-inf")
         return logits
+
+    # forward_cached takes attn_mask=None for "all slots but the scratch one" (decoding/forward.py)
+    cached_mask_optional = True
 
     def shard_units(self):
         """The modules FSDP shards one by one (train/fsdp.py): the transformer blocks."""
