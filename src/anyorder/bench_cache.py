@@ -46,9 +46,12 @@ OPTIONS = [("none (exact)", {}),
 
 def bench_cache_speed(d_model: int = 256, n_layers: int = 6, prompt_len: int = 32, answer_len: int = 256,
                       window: int = 32, vocab: int = 1024, repeats: int = 3, threads: int = 1,
-                      head_scale: float = 10.0) -> Dict[str, object]:
-    """Decode time of every option against exact uncached decoding, interleaved, best of
-    ``repeats``; one torch thread by default (both sides of every ratio use the same setting)."""
+                      head_scale: float = 10.0, batch_size: int = 1, options=None) -> Dict[str, object]:
+    """Decode time of every option (``options``: a subset of :data:`OPTIONS`, the exact reference
+    first) against exact uncached decoding, interleaved, best of ``repeats``, for ``batch_size``
+    rows with different prompts; one torch thread by default (both sides of every ratio use the same
+    setting)."""
+    options = OPTIONS if options is None else options
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -59,7 +62,7 @@ def bench_cache_speed(d_model: int = 256, n_layers: int = 6, prompt_len: int = 3
         with torch.no_grad():  # peaked next-token distributions (see bench.bench_decode_cache)
             model.head.weight.mul_(head_scale)
         gen = torch.Generator().manual_seed(0)
-        x = torch.randint(0, vocab, (1, L), generator=gen)
+        x = torch.randint(0, vocab, (int(batch_size), L), generator=gen)
         answer = torch.zeros_like(x, dtype=torch.bool)
         answer[:, prompt_len:] = True
         x = torch.where(answer, torch.full_like(x, vocab), x)
@@ -69,7 +72,7 @@ def bench_cache_speed(d_model: int = 256, n_layers: int = 6, prompt_len: int = 3
         best_fwd: Dict[str, float] = {}
         runs: Dict[str, object] = {}
         for _ in range(repeats):
-            for label, opts in OPTIONS:
+            for label, opts in options:
                 dec = build_decoder(dict(spec, **opts))
                 fwd, spent = _timed_forwards(dec)
                 t0 = time.perf_counter()
@@ -78,24 +81,24 @@ def bench_cache_speed(d_model: int = 256, n_layers: int = 6, prompt_len: int = 3
                 if dt < best.get(label, float("inf")):
                     best[label], best_fwd[label] = dt, sum(spent)
                 runs[label] = (res, fwd[0])
-        ref_label = OPTIONS[0][0]
+        ref_label = options[0][0]
         ref = runs[ref_label][0]
         rows = []
-        for label, opts in OPTIONS:
+        for label, opts in options:
             res, fwd = runs[label]
             nfe = int(res.trace.nfe[0])
             rows.append({"cache": label, "options": opts, "seconds": round(best[label], 3),
                          "speedup_vs_uncached": round(best[ref_label] / best[label], 2),
                          "forward_seconds": round(best_fwd[label], 3),
                          "forward_speedup_vs_uncached": round(best_fwd[ref_label] / best_fwd[label], 2),
-                         "tokens_per_s": round(answer_len / best[label], 1),
+                         "tokens_per_s": round(int(batch_size) * answer_len / best[label], 1),
                          "agreement_with_exact": round(float((res.tokens == ref.tokens)[answer].float().mean()), 4),
                          "nfe": nfe,
                          "query_tokens_per_step": round(getattr(fwd, "query_tokens", L * nfe) / nfe, 1),
                          "refreshes": getattr(fwd, "refreshes", None)})
         return {"decoder": spec, "order": "random", "prompt_len": prompt_len, "answer_len": answer_len,
                 "pass_ms": pass_times(model, L, prompt_len, window),
-                "batch_size": 1, "d_model": d_model, "n_layers": n_layers, "vocab": vocab + 1, "threads": threads,
+                "batch_size": int(batch_size), "d_model": d_model, "n_layers": n_layers, "vocab": vocab + 1, "threads": threads,
                 "repeats": repeats, "weights": f"random init, head x{head_scale:g}", "results": rows}
     finally:
         torch.set_num_threads(prev_threads)
