@@ -134,8 +134,17 @@ def test_sigterm_with_checkpoint_every_0_saves_and_resumes_bit_identically(tmp_p
     assert rows(tmp_path / "b") == rows(tmp_path / "a")
 
 
+@pytest.fixture
+def default_sigint():
+    """SIGINT at Python's default handler for the test: a suite started in the background
+    (`nohup make test &`) inherits an ignored SIGINT, which the guard rightly leaves ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("at_step", [10, 20])  # a periodic evaluation, the final one
-def test_sigint_during_an_evaluation_is_redone_on_resume(tmp_path, at_step):
+def test_sigint_during_an_evaluation_is_redone_on_resume(tmp_path, at_step, default_sigint):
     cfg = cfg_for(checkpoint_every=0, eval_every=5)
     a = Trainer(make_model(), make_loss_fn(), cfg, tmp_path / "a", eval_fn=eval_loss)
     sum_a = a.fit()
