@@ -98,6 +98,13 @@ def _decoder_spec(args) -> dict:
     return spec
 
 
+def _module_command(sub, name: str, help: str, module) -> None:
+    """A subcommand whose module brings its own arguments (``add_arguments``) and handler (``run_from_args``)."""
+    parser = sub.add_parser(name, help=help)
+    module.add_arguments(parser)
+    parser.set_defaults(func=module.run_from_args)
+
+
 def _add_decoder_args(p):
     p.add_argument("--decoder", default=None, help="decoder name (see `anyorder decoders`)")
     p.add_argument("--k", type=int, default=None, help="tokens committed per step")
@@ -264,19 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--puzzle", action="append", help="a puzzle string (Sudoku) or a text prompt, may repeat")
     _add_decoder_args(s)
     s.set_defaults(func=cmd_sample)
-    g = sub.add_parser("generate", help="decode a local Hugging Face model directory under any order and decoder")
-    hf_generate.add_arguments(g)
-    g.set_defaults(func=hf_generate.run_from_args)
-    x = sub.add_parser("export", help="write an hf-backbone run as a Hugging Face directory (LoRA merged)")
-    hf_export.add_arguments(x)
-    x.set_defaults(func=hf_export.run_from_args)
+    _module_command(sub, "generate", "decode a local Hugging Face model directory under any order and decoder", hf_generate)
+    _module_command(sub, "export", "write an hf-backbone run as a Hugging Face directory (LoRA merged)", hf_export)
     for name, registry in (("orders", ORDERS), ("decoders", DECODERS)):
         q = sub.add_parser(name, help=f"list registered {name}")
         q.add_argument("--json", action="store_true")
         q.set_defaults(func=cmd_names(registry))
-    q = sub.add_parser("toy", help="the A/B toy: committing two tokens at once picks the wrong pair")
-    toy.add_arguments(q)
-    q.set_defaults(func=toy.run_from_args)
+    _module_command(sub, "toy", "the A/B toy: committing two tokens at once picks the wrong pair", toy)
     d = sub.add_parser("demo", help="train 3 orders on 4x4 Sudoku, decode with several policies, print a table")
     d.add_argument("--out-dir", default="runs/demo")
     d.add_argument("--steps", type=int, default=None)
@@ -326,23 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--force", action="store_true", help="rerun runs whose stored config differs from their grid "
                                                          "point (the old directory is moved to NAME.old-TIME)")
     sw.set_defaults(func=cmd_sweep)
-    rp = sub.add_parser("report", help="training-stability report of a sweep directory")
-    sweep_report.add_arguments(rp)
-    rp.set_defaults(func=sweep_report.run_from_args)
-    es = sub.add_parser("estimate", help="FLOPs per step (counted on the CPU) and GPU hours of a sweep")
-    estimate.add_arguments(es)
-    es.set_defaults(func=estimate.run_from_args)
-    tc = sub.add_parser("text-compare", help="compare text runs: test / zero-shot PPL, gen PPL judged by an AR run, "
-                                             "unigram entropy, LoMDM velocity plots")
-    text_compare.add_arguments(tc)
-    tc.set_defaults(func=text_compare.run_from_args)
+    _module_command(sub, "report", "training-stability report of a sweep directory", sweep_report)
+    _module_command(sub, "estimate", "FLOPs per step (counted on the CPU) and GPU hours of a sweep", estimate)
+    _module_command(sub, "text-compare", "compare text runs: test / zero-shot PPL, gen PPL judged by an AR run, "
+                    "unigram entropy, LoMDM velocity plots", text_compare)
     vw = sub.add_parser("view", help="one self-contained HTML page: the traces of runs step by step, side by side")
     viewer_view.add_arguments(vw)
     _add_decoder_args(vw)
     vw.set_defaults(func=cmd_view)
-    sv = sub.add_parser("serve", help="a local page (127.0.0.1) that decodes a puzzle and streams it step by step")
-    viewer_server.add_arguments(sv)
-    sv.set_defaults(func=viewer_server.run_from_args)
+    _module_command(sub, "serve", "a local page (127.0.0.1) that decodes a puzzle and streams it step by step", viewer_server)
     for cmd in ("eval", "sample", "likelihood", "analyze", "report", "text-compare", "view", "serve", "export"):  # load runs
         _add_plugin_args(sub.choices[cmd])
     for q in sub.choices.values():
