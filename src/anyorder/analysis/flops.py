@@ -54,9 +54,11 @@ def count_step_flops(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module]
     return int(counter.get_total_flops())
 
 
-def analytic_step_flops(cfg, batch: int, q_len: int, k_len: int = None) -> int:
+def analytic_step_flops(cfg, batch: int, q_len: int, k_len: int = None, scored: int = None) -> int:
     """Forward + backward FLOPs of the backbone for ``batch`` sequences of ``q_len`` positions
-    attending to ``k_len`` keys (a two-stream pass has q_len = k_len = 2L)."""
+    attending to ``k_len`` keys (a two-stream pass has q_len = k_len = 2L). ``scored``: the
+    number of rows the loss reads (objectives/rows.py), where the last block's projection and
+    MLP and the output head run only on those; None: on every row."""
     k_len = q_len if k_len is None else k_len
     d = cfg.d_model
     hidden = int(cfg.mlp_ratio * d)
@@ -66,7 +68,9 @@ def analytic_step_flops(cfg, batch: int, q_len: int, k_len: int = None) -> int:
     else:
         mlp = 2 * d * hidden
     per_layer = 4 * d * d + mlp                          # qkv + proj, MLP
-    matmul_params = cfg.n_layers * per_layer + d * cfg.vocab_size  # + output head
     tokens = batch * q_len
-    fwd = 2 * tokens * matmul_params + cfg.n_layers * 4 * batch * q_len * k_len * d
+    rows = tokens if scored is None else scored
+    row_wise = d * d + mlp + d * cfg.vocab_size          # the last block's proj + MLP, the head
+    matmuls = tokens * (cfg.n_layers * per_layer - row_wise + d * cfg.vocab_size) + rows * row_wise
+    fwd = 2 * matmuls + cfg.n_layers * 4 * batch * q_len * k_len * d
     return 3 * fwd

@@ -109,6 +109,9 @@ class LoMDM(nn.Module):
     def hidden(self, *a, **kw):
         return self.backbone.hidden(*a, **kw)
 
+    def hidden_rows(self, *a, **kw):
+        return self.backbone.hidden_rows(*a, **kw)
+
     def forward_cached(self, *a, **kw):
         return self.backbone.forward_cached(*a, **kw)
 

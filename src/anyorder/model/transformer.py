@@ -101,11 +101,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x, cos, sin, attn_mask):
+        return self.proj(self.mix(x, cos, sin, attn_mask))
+
+    def mix(self, x, cos, sin, attn_mask):
+        """The heads' attention outputs [B, L, D], before the output projection."""
         B, L, D = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(qkv[:2], cos, sin)
         y = F.scaled_dot_product_attention(q, k, qkv[2], attn_mask=attn_mask)
-        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+        return y.transpose(1, 2).reshape(B, L, D)
 
     def forward_cached(self, x, cos, sin, k_buf, v_buf, idx, attn_mask):
         """Queries ``x`` [B, Q, D] only: write their post-RoPE K/V into the per-position buffers
@@ -151,6 +155,15 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), cos, sin, attn_mask)
         return x + self.mlp(self.norm2(x))
 
+    def forward_rows(self, x, cos, sin, attn_mask, rows):
+        """The outputs [N, D] of the True rows of ``rows`` [B, L] only: every row's keys and values
+        take part in attention, but the output projection, the residual and the MLP act row by
+        row, so they run on the N rows asked for (row by row the numbers :meth:`forward` gives)."""
+        a = self.attn.mix(self.norm1(x), cos, sin, attn_mask)
+        n = int(rows.sum())
+        x = pad_rows(x[rows]) + self.attn.proj(pad_rows(a[rows]))  # CPU autocast: a few shapes (ROW_MULTIPLE)
+        return (x + self.mlp(self.norm2(x)))[:n]
+
     def forward_cached(self, x, cos, sin, k_buf, v_buf, idx, attn_mask):
         x = x + self.attn.forward_cached(self.norm1(x), cos, sin, k_buf, v_buf, idx, attn_mask)
         return x + self.mlp(self.norm2(x))
@@ -169,6 +182,23 @@ class TimeEmbedding(nn.Module):
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         ang = t.float().unsqueeze(-1) * 1000.0 * freqs
         return self.mlp(torch.cat([ang.cos(), ang.sin()], dim=-1))
+
+
+# Under CPU autocast (bf16 matmuls through oneDNN, which builds a kernel per matrix shape), the
+# row-wise training work (Block.forward_rows, objectives/rows.py) runs on a row count rounded up
+# to a multiple of this with zero rows: the scored rows number differently every step, and new
+# shapes every step made a bf16 step here 1.25x slower than seen ones. fp32 (MKL) and GPUs build
+# no kernel per shape, so there the rows run as they are (padding would only add work).
+ROW_MULTIPLE = 64
+
+
+def pad_rows(t: torch.Tensor, multiple: Optional[int] = None) -> torch.Tensor:
+    """``t`` [N, ...] with zero rows appended up to a multiple of ``multiple`` rows (default:
+    :data:`ROW_MULTIPLE` under CPU autocast, else none)."""
+    if multiple is None:
+        multiple = ROW_MULTIPLE if t.device.type == "cpu" and torch.is_autocast_enabled("cpu") else 1
+    extra = -len(t) % multiple
+    return torch.cat([t, t.new_zeros((extra,) + t.shape[1:])]) if extra else t
 
 
 def check_positions(largest: int, max_len: int) -> None:
@@ -205,6 +235,13 @@ class Transformer(nn.Module):
 
     def hidden(self, tokens, attn_mask=None, positions=None, extra=None, t=None):
         """Final hidden states [B, L, D] (before the output head)."""
+        return self.hidden_rows(tokens, None, attn_mask, positions, extra, t)
+
+    def hidden_rows(self, tokens, rows, attn_mask=None, positions=None, extra=None, t=None):
+        """Final hidden states [N, D] of the True rows of ``rows`` [B, L] (row-major), or of every
+        row as [B, L, D] when ``rows`` is None. A training loss reads only its scored rows: the
+        last block's attention still runs over every row (they are its keys), its position-wise
+        rest on the scored rows only (objectives/rows.py)."""
         B, L = tokens.shape
         if positions is None:  # 0..L-1: checked without reading the device
             check_positions(L - 1, self.cfg.max_len)
@@ -218,11 +255,11 @@ class Transformer(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)  # [B, 1, Lq, Lk] broadcasts over heads
-        for blk in self.blocks:
-            if self.recompute and torch.is_grad_enabled():  # train.gradient_checkpointing
-                h = checkpoint(blk, h, cos, sin, attn_mask, use_reentrant=False)
-            else:
-                h = blk(h, cos, sin, attn_mask)
+        recompute = self.recompute and torch.is_grad_enabled()  # train.gradient_checkpointing
+        for i, blk in enumerate(self.blocks):
+            last = rows is not None and i == len(self.blocks) - 1
+            fn, args = (blk.forward_rows, (h, cos, sin, attn_mask, rows)) if last else (blk, (h, cos, sin, attn_mask))
+            h = checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
         return self.norm(h)
 
     def set_gradient_checkpointing(self, on: bool = True) -> None:

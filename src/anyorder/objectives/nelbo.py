@@ -70,7 +70,7 @@ def plan_loss(model, plan: TrainPlan, extra=None, weighting: str = "elbo", **kw)
     """(loss, stats): weighted masked CE summed over scored positions / number of answer tokens.
 
     The head and the log-softmax run on the scored rows only (:mod:`.rows`); the sums keep the
-    [B, L] layout, so the value is the one the full-logits computation gives, bit for bit.
+    [B, L] layout, so the value is the one the full-logits computation gives, within float rounding.
     """
     device = next(model.parameters()).device  # the plan was drawn on the CPU
     plan, extra = plan.to(device), (None if extra is None else {k: v.to(device) for k, v in extra.items()})

@@ -4,15 +4,16 @@ A training plan scores only its masked answer positions: about half the rows und
 masking, and never the clean half of a two-stream ``[x_t ⊕ x_0]`` pass (block, AR, Jigsaw).
 Applying the head to every query row, copying all logits to fp32 and taking a log-softmax and
 an argmax over all of them (then keeping the scored rows) spends most of the head's FLOPs and
-memory on rows whose loss weight is 0. Here the backbone's final hidden states are computed
-once, the scored rows gathered, and the head, the log-softmax and the accuracy statistic run on
-those rows only, in chunks of at most :data:`CHUNK_LOGITS` logits, so that a large vocabulary
+memory on rows whose loss weight is 0. Here the backbone runs every row through its blocks but
+the last one, whose attention still reads every row (they are its keys) while its output
+projection, residual and MLP, which act row by row, run on the scored rows only (a backbone's
+``hidden_rows``); then the head, the log-softmax and the accuracy statistic run on those rows, in chunks of at most :data:`CHUNK_LOGITS` logits, so that a large vocabulary
 never holds a [rows, V] fp32 tensor for the whole batch: each chunk's logits are recomputed in
 the backward pass instead of kept (activation checkpointing: Chen et al., 2016, arXiv 1604.06174).
 
-Row by row these are the numbers of the full pass (the head's matmul and the log-softmax work
-per row), so the loss value is today's bit for bit; the head's weight gradient now sums over
-fewer rows and agrees within float rounding (tests/test_lean_loss.py checks both).
+Row by row this is the arithmetic of the full pass; the loss and the gradients agree with it
+within float rounding (a matrix product over fewer rows may round differently, and weight
+gradients sum over fewer rows; tests/test_lean_loss.py checks both).
 """
 from __future__ import annotations
 
@@ -22,16 +23,21 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..model.transformer import pad_rows
+
 # logits per chunk: 2^25 fp32 values = 128 MiB (e.g. 256 rows of a 126k vocabulary)
 CHUNK_LOGITS = 1 << 25
 
 
 def _target_logp(head_logits, h: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """log p(target) [N] and whether the target is the argmax [N] of the rows ``h`` [N, D]."""
-    logits = head_logits(h)  # fp32 [N, V]
+    n = len(h)
+    # under CPU autocast, zero rows up to a multiple of ROW_MULTIPLE (a few matrix shapes), dropped
+    # from the per-row results only: slicing the [N', V] logits would copy them in the backward pass
+    logits, targets = head_logits(pad_rows(h)), pad_rows(targets)  # fp32 [N', V], [N']
     with torch.no_grad():
-        correct = is_argmax(logits, targets)
-    logp = F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        correct = is_argmax(logits, targets)[:n]
+    logp = F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)[:n]
     return logp, correct
 
 
@@ -64,15 +70,23 @@ def scored_target_logp(model, plan, extra=None, logits_fn=None,
                        chunk_logits: int = CHUNK_LOGITS) -> Tuple[torch.Tensor, torch.Tensor]:
     """(log p(target) [B, L], 0 where not scored; the number of scored rows whose argmax is the target).
 
-    Models that expose ``hidden`` and ``head_logits`` (the :class:`~anyorder.model.Transformer`)
-    get the head on the scored rows only; any other model (an adapter) is run in full by
-    ``logits_fn(model, plan, extra)`` and its scored rows selected.
+    Models that expose ``hidden_rows`` and ``head_logits`` (the :class:`~anyorder.model.Transformer`)
+    run their last block's row-wise part and the head on the scored rows only; those with
+    ``hidden`` and ``head_logits`` (Hugging Face backbones) the head; any other model is run in
+    full by ``logits_fn(model, plan, extra)`` and its scored rows selected.
     """
     scored = plan.scored
     L = plan.targets.shape[1]
     targets = plan.targets[scored]
     head_logits = getattr(model, "head_logits", None)
-    if callable(head_logits) and callable(getattr(model, "hidden", None)):
+    hidden_rows = getattr(model, "hidden_rows", None)
+    if callable(head_logits) and callable(hidden_rows):
+        # the scored rows among all query rows (a two-stream pass has 2L; only the first L score)
+        rows = torch.cat([scored, scored.new_zeros(len(scored), plan.tokens.shape[1] - L)], dim=1)
+        h = hidden_rows(plan.tokens, rows, attn_mask=plan.attn, positions=plan.index,
+                        extra=expand_extra(extra, plan.index), t=plan_time(model, plan))
+        logp, correct = rows_target_logp(head_logits, h, targets, model.cfg.vocab_size, chunk_logits)
+    elif callable(head_logits) and callable(getattr(model, "hidden", None)):
         h = model.hidden(plan.tokens, attn_mask=plan.attn, positions=plan.index,
                          extra=expand_extra(extra, plan.index), t=plan_time(model, plan))[:, :L][scored]
         logp, correct = rows_target_logp(head_logits, h, targets, model.cfg.vocab_size, chunk_logits)
