@@ -113,15 +113,17 @@ class Attention(nn.Module):
 
     def forward_cached(self, x, cos, sin, k_buf, v_buf, idx, attn_mask):
         """Queries ``x`` [B, Q, D] only: write their post-RoPE K/V into the per-position buffers
-        ``k_buf``/``v_buf`` [B, H, L + 1, hd] at ``idx`` [B, H, Q, hd] (their slots, expanded), then
+        ``k_buf``/``v_buf`` [B, H, L + 1, hd] at ``idx`` [B * H * Q] (their rows in the buffers seen
+        as [B * H * (L + 1), hd]: a row copy per head and query, much cheaper than a scatter), then
         attend over the buffer under ``attn_mask`` [B, 1, Q, L + 1] (keys of cached positions were
         written when they froze); ``attn_mask=None``: every query sees slots 0..L-1 (no mask for
         SDPA to build, read or add), never the scratch slot L."""
         B, Q, D = x.shape
-        qkv = self.qkv(x).view(B, Q, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        hd = D // self.n_heads
+        qkv = self.qkv(x).view(B, Q, 3, self.n_heads, hd).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(qkv[:2], cos, sin)
-        k_buf.scatter_(2, idx, k.to(k_buf.dtype))
-        v_buf.scatter_(2, idx, qkv[2].to(v_buf.dtype))
+        k_buf.view(-1, hd).index_copy_(0, idx, k.reshape(-1, hd).to(k_buf.dtype))
+        v_buf.view(-1, hd).index_copy_(0, idx, qkv[2].reshape(-1, hd).to(v_buf.dtype))
         if attn_mask is None:
             k_buf, v_buf = k_buf[:, :, :-1], v_buf[:, :, :-1]
         y = F.scaled_dot_product_attention(q.to(k_buf.dtype), k_buf, v_buf, attn_mask=attn_mask).to(x.dtype)
@@ -317,8 +319,10 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(positions, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_base)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         mask = None if attn_mask is None else attn_mask.unsqueeze(1)
-        k0 = cache.k[0]
-        idx = slots.view(slots.shape[0], 1, -1, 1).expand(-1, k0.shape[1], -1, k0.shape[3])  # once, not per layer
+        B, H, S = cache.k[0].shape[:3]
+        # each query's row in every layer's buffer seen as [B * H * S, hd]: once, not per layer
+        heads = torch.arange(B * H, device=slots.device).view(B, H, 1) * S
+        idx = (heads + slots.view(B, 1, -1)).flatten()
         for i, blk in enumerate(self.blocks):
             h = blk.forward_cached(h, cos, sin, cache.k[i], cache.v[i], idx, mask)
         logits = self.head(self.norm(h)).float()
