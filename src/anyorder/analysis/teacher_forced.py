@@ -26,7 +26,10 @@ def teacher_forced_accuracy(model, order, x0: torch.Tensor, answer: torch.Tensor
 
     Every row must have the same number n of answer positions (the tasks that use this have
     a fixed answer length); position j of a row is its j-th answer position."""
-    answer = answer.bool()
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    device = x0.device if param is None else param.device  # held-out sets live on the CPU; run on the model's device
+    x0, answer = x0.to(device), answer.to(device).bool()
+    extra = None if extra is None else {k: v.to(device) for k, v in extra.items()}
     n_answer = answer.sum(-1)
     if len(x0) == 0 or bool((n_answer != n_answer[0]).any()):
         raise ValueError("teacher_forced_accuracy needs at least one row and the same number of answer positions in every row")

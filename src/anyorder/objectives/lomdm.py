@@ -54,7 +54,7 @@ def sample_masks(k, t, answer, gen, n: int = 2) -> List[torch.Tensor]:
     p_keep = 1 - t.double().view(-1, 1) ** k.detach()
     out = []
     for _ in range(n):
-        u = torch.rand(k.shape, generator=gen, dtype=torch.float64)
+        u = torch.rand(k.shape, generator=gen, dtype=torch.float64).to(k.device)  # the CPU generator's draws
         out.append((u >= p_keep) & answer)
     return out
 
@@ -85,11 +85,16 @@ def loss_terms(model, x0, answer, t, masks, k_phi, extra=None):
     return {"main": main, "velocity": vel, "logq": logq, "ce": ce, "correct": correct,
             "n_masked": masked.sum(-1), "k_hat": k_hat}
 
+def _to(extra, device):
+    return None if extra is None else {k: v.to(device) for k, v in extra.items()}
+
+
 def lomdm_loss(model, x0, answer, gen: torch.Generator, extra=None, t: Optional[torch.Tensor] = None):
     """(loss, stats) of one training step; loss value = ½(L(z¹) + L(z²)) per answer token."""
-    answer = answer.bool()
+    device = next(model.parameters()).device  # batches and draws come from the CPU generator
+    x0, answer, extra = x0.to(device), answer.to(device).bool(), _to(extra, device)
     B = x0.shape[0]
-    t = low_discrepancy_t(B, gen) if t is None else t
+    t = (low_discrepancy_t(B, gen) if t is None else t).to(device)
     k_phi = model.forward_exponent(x0, answer, extra)
     z1, z2 = sample_masks(k_phi, t, answer, gen)
     T = loss_terms(model, x0, answer, t, [z1, z2], k_phi, extra)
@@ -119,7 +124,8 @@ def lomdm_likelihood(model, x0: torch.Tensor, answer: torch.Tensor, samples: int
     ``velocity_per_token`` is the velocity part alone (0 when k̂_ψ matches k_φ)."""
     was_training = model.training
     model.eval()
-    answer = answer.bool()
+    device = next(model.parameters()).device
+    x0, answer, extra = x0.to(device), answer.to(device).bool(), _to(extra, device)
     n_tok = float(answer.sum())
     t0 = time.perf_counter()
     reps, vels = [], []
@@ -128,7 +134,7 @@ def lomdm_likelihood(model, x0: torch.Tensor, answer: torch.Tensor, samples: int
         tot = vel = 0.0
         for i in range(0, len(x0), batch_size):
             xb, ab = x0[i:i + batch_size], answer[i:i + batch_size]
-            t = low_discrepancy_t(len(xb), gen)
+            t = low_discrepancy_t(len(xb), gen).to(device)
             k = model.forward_exponent(xb, ab, extra)
             masks = sample_masks(k, t, ab, gen, n=1)
             terms = loss_terms(model, xb, ab, t, masks, k, extra)
