@@ -153,14 +153,14 @@ class Block(nn.Module):
         self.norm1, self.norm2 = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
         self.attn, self.mlp = Attention(cfg), MLP(cfg)
 
-    def forward(self, x, cos, sin, attn_mask):
-        x = x + self.attn(self.norm1(x), cos, sin, attn_mask)
-        return x + self.mlp(self.norm2(x))
-
-    def forward_rows(self, x, cos, sin, attn_mask, rows):
-        """The outputs [N, D] of the True rows of ``rows`` [B, L] only: every row's keys and values
-        take part in attention, but the output projection, the residual and the MLP act row by
-        row, so they run on the N rows asked for (row by row the numbers :meth:`forward` gives)."""
+    def forward(self, x, cos, sin, attn_mask, rows=None):
+        """[B, L, D]; with ``rows`` [B, L] bool, the outputs [N, D] of its True rows only: every
+        row's keys and values take part in attention, but the output projection, the residual and
+        the MLP act row by row, so they run on the N rows asked for (row by row the arithmetic of
+        the full block). One entry point, so that wrappers hooking the call (FSDP) see both."""
+        if rows is None:
+            x = x + self.attn(self.norm1(x), cos, sin, attn_mask)
+            return x + self.mlp(self.norm2(x))
         a = self.attn.mix(self.norm1(x), cos, sin, attn_mask)
         n = int(rows.sum())
         x = pad_rows(x[rows]) + self.attn.proj(pad_rows(a[rows]))  # CPU autocast: a few shapes (ROW_MULTIPLE)
@@ -187,7 +187,7 @@ class TimeEmbedding(nn.Module):
 
 
 # Under CPU autocast (bf16 matmuls through oneDNN, which builds a kernel per matrix shape), the
-# row-wise training work (Block.forward_rows, objectives/rows.py) runs on a row count rounded up
+# row-wise training work (Block.forward with rows, objectives/rows.py) runs on a row count rounded up
 # to a multiple of this with zero rows: the scored rows number differently every step, and new
 # shapes every step made a bf16 step here 1.25x slower than seen ones. fp32 (MKL) and GPUs build
 # no kernel per shape, so there the rows run as they are (padding would only add work).
@@ -259,9 +259,8 @@ class Transformer(nn.Module):
             attn_mask = attn_mask.unsqueeze(1)  # [B, 1, Lq, Lk] broadcasts over heads
         recompute = self.recompute and torch.is_grad_enabled()  # train.gradient_checkpointing
         for i, blk in enumerate(self.blocks):
-            last = rows is not None and i == len(self.blocks) - 1
-            fn, args = (blk.forward_rows, (h, cos, sin, attn_mask, rows)) if last else (blk, (h, cos, sin, attn_mask))
-            h = checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
+            args = (h, cos, sin, attn_mask) + ((rows,) if rows is not None and i == len(self.blocks) - 1 else ())
+            h = checkpoint(blk, *args, use_reentrant=False) if recompute else blk(*args)
         return self.norm(h)
 
     def set_gradient_checkpointing(self, on: bool = True) -> None:
