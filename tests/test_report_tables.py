@@ -65,3 +65,15 @@ def test_report_cli_with_decode(sweep_dir, capsys):
     assert "## Final evaluation, task detail metrics" in text
     assert main(["report", str(sweep_dir), "--decode", "-1"]) == 2
     assert "--decode must be a number of examples >= 0, got -1" in capsys.readouterr().err
+
+
+def test_training_seconds_leave_out_the_time_a_run_lay_stopped():
+    from anyorder.studies.sweep_report import training_seconds
+
+    # one process logged until 100 s, was killed; its resume logged from 0 again, until 30 s,
+    # an hour of wall clock later (``time``): 130 s of training, not 3730
+    lines = [{"time": 1000.0, "elapsed": 50.0}, {"time": 1050.0, "elapsed": 100.0},
+             {"time": 4600.0, "elapsed": 0.5}, {"time": 4630.0, "elapsed": 30.0}]
+    assert training_seconds(lines, start=950.0) == 130.0
+    assert training_seconds([{"time": 1050.0}], start=950.0) == 100.0  # logs without elapsed
+    assert math.isnan(training_seconds([], start=None))

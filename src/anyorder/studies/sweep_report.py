@@ -50,6 +50,24 @@ def _order_label(order: dict) -> str:
     return order["name"] + (f"({extra})" if extra else "")
 
 
+def training_seconds(lines: List[dict], start: Optional[float]) -> float:
+    """Seconds spent training: the sum, over the run's processes (a resume starts a new one, whose
+    log lines' ``elapsed`` count from 0 again), of each one's last ``elapsed``, so the time a run
+    lay stopped between a kill and its resume is not counted. Logs without ``elapsed``: start of
+    training to the last log line."""
+    spans, last = [], None
+    for e in (line.get("elapsed") for line in lines):
+        if e is None:
+            continue
+        if last is not None and e < last:
+            spans.append(last)
+        last = e
+    if last is not None:
+        return float(sum(spans) + last)
+    times = [line["time"] for line in lines if "time" in line]
+    return (times[-1] - start) if times and start is not None else float("nan")
+
+
 def load_runs(sweep_dir) -> List[dict]:
     runs = []
     for cfg_path in sorted(Path(sweep_dir).glob("*/config.yaml")):
@@ -58,14 +76,12 @@ def load_runs(sweep_dir) -> List[dict]:
             continue  # moved aside by `anyorder sweep --force`: not part of the sweep any more
         cfg = yaml.safe_load(cfg_path.read_text())
         metrics = run / "metrics.jsonl"
-        evals = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.exists() else []
-        times = [e["time"] for e in evals if "time" in e]
-        evals = [e for e in evals if e.get("event") == "eval"]
+        lines = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.exists() else []
+        evals = [e for e in lines if e.get("event") == "eval"]
         info = run / "run.json"
         start = json.loads(info.read_text()).get("start_time") if info.exists() else None
         runs.append({"dir": run, "cfg": cfg, "evals": evals, "finished": finished_summary(run) is not None,
-                     # start of training to its last log line (a resumed run: its first start)
-                     "wall_s": (times[-1] - start) if times and start is not None else float("nan")})
+                     "wall_s": training_seconds(lines, start)})
     # a sweep over task sizes (d, degree, path_len, ...) gets one group per size, not one per task name
     varying = defaultdict(set)
     for name in {r["cfg"]["task"]["name"] for r in runs}:
@@ -352,7 +368,7 @@ def write_report(sweep_dir, thresholds=None, context_n: int = 256, out_dir=None,
     rows = summarise(runs, thresholds)
     lines = [f"# Study report: {sweep_dir.name}", "",
              f"{len(runs)} runs ({sum(r['finished'] for r in runs)} finished; their training wall-clock times, "
-             f"each from its start to its last log line, sum to {sum(r['wall_s'] for r in runs if math.isfinite(r['wall_s'])):.0f} s). "
+             f"each the time its processes spent training, a stop before a resume not counted, sum to {sum(r['wall_s'] for r in runs if math.isfinite(r['wall_s'])):.0f} s). "
              "Threshold metric per task, "
              "mean ± std of its final value over seeds, share of seeds past the threshold, training FLOPs "
              "to the threshold C(τ) (mean over the seeds that reached it) and task affinity "
