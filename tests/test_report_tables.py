@@ -68,7 +68,7 @@ def test_report_cli_with_decode(sweep_dir, capsys):
 
 
 def test_training_seconds_leave_out_the_time_a_run_lay_stopped():
-    from anyorder.studies.sweep_report import training_seconds
+    from anyorder.rundir import training_seconds
 
     # one process logged until 100 s, was killed; its resume logged from 0 again, until 30 s,
     # an hour of wall clock later (``time``): 130 s of training, not 3730

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -119,3 +119,21 @@ def check_same_run(run_dir: Path, cfg: Dict[str, Any]) -> None:
         if trajectory(prev) != trajectory(cfg):
             raise ValueError(f"{run_dir} holds a run with a different config; choose another name= "
                              f"or delete the directory (differences: {config_diff(prev, cfg)})")
+
+
+def training_seconds(lines: List[dict], start: Optional[float]) -> float:
+    """Seconds spent training: the sum, over the run's processes (a resume starts a new one, whose
+    log lines' ``elapsed`` count from 0 again), of each one's last ``elapsed``, so the time a run
+    lay stopped between a kill and its resume is not counted. Logs without ``elapsed``: start of
+    training to the last log line."""
+    spans, last = [], None
+    for e in (line.get("elapsed") for line in lines):
+        if e is None:
+            continue
+        if last is not None and e < last:
+            spans.append(last)
+        last = e
+    if last is not None:
+        return float(sum(spans) + last)
+    times = [line["time"] for line in lines if "time" in line]
+    return (times[-1] - start) if times and start is not None else float("nan")

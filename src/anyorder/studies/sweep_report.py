@@ -39,6 +39,7 @@ from .final_tables import decode_section, detail_section
 from ..sweep import OLD_RUN
 from ..tasks import TASKS
 from ..tasks.linear_regression import LinearRegressionTask, least_squares, ridge
+from ..rundir import training_seconds
 from ..train.guard import finished_summary
 
 OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
@@ -48,24 +49,6 @@ REFERENCE_ORDER = "ar"  # task affinity compares every order with this one
 def _order_label(order: dict) -> str:
     extra = ",".join(f"{k}={v}" for k, v in order.items() if k != "name")
     return order["name"] + (f"({extra})" if extra else "")
-
-
-def training_seconds(lines: List[dict], start: Optional[float]) -> float:
-    """Seconds spent training: the sum, over the run's processes (a resume starts a new one, whose
-    log lines' ``elapsed`` count from 0 again), of each one's last ``elapsed``, so the time a run
-    lay stopped between a kill and its resume is not counted. Logs without ``elapsed``: start of
-    training to the last log line."""
-    spans, last = [], None
-    for e in (line.get("elapsed") for line in lines):
-        if e is None:
-            continue
-        if last is not None and e < last:
-            spans.append(last)
-        last = e
-    if last is not None:
-        return float(sum(spans) + last)
-    times = [line["time"] for line in lines if "time" in line]
-    return (times[-1] - start) if times and start is not None else float("nan")
 
 
 def load_runs(sweep_dir) -> List[dict]:
