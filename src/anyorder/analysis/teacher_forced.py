@@ -18,6 +18,8 @@ from typing import Dict, Optional
 
 import torch
 
+from ..objectives.rows import extra_to
+
 
 @torch.no_grad()
 def teacher_forced_accuracy(model, order, x0: torch.Tensor, answer: torch.Tensor, mask_id: int,
@@ -29,7 +31,7 @@ def teacher_forced_accuracy(model, order, x0: torch.Tensor, answer: torch.Tensor
     param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     device = x0.device if param is None else param.device  # held-out sets live on the CPU; run on the model's device
     x0, answer = x0.to(device), answer.to(device).bool()
-    extra = None if extra is None else {k: v.to(device) for k, v in extra.items()}
+    extra = extra_to(extra, device)
     n_answer = answer.sum(-1)
     if len(x0) == 0 or bool((n_answer != n_answer[0]).any()):
         raise ValueError("teacher_forced_accuracy needs at least one row and the same number of answer positions in every row")

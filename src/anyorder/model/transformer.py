@@ -162,8 +162,9 @@ class Block(nn.Module):
             x = x + self.attn(self.norm1(x), cos, sin, attn_mask)
             return x + self.mlp(self.norm2(x))
         a = self.attn.mix(self.norm1(x), cos, sin, attn_mask)
-        n = int(rows.sum())
-        x = pad_rows(x[rows]) + self.attn.proj(pad_rows(a[rows]))  # CPU autocast: a few shapes (ROW_MULTIPLE)
+        x = x[rows]
+        n = len(x)
+        x = pad_rows(x) + self.attn.proj(pad_rows(a[rows]))  # CPU autocast: a few shapes (ROW_MULTIPLE)
         return (x + self.mlp(self.norm2(x)))[:n]
 
     def forward_cached(self, x, cos, sin, k_buf, v_buf, idx, attn_mask):

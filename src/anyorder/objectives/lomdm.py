@@ -32,6 +32,7 @@ from ..model.lomdm import LoMDM
 from ..orders.base import low_discrepancy_t
 from .base import OBJECTIVES
 from .nelbo import NelboObjective
+from .rows import extra_to
 
 
 def velocity_loss(A: torch.Tensor, A_hat: torch.Tensor) -> torch.Tensor:
@@ -85,14 +86,10 @@ def loss_terms(model, x0, answer, t, masks, k_phi, extra=None):
     return {"main": main, "velocity": vel, "logq": logq, "ce": ce, "correct": correct,
             "n_masked": masked.sum(-1), "k_hat": k_hat}
 
-def _to(extra, device):
-    return None if extra is None else {k: v.to(device) for k, v in extra.items()}
-
-
 def lomdm_loss(model, x0, answer, gen: torch.Generator, extra=None, t: Optional[torch.Tensor] = None):
     """(loss, stats) of one training step; loss value = ½(L(z¹) + L(z²)) per answer token."""
     device = next(model.parameters()).device  # batches and draws come from the CPU generator
-    x0, answer, extra = x0.to(device), answer.to(device).bool(), _to(extra, device)
+    x0, answer, extra = x0.to(device), answer.to(device).bool(), extra_to(extra, device)
     B = x0.shape[0]
     t = (low_discrepancy_t(B, gen) if t is None else t).to(device)
     k_phi = model.forward_exponent(x0, answer, extra)
@@ -125,7 +122,7 @@ def lomdm_likelihood(model, x0: torch.Tensor, answer: torch.Tensor, samples: int
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    x0, answer, extra = x0.to(device), answer.to(device).bool(), _to(extra, device)
+    x0, answer, extra = x0.to(device), answer.to(device).bool(), extra_to(extra, device)
     n_tok = float(answer.sum())
     t0 = time.perf_counter()
     reps, vels = [], []

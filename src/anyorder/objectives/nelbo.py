@@ -37,7 +37,7 @@ from ..model import build_backbone
 from ..orders.base import Layout, TrainPlan
 from ..registry import unknown_choice
 from .base import OBJECTIVES, Objective
-from .rows import expand_extra, plan_time, scored_target_logp
+from .rows import expand_extra, extra_to, plan_time, scored_target_logp
 
 WEIGHTINGS = ("elbo", "clamp", "uniform", "focal")
 
@@ -73,7 +73,7 @@ def plan_loss(model, plan: TrainPlan, extra=None, weighting: str = "elbo", **kw)
     [B, L] layout, so the value is the one the full-logits computation gives, within float rounding.
     """
     device = next(model.parameters()).device  # the plan was drawn on the CPU
-    plan, extra = plan.to(device), (None if extra is None else {k: v.to(device) for k, v in extra.items()})
+    plan, extra = plan.to(device), extra_to(extra, device)
     logp_t, n_correct = scored_target_logp(model, plan, extra, logits_fn=plan_logits)
     w = token_weights(weighting, plan, logp_t, **kw)
     n_tok = (plan.answer.sum() if plan.answer is not None else plan.targets.numel()).clamp_min(1)

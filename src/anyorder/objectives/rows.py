@@ -80,15 +80,15 @@ def scored_target_logp(model, plan, extra=None, logits_fn=None,
     targets = plan.targets[scored]
     head_logits = getattr(model, "head_logits", None)
     hidden_rows = getattr(model, "hidden_rows", None)
-    if callable(head_logits) and callable(hidden_rows):
-        # the scored rows among all query rows (a two-stream pass has 2L; only the first L score)
-        rows = torch.cat([scored, scored.new_zeros(len(scored), plan.tokens.shape[1] - L)], dim=1)
-        h = hidden_rows(plan.tokens, rows, attn_mask=plan.attn, positions=plan.index,
-                        extra=expand_extra(extra, plan.index), t=plan_time(model, plan))
-        logp, correct = rows_target_logp(head_logits, h, targets, model.cfg.vocab_size, chunk_logits)
-    elif callable(head_logits) and callable(getattr(model, "hidden", None)):
-        h = model.hidden(plan.tokens, attn_mask=plan.attn, positions=plan.index,
-                         extra=expand_extra(extra, plan.index), t=plan_time(model, plan))[:, :L][scored]
+    if callable(head_logits) and (callable(hidden_rows) or callable(getattr(model, "hidden", None))):
+        kw = dict(attn_mask=plan.attn, positions=plan.index, extra=expand_extra(extra, plan.index),
+                  t=plan_time(model, plan))
+        if callable(hidden_rows):
+            # the scored rows among all query rows (a two-stream pass has 2L; only the first L score)
+            rows = torch.cat([scored, scored.new_zeros(len(scored), plan.tokens.shape[1] - L)], dim=1)
+            h = hidden_rows(plan.tokens, rows, **kw)
+        else:
+            h = model.hidden(plan.tokens, **kw)[:, :L][scored]
         logp, correct = rows_target_logp(head_logits, h, targets, model.cfg.vocab_size, chunk_logits)
     else:
         logits = logits_fn(model, plan, extra)[scored]
@@ -97,6 +97,11 @@ def scored_target_logp(model, plan, extra=None, logits_fn=None,
         logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     full = torch.zeros(scored.shape, dtype=logp.dtype, device=logp.device).masked_scatter(scored, logp)
     return full, correct.sum()
+
+
+def extra_to(extra, device):
+    """Task embedding ids moved to ``device`` (None stays None): batches are drawn on the CPU."""
+    return None if extra is None else {k: v.to(device) for k, v in extra.items()}
 
 
 def expand_extra(extra, index: Optional[torch.Tensor]):
