@@ -184,6 +184,42 @@ def test_equals_naive_frozen_kv(sharp_model, order_spec, mode, dec):
     assert torch.equal(got.trace.finalize_step, ref.trace.finalize_step)
 
 
+@pytest.mark.parametrize("order_spec", ORDERS, ids=_name)
+@pytest.mark.parametrize("mode", MODES, ids=["prefix", "dual", "drift"])
+def test_reading_every_logit_equals_naive_frozen_kv(sharp_model, order_spec, mode):
+    """A decoder that reads the logits of every position (``needs_all_logits``) gets, from the
+    kept hidden states and the lazily updated logits buffer, the logits of each position's last
+    pass: the same tokens and steps as the reference that keeps logits after every pass."""
+    cls = type("AllLogits", (type(build_decoder("top_prob")),), {"needs_all_logits": True})
+    x, answer = _ragged()
+    order = build_order(order_spec)
+    got = cls(window=4, temperature=1.0, **mode).decode(sharp_model, order, x, answer, row_seeds=[3, 5, 7, 9])
+    ref_dec = cls(window=4, temperature=1.0)
+    ref_dec.make_forward = lambda model, order, layout, extra=None: NaiveFrozenKV(
+        model, order, layout, ref_dec.windows(layout), mode["cache"], mode.get("cache_tol"), None)
+    ref = ref_dec.decode(sharp_model, order, x, answer, row_seeds=[3, 5, 7, 9])
+    assert torch.equal(got.tokens, ref.tokens)
+    assert torch.equal(got.trace.finalize_step, ref.trace.finalize_step)
+
+
+@pytest.mark.parametrize("cache", [True, "dual", "prefix"])
+def test_output_head_runs_only_where_read(tiny_model, cache):
+    """The cached forwards keep final hidden states and apply the output head only at the
+    positions a step reads (the current window's holes: 4, 3, 2, 1 in each of the 3 windows, 30
+    rows in all), not at every position a pass runs (dual: 3 x (15 + 3 x 4) = 81)."""
+    x0, answer = make_batch(B=1, L=15, prompt=3, seed=0)
+    x = torch.where(answer, torch.full_like(x0, MASK), x0)
+    rows = []
+    head = tiny_model.head_logits
+    tiny_model.head_logits = lambda h: rows.append(h.shape[0]) or head(h)
+    try:
+        _decode(tiny_model, build_order("random"), x, answer, {"name": "top_prob", "window": 4, "cache": cache},
+                seeds=[0])
+    finally:
+        del tiny_model.head_logits
+    assert rows == [4, 3, 2, 1] * 3
+
+
 @pytest.mark.parametrize("mode", MODES, ids=["prefix", "dual", "drift"])
 def test_batched_equals_row_by_row(sharp_model, mode):
     x, answer = _ragged()

@@ -40,7 +40,7 @@ import torch
 
 from ..checks import check_float, check_int, show
 from ..model.kv_cache import KVCache
-from .forward import QueryCounts, cached_forward, new_logits, read_logits, run_queries, uncached_forward
+from .forward import QueryCounts, SlotOutputs, cached_forward, run_queries, uncached_forward
 
 APPROX_MODES = ("prefix", "dual", "drift")
 _BIG = torch.iinfo(torch.long).max
@@ -106,7 +106,7 @@ class ApproxCachedForward:
     def _start(self, x: torch.Tensor) -> None:
         B, L = x.shape
         self.cache = KVCache(self.model, B, L)
-        self.logits = new_logits(self.model, B, L, x.device)
+        self.out = SlotOutputs(self.model, B, L, x.device)
         self.tokens = torch.full_like(x, -1)          # the token each slot's K/V was computed with
         self.win_at = torch.full((B,), -1, dtype=torch.long, device=x.device)  # window at refresh
         self.since = torch.zeros(B, dtype=torch.long, device=x.device)        # steps on this cache
@@ -136,7 +136,7 @@ class ApproxCachedForward:
                 self._pass(x, drifted.unsqueeze(-1).expand(B, L), attn)
                 refresh = refresh | drifted
         self._refreshed(x, refresh, win, active)
-        return read_logits(self.logits, L, rows, where)
+        return self.out.read(rows, where)
 
     def _recompute(self, x: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
         """[B, L] the positions a non-refresh step runs: the window (``prefix``: from its first
@@ -150,7 +150,7 @@ class ApproxCachedForward:
     def _pass(self, x: torch.Tensor, q: torch.Tensor, attn) -> None:
         """Run ``q`` [B, L] over every slot (each was written by the first, full pass) under the
         order's ``attn`` (None: all see all)."""
-        self.counts.add(run_queries(self.model, self.cache, self.logits, x, q, attn, None, self.extra))
+        self.counts.add(run_queries(self.model, self.cache, self.out, x, q, attn, None, self.extra))
         self.tokens = torch.where(q, x, self.tokens)
 
     def _drift(self, x: torch.Tensor, run: torch.Tensor) -> torch.Tensor:

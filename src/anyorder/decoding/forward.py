@@ -50,7 +50,7 @@ class CachedForward:
     def __init__(self, model, order, layout, extra=None):
         self.model, self.order, self.layout, self.extra = model, order, layout, extra
         self.cache = None
-        self.logits = None
+        self.out = None
         self.counts = QueryCounts()
 
     query_tokens = property(lambda self: self.counts.tokens)
@@ -60,7 +60,7 @@ class CachedForward:
         B, L = x.shape
         if self.cache is None:
             self.cache = KVCache(self.model, B, L)
-            self.logits = new_logits(self.model, B, L, x.device)
+            self.out = SlotOutputs(self.model, B, L, x.device)
         attn = full_attention(self.order.decode_attention(masked, self.layout), B, L, x.device)
         if self.counts.calls == 0:  # a full pass
             live = torch.ones_like(masked)
@@ -70,10 +70,10 @@ class CachedForward:
             live = live & masked.any(-1, keepdim=True)  # a finished row needs no logits
         valid = self.cache.valid(x, attn)
         q = query_set(live, valid, attn)
-        self.counts.add(run_queries(self.model, self.cache, self.logits, x, q, attn, valid | q, self.extra))
+        self.counts.add(run_queries(self.model, self.cache, self.out, x, q, attn, valid | q, self.extra))
         # K/V just computed in a state they can no longer leave: keep them
         self.cache.store(q & self.order.frozen(masked, self.layout), x, attn)
-        return read_logits(self.logits, L, rows, where)  # finished rows ran nothing
+        return self.out.read(rows, where)  # finished rows ran nothing
 
 
 class QueryCounts:
@@ -93,11 +93,46 @@ class QueryCounts:
         return int(self._tokens)
 
 
-def new_logits(model, B: int, L: int, device) -> torch.Tensor:
-    """[B, L + 1, V] logits buffer (slot L: scratch for padding queries), -inf at the mask id."""
-    logits = torch.zeros(B, L + 1, model.cfg.vocab_size, device=device)
-    logits[..., model.cfg.mask_id] = float("-inf")
-    return logits
+class SlotOutputs:
+    """What a cached forward keeps of each position's last pass: its final hidden state (a
+    [B, L + 1, D] buffer, slot L scratch for padding queries), and the output head applied only
+    where a step reads. A decoder reads the positions it may commit (``where``); at a large
+    vocabulary the head is much of a small pass, and the positions a pass runs but no step reads
+    (a window's committed tokens, a refresh's other windows) never pay for it. Logits of every
+    position (a read without ``where``) are kept in a [B, L, V] buffer made on the first such
+    read and updated only where a pass has run since: row by row the same logits as applying the
+    head right after each pass."""
+
+    def __init__(self, model, B: int, L: int, device):
+        self.model, self.L = model, L
+        self.h = None                                    # made by the first write (its dtype, width)
+        self.logits = None
+        self.stale = torch.ones(B, L, dtype=torch.bool, device=device)  # logits behind h
+
+    def write(self, slots: torch.Tensor, h: torch.Tensor, ran: torch.Tensor) -> None:
+        """Hidden states ``h`` [B, Q, D] of the queries at ``slots`` [B, Q] (L: padding), which
+        are the positions ``ran`` [B, L]."""
+        B, Q, D = h.shape
+        if self.h is None:
+            self.h = h.new_zeros(B, self.L + 1, D)
+        flat = (slots + (self.L + 1) * torch.arange(B, device=slots.device).unsqueeze(-1)).flatten()
+        self.h.view(B * (self.L + 1), D).index_copy_(0, flat, h.flatten(0, 1).to(self.h.dtype))
+        if self.logits is not None:
+            self.stale |= ran
+
+    def read(self, rows=None, where=None) -> torch.Tensor:
+        """By the forward protocol: [N, V] at ``where`` (the head there only), else [R, L, V] of
+        ``rows``, else [B, L, V] (a copy: the buffer changes on the next pass)."""
+        h = self.h[:, :self.L]
+        if where is not None:
+            return self.model.head_logits(h[where])
+        if self.logits is None:
+            self.logits = self.model.head_logits(h)
+            self.stale.zero_()
+        elif bool(self.stale.any()):
+            self.logits[self.stale] = self.model.head_logits(h[self.stale])
+            self.stale.zero_()
+        return self.logits.clone() if rows is None else self.logits[rows]
 
 
 def full_attention(attn, B: int, L: int, device) -> torch.Tensor:
@@ -105,22 +140,13 @@ def full_attention(attn, B: int, L: int, device) -> torch.Tensor:
     return torch.ones(B, L, L, dtype=torch.bool, device=device) if attn is None else attn.expand(B, L, L)
 
 
-def read_logits(logits: torch.Tensor, L: int, rows=None, where=None) -> torch.Tensor:
-    """What a cached forward returns from its [B, L + 1, V] buffer, by the forward protocol:
-    [N, V] at ``where`` (a copy of those rows only), else [R, L, V] of ``rows``, else [B, L, V]
-    (a copy: the buffer changes on the next call)."""
-    if where is not None:
-        return logits[:, :L][where]
-    return logits[:, :L].clone() if rows is None else logits[rows, :L]
-
-
-def run_queries(model, cache, logits, x, q, attn, keys, extra=None):
+def run_queries(model, cache, out, x, q, attn, keys, extra=None):
     """Run the positions ``q`` [B, L] of ``x`` against ``cache`` (their K/V are written into it
     in every layer; they attend to the slots ``keys`` [B, L] under the rows of ``attn``
-    [B, L, L]) and write their logits into ``logits`` [B, L + 1, V] (padding queries into slot
-    L). ``attn=None`` and ``keys=None``: every slot visible to every query (then, if no row has
-    padding and the model allows it, no mask is built at all). Returns how many ran (a 0-dim
-    tensor), or None when nothing did."""
+    [B, L, L]) and write their final hidden states into ``out`` (:class:`SlotOutputs`; padding
+    queries into slot L). ``attn=None`` and ``keys=None``: every slot visible to every query
+    (then, if no row has padding and the model allows it, no mask is built at all). Returns how
+    many ran (a 0-dim tensor), or None when nothing did."""
     B, L = x.shape
     pos, slots, real, padded = pack(q, scratch=L)
     if pos.shape[1] == 0:  # no row has a query (pack read the largest count)
@@ -130,9 +156,8 @@ def run_queries(model, cache, logits, x, q, attn, keys, extra=None):
     else:
         mask = query_mask(full_attention(attn, B, L, x.device), torch.ones_like(q) if keys is None else keys,
                           pos, real)
-    out = model.forward_cached(torch.gather(x, 1, pos), pos, cache, slots, mask, extra=gather_extra(extra, pos))
-    flat = (slots + (L + 1) * torch.arange(B, device=x.device).unsqueeze(-1)).flatten()
-    logits.view(B * (L + 1), -1).index_copy_(0, flat, out.flatten(0, 1).to(logits.dtype))
+    out.write(slots, model.hidden_cached(torch.gather(x, 1, pos), pos, cache, slots, mask,
+                                         extra=gather_extra(extra, pos)), q)
     return real.sum()
 
 

@@ -195,9 +195,14 @@ class HFBackbone(nn.Module):
         return self.head_logits(self.hidden(tokens, attn_mask, positions, extra, t))
 
     def forward_cached(self, tokens, positions, cache, slots, attn_mask, extra=None, t=None) -> torch.Tensor:
-        """Logits [B, Q, V] of the query tokens only (the contract of Transformer.forward_cached):
-        ``positions`` [B, Q] their sequence positions, ``slots`` [B, Q] where their K/V go in
-        ``cache`` (the scratch slot for padding queries), ``attn_mask`` [B, Q, L + 1] over slots."""
+        """Logits [B, Q, V] of the query tokens only: :meth:`head_logits` of :meth:`hidden_cached`."""
+        return self.head_logits(self.hidden_cached(tokens, positions, cache, slots, attn_mask, extra, t))
+
+    def hidden_cached(self, tokens, positions, cache, slots, attn_mask, extra=None, t=None) -> torch.Tensor:
+        """Final hidden states [B, Q, D] of the query tokens only (the contract of
+        Transformer.hidden_cached; with ``shift_logits``, row i holds state i-1): ``positions``
+        [B, Q] their sequence positions, ``slots`` [B, Q] where their K/V go in ``cache`` (the
+        scratch slot for padding queries), ``attn_mask`` [B, Q, L + 1] over slots."""
         B, Q = tokens.shape
         kv = cache.__dict__.get("hf_slots")
         if kv is None:
@@ -224,7 +229,7 @@ class HFBackbone(nn.Module):
                 raise ValueError("shift_logits reads state i-1, which this order neither caches nor recomputes "
                                  "with i: decode with cache: false")
             h = torch.where((positions == 0).unsqueeze(-1), h, kv.hidden.gather(1, prev.unsqueeze(-1).expand_as(h)))
-        return self.head_logits(h)
+        return h
 
 
 def allowed(attn_mask: Optional[torch.Tensor], B: int, L: int, keys: int, device) -> torch.Tensor:

@@ -104,6 +104,6 @@ class BiasBackbone(HFBackbone):
             logits = logits / float(conf.d_model) ** 0.5
         return logits
 
-    def forward_cached(self, tokens, positions, cache, slots, attn_mask, extra=None, t=None) -> torch.Tensor:
+    def hidden_cached(self, tokens, positions, cache, slots, attn_mask, extra=None, t=None) -> torch.Tensor:
         raise ValueError(f"{type(self.hf).__name__} takes no KV cache and no position ids (its forward runs the "
                          f"whole sequence at 0..L-1): decode with cache: false")

@@ -115,6 +115,12 @@ class LoMDM(nn.Module):
     def forward_cached(self, *a, **kw):
         return self.backbone.forward_cached(*a, **kw)
 
+    def hidden_cached(self, *a, **kw):
+        return self.backbone.hidden_cached(*a, **kw)
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.backbone.head_logits(h)
+
     def logits_at(self, *a, **kw):
         return self.backbone.logits_at(*a, **kw)
 

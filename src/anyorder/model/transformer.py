@@ -304,7 +304,13 @@ class Transformer(nn.Module):
         return logits
 
     def forward_cached(self, tokens, positions, cache, slots, attn_mask, extra=None, t=None):
-        """Logits [B, Q, V] of the query tokens [B, Q] only (model/kv_cache.py).
+        """Logits [B, Q, V] of the query tokens [B, Q] only: :meth:`head_logits` of
+        :meth:`hidden_cached`."""
+        return self.head_logits(self.hidden_cached(tokens, positions, cache, slots, attn_mask, extra, t))
+
+    def hidden_cached(self, tokens, positions, cache, slots, attn_mask, extra=None, t=None):
+        """Final hidden states [B, Q, D] of the query tokens [B, Q] only (model/kv_cache.py); a
+        decoder applies the output head where it reads (decoding/forward.py).
 
         ``positions`` [B, Q]: their true sequence positions (RoPE); ``slots`` [B, Q]: where their
         K/V go in ``cache`` (the position, or the cache's scratch slot for padding queries);
@@ -325,9 +331,7 @@ class Transformer(nn.Module):
         idx = (heads + slots.view(B, 1, -1)).flatten()
         for i, blk in enumerate(self.blocks):
             h = blk.forward_cached(h, cos, sin, cache.k[i], cache.v[i], idx, mask)
-        logits = self.head(self.norm(h)).float()
-        logits[..., self.cfg.mask_id] = float("-inf")
-        return logits
+        return self.norm(h)
 
     # forward_cached takes attn_mask=None for "all slots but the scratch one" (decoding/forward.py)
     cached_mask_optional = True
