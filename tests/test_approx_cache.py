@@ -202,8 +202,10 @@ def test_reading_every_logit_equals_naive_frozen_kv(sharp_model, order_spec, mod
     assert torch.equal(got.trace.finalize_step, ref.trace.finalize_step)
 
 
-@pytest.mark.parametrize("cache", [True, "dual", "prefix"])
-def test_output_head_runs_only_where_read(tiny_model, cache):
+@pytest.mark.parametrize("order_spec, cache", [("random", "dual"), ("random", "prefix"),
+                                               ({"name": "prefix_block", "block_size": 4}, True)],
+                         ids=["dual", "prefix", "exact"])
+def test_output_head_runs_only_where_read(tiny_model, order_spec, cache):
     """The cached forwards keep final hidden states and apply the output head only at the
     positions a step reads (the current window's holes: 4, 3, 2, 1 in each of the 3 windows, 30
     rows in all), not at every position a pass runs (dual: 3 x (15 + 3 x 4) = 81)."""
@@ -213,11 +215,25 @@ def test_output_head_runs_only_where_read(tiny_model, cache):
     head = tiny_model.head_logits
     tiny_model.head_logits = lambda h: rows.append(h.shape[0]) or head(h)
     try:
-        _decode(tiny_model, build_order("random"), x, answer, {"name": "top_prob", "window": 4, "cache": cache},
+        _decode(tiny_model, build_order(order_spec), x, answer, {"name": "top_prob", "window": 4, "cache": cache},
                 seeds=[0])
     finally:
         del tiny_model.head_logits
     assert rows == [4, 3, 2, 1] * 3
+
+
+@pytest.mark.parametrize("order_spec, kept", [("random", False), ({"name": "prefix_block", "block_size": 4}, True),
+                                              ("ar", True), ({"name": "block", "block_size": 4}, True)],
+                         ids=["random", "prefix_block", "ar", "block"])
+def test_exact_cache_only_where_it_keeps_something(tiny_model, order_spec, kept):
+    """``cache=True`` on ``random`` (its prompt attends to the answer: nothing is ever frozen and
+    every position's logits may be read) would rerun every position every step and pay the
+    book-keeping on top: it runs the plain pass. Orders that freeze positions keep the cache."""
+    x0, answer = make_batch(B=1, L=15, prompt=3, seed=0)
+    fwd = []
+    _decode(tiny_model, build_order(order_spec), torch.where(answer, torch.full_like(x0, MASK), x0), answer,
+            {"name": "top_prob", "cache": True}, seeds=[0], forwards=fwd)
+    assert isinstance(fwd[0], CachedForward) == kept
 
 
 @pytest.mark.parametrize("mode", MODES, ids=["prefix", "dual", "drift"])

@@ -57,8 +57,8 @@ class CacheSpec:
     def make_forward(self, model, order, layout, extra, window: torch.Tensor):
         """``forward(x, masked) -> logits`` for one decode; ``window`` [B, L] is the decoder's
         semi-AR window of each answer position (-1 on the prompt)."""
-        if self.mode is False:
-            return uncached_forward(model, order, layout, extra)
+        if self.mode is False or (self.mode is True and not caches_anything(order, layout)):
+            return uncached_forward(model, order, layout, extra)  # a cache that keeps nothing only costs
         if self.mode is True or has_exact_cache(order, layout):
             return cached_forward(model, order, layout, extra)
         return ApproxCachedForward(model, order, layout, window, self, extra)
@@ -77,6 +77,15 @@ def cache_spec(cache=False, cache_tol=None, cache_every=None) -> CacheSpec:
                          f"{', '.join(map(repr, APPROX_MODES))}, got decoder.cache={show(cache)}")
     tol = CacheSpec.tol if cache_tol is None else check_float("decoder.cache_tol", cache_tol, 0)
     return CacheSpec(cache, tol, check_int("decoder.cache_every", cache_every, 1, optional=True))
+
+
+def caches_anything(order, layout) -> bool:
+    """Whether the exact cache can skip any work for ``order``: it freezes some position (asked
+    at the fully decoded state) or reads the logits of fewer than all positions (``Order.live``).
+    Neither holds for ``random``, whose prompt attends to the answer: every step is a full pass
+    and the cache's book-keeping a pure cost, so ``cache=True`` runs the plain pass there."""
+    done = torch.zeros_like(layout.answer)
+    return bool(order.frozen(done, layout).any()) or order.live(layout.answer, layout) is not None
 
 
 def has_exact_cache(order, layout) -> bool:

@@ -8,8 +8,8 @@ still holds an exact entry. The order declares which positions are worth storing
 every step anyway, so a wrong declaration or a decoder that re-masks a token costs a recompute,
 never a wrong logit.
 
-Layout: one buffer [B, H, L + 1, hd] per layer for K (after RoPE, at each position's true
-position) and one for V, indexed by sequence position; slot L is scratch for the padding queries
+Layout: one buffer [2, B, H, L + 1, hd] per layer holding K (after RoPE, at each position's
+true position) and V, indexed by sequence position; slot L is scratch for the padding queries
 of rows that have fewer queries than others in the batch. Rows therefore freeze independently:
 a row's cached set is just a [L] bool mask, and every query attends over all slots under a key
 mask.
@@ -27,9 +27,11 @@ class KVCache:
         hd = cfg.d_model // cfg.n_heads
         p = next(model.parameters())
         self.length = length
-        shape = (batch, cfg.n_heads, length + 1, hd)
-        self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layers)]
+        shape = (2, batch, cfg.n_heads, length + 1, hd)
+        # one buffer a layer holds K then V (a pass writes both with one copy); k / v: views of it
+        self.kv = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layers)]
+        self.k = [b[0] for b in self.kv]
+        self.v = [b[1] for b in self.kv]
         # which slots hold a kept entry, and the token and attention row it was computed with
         self.stored = torch.zeros(batch, length, dtype=torch.bool, device=p.device)
         self.tokens = torch.zeros(batch, length, dtype=torch.long, device=p.device)

@@ -69,6 +69,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x):
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # PyTorch's fused kernel: in float32 the same bits as the lines below, values and
+            # gradients (tests/test_cached_pass.py), in one op instead of six
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
@@ -111,19 +115,19 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, qkv[2], attn_mask=attn_mask)
         return y.transpose(1, 2).reshape(B, L, D)
 
-    def forward_cached(self, x, cos, sin, k_buf, v_buf, idx, attn_mask):
-        """Queries ``x`` [B, Q, D] only: write their post-RoPE K/V into the per-position buffers
-        ``k_buf``/``v_buf`` [B, H, L + 1, hd] at ``idx`` [B * H * Q] (their rows in the buffers seen
-        as [B * H * (L + 1), hd]: a row copy per head and query, much cheaper than a scatter), then
-        attend over the buffer under ``attn_mask`` [B, 1, Q, L + 1] (keys of cached positions were
-        written when they froze); ``attn_mask=None``: every query sees slots 0..L-1 (no mask for
-        SDPA to build, read or add), never the scratch slot L."""
+    def forward_cached(self, x, cos, sin, kv_buf, idx, attn_mask):
+        """Queries ``x`` [B, Q, D] only: write their post-RoPE K and V into the per-position buffer
+        ``kv_buf`` [2, B, H, L + 1, hd] (K, then V) at ``idx`` [2 * B * H * Q] (their rows in the
+        buffer seen as [2 * B * H * (L + 1), hd]: one row copy per head, query and K/V, much
+        cheaper than a scatter), then attend over the buffer under ``attn_mask`` [B, 1, Q, L + 1]
+        (keys of cached positions were written when they froze); ``attn_mask=None``: every query
+        sees slots 0..L-1 (no mask for SDPA to build, read or add), never the scratch slot L."""
         B, Q, D = x.shape
         hd = D // self.n_heads
         qkv = self.qkv(x).view(B, Q, 3, self.n_heads, hd).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(qkv[:2], cos, sin)
-        k_buf.view(-1, hd).index_copy_(0, idx, k.reshape(-1, hd).to(k_buf.dtype))
-        v_buf.view(-1, hd).index_copy_(0, idx, qkv[2].reshape(-1, hd).to(v_buf.dtype))
+        kv_buf.view(-1, hd).index_copy_(0, idx, torch.stack([k, qkv[2]]).reshape(-1, hd).to(kv_buf.dtype))
+        k_buf, v_buf = kv_buf.unbind(0)
         if attn_mask is None:
             k_buf, v_buf = k_buf[:, :, :-1], v_buf[:, :, :-1]
         y = F.scaled_dot_product_attention(q.to(k_buf.dtype), k_buf, v_buf, attn_mask=attn_mask).to(x.dtype)
@@ -167,8 +171,8 @@ class Block(nn.Module):
         x = pad_rows(x) + self.attn.proj(pad_rows(a[rows]))  # CPU autocast: a few shapes (ROW_MULTIPLE)
         return (x + self.mlp(self.norm2(x)))[:n]
 
-    def forward_cached(self, x, cos, sin, k_buf, v_buf, idx, attn_mask):
-        x = x + self.attn.forward_cached(self.norm1(x), cos, sin, k_buf, v_buf, idx, attn_mask)
+    def forward_cached(self, x, cos, sin, kv_buf, idx, attn_mask):
+        x = x + self.attn.forward_cached(self.norm1(x), cos, sin, kv_buf, idx, attn_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -254,8 +258,7 @@ class Transformer(nn.Module):
         if positions.dim() == 1:
             positions = positions.unsqueeze(0).expand(B, L)
         h = self._embed(tokens, positions, extra, t)
-        cos, sin = rope_tables(positions, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_base)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        cos, sin = self.rope_at(positions)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)  # [B, 1, Lq, Lk] broadcasts over heads
         recompute = self.recompute and torch.is_grad_enabled()  # train.gradient_checkpointing
@@ -263,6 +266,18 @@ class Transformer(nn.Module):
             args = (h, cos, sin, attn_mask) + ((rows,) if rows is not None and i == len(self.blocks) - 1 else ())
             h = checkpoint(blk, *args, use_reentrant=False) if recompute else blk(*args)
         return self.norm(h)
+
+    def rope_at(self, positions: torch.Tensor):
+        """RoPE tables [B, 1, L, hd] at [B, L] positions (checked against ``max_len`` by the
+        caller), read from tables of every position made once per device: the same bits as
+        :func:`rope_tables` of the positions themselves (tests/test_cached_pass.py), without
+        the trigonometry of every pass."""
+        table = self.__dict__.get("_rope_table")
+        if table is None or table[0].device != positions.device:
+            table = rope_tables(torch.arange(self.cfg.max_len, device=positions.device),
+                                self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_base)
+            self.__dict__["_rope_table"] = table  # not a buffer: never saved, made again on a new device
+        return table[0][positions].unsqueeze(1), table[1][positions].unsqueeze(1)
 
     def set_gradient_checkpointing(self, on: bool = True) -> None:
         """Recompute each block's activations in the backward pass (train/recompute.py)."""
@@ -322,15 +337,15 @@ class Transformer(nn.Module):
         """
         check_positions(cache.length - 1, self.cfg.max_len)
         h = self._embed(tokens, positions, extra, t)
-        cos, sin = rope_tables(positions, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_base)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        cos, sin = self.rope_at(positions)
         mask = None if attn_mask is None else attn_mask.unsqueeze(1)
-        B, H, S = cache.k[0].shape[:3]
-        # each query's row in every layer's buffer seen as [B * H * S, hd]: once, not per layer
-        heads = torch.arange(B * H, device=slots.device).view(B, H, 1) * S
-        idx = (heads + slots.view(B, 1, -1)).flatten()
+        _, B, H, S = cache.kv[0].shape[:4]
+        # each query's K and V rows in every layer's buffer seen as [2 * B * H * S, hd]: once,
+        # not per layer
+        heads = torch.arange(2 * B * H, device=slots.device).view(2, B, H, 1) * S
+        idx = (heads + slots.view(1, B, 1, -1)).flatten()
         for i, blk in enumerate(self.blocks):
-            h = blk.forward_cached(h, cos, sin, cache.k[i], cache.v[i], idx, mask)
+            h = blk.forward_cached(h, cos, sin, cache.kv[i], idx, mask)
         return self.norm(h)
 
     # forward_cached takes attn_mask=None for "all slots but the scratch one" (decoding/forward.py)
