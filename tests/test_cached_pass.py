@@ -4,7 +4,9 @@
   ``[x1 cos - x2 sin, x1 sin + x2 cos]`` (fp32 and bf16);
 - ``forward_cached(attn_mask=None)`` (no mask for SDPA) == the same pass under the explicit mask
   that shows every slot but the scratch one, logits and written K/V;
-- positions are checked against ``max_len`` without reading the device (the cache's length).
+- positions are checked against ``max_len`` without reading the device (the cache's length);
+- RoPE tables read from the per-device table of every position == computed at the positions;
+- RMSNorm through the fused kernel (float32) == the textbook lines, values and gradients.
 """
 import pytest
 import torch
@@ -68,3 +70,37 @@ def test_position_check_without_device_read():
         model(torch.zeros(1, 11, dtype=torch.long))
     with pytest.raises(ValueError, match=r"position 12 exceeds model.max_len=10"):
         model(torch.zeros(1, 3, dtype=torch.long), positions=torch.tensor([0, 12, 1]))
+
+
+@pytest.mark.parametrize("head_dim", [8, 12, 64])
+def test_rope_at_same_bits_as_rope_tables(head_dim):
+    """The model reads RoPE tables made once for every position: the same bits as computing them
+    at the positions asked (batch rows, any order, repeats)."""
+    model = Transformer(ModelConfig(vocab_size=9, mask_id=8, d_model=2 * head_dim, n_layers=1, n_heads=2, max_len=300))
+    positions = torch.randint(0, 300, (3, 41), generator=torch.Generator().manual_seed(head_dim))
+    cos, sin = model.rope_at(positions)
+    ref_cos, ref_sin = rope_tables(positions, head_dim, model.cfg.rope_base)
+    assert torch.equal(cos, ref_cos.unsqueeze(1)) and torch.equal(sin, ref_sin.unsqueeze(1))
+    assert "_rope_table" not in model.state_dict()
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 256), (4, 19, 64), (7, 128)])
+def test_rms_norm_fused_same_bits(shape):
+    """RMSNorm runs PyTorch's fused kernel in float32: the same values and gradients (input and
+    weight) as the textbook lines it replaces; bfloat16 inputs keep the textbook path (float32 out)."""
+    from anyorder.model.transformer import RMSNorm
+    g = torch.Generator().manual_seed(1)
+    norm = RMSNorm(shape[-1])
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=g))
+    x = (3 * torch.randn(*shape, generator=g)).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = norm.weight.detach().clone().requires_grad_()
+    out = norm(x)
+    xf = x_ref.float()
+    ref = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).type_as(x_ref) * w_ref
+    assert torch.equal(out, ref)
+    grad = torch.randn(*shape, generator=g)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(out, (x, norm.weight), grad),
+                                                 torch.autograd.grad(ref, (x_ref, w_ref), grad)))
+    assert norm(x.detach().bfloat16()).dtype == torch.float32
