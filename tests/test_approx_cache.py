@@ -297,8 +297,10 @@ def test_the_benchmark_counts_less_work():
     """``bench cache``'s speed half, small: exact options agree with exact tokens, and the
     approximate caches run fewer query tokens per step than the full length (a count, not a
     timing)."""
-    r = bench_cache_speed(d_model=32, n_layers=1, prompt_len=4, answer_len=16, window=4, vocab=16, repeats=1)
+    r = bench_cache_speed(d_model=32, n_layers=1, prompt_len=4, answer_len=16, window=4, vocab=16, repeats=3)
     rows = {row["cache"]: row for row in r["results"]}
+    rounds = rows["dual"]["speedup_rounds"]  # one ratio per round, sorted; the median is the middle one
+    assert len(rounds) == 3 and rounds == sorted(rounds) and rows["dual"]["speedup_median_of_rounds"] == rounds[1]
     assert rows["none (exact)"]["agreement_with_exact"] == rows["true (exact KV cache)"]["agreement_with_exact"] == 1.0
     assert rows["none (exact)"]["query_tokens_per_step"] == 20
     # dual: per window of 4 steps one full pass (20) and 3 passes of the window (4)
