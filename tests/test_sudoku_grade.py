@@ -137,3 +137,26 @@ def test_cli_eval_on_a_puzzle_file(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "anyorder.cli", "eval", str(run_dir), "--puzzles", str(tmp_path / "nope")],
                              capture_output=True, text=True)
     assert missing.returncode != 0 and "nope" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_puzzles_are_generated_on_first_use(tmp_path):
+    """Building the task generates nothing; a puzzle file read by load_eval is decoded without
+    generating the training set; the first use generates exactly the set built eagerly before
+    (the first n_eval for evaluation, the rest for training); training builds it before writing."""
+    spec = {"name": "sudoku", "size": 9, "n_clues": 30, "n_train": 5, "n_eval": 3, "seed": 4}
+    task = build_task(spec)
+    assert task._parts == {} and task.describe()["n_train"] == 5
+    p, s = generate_dataset(9, 8, 30, seed=4)
+    f = tmp_path / "p.txt"
+    f.write_text(core.format_grid(p[6]) + "\n")
+    assert task.load_eval(f) == 1 and task.eval_set(4)[0].shape[0] == 1
+    assert list(task._parts) == ["eval"] and task.describe()["n_eval"] == 1
+    assert (task.train_p == p[3:]).all() and (task.train_s == s[3:]).all()  # generated now
+    assert len(task.eval_p) == 1 and (task.eval_p[0] == p[6]).all()         # the file's set stays
+    fresh = build_task(spec)
+    assert (fresh.eval_p == p[:3]).all() and (fresh._x_train[:, :81].numpy() == p[3:]).all()
+    from anyorder.config import load_config
+    from anyorder.experiment import build
+    exp = build(load_config(None, ["task.name=sudoku", "task.size=4", "task.n_train=30", "task.n_eval=5",
+                                   "model.d_model=16", "model.n_layers=1", "model.n_heads=2"]), meta=True)
+    assert set(exp.task._parts) == {"train", "eval"}

@@ -61,6 +61,8 @@ def build(cfg: Dict[str, Any], config_dir: Optional[Union[str, Path]] = None, *,
     if plugins:
         plugins_.load_plugins(cfg.get("plugins"), config_dir)
     task = build_task(cfg["task"])
+    if training:
+        task.prepare()
     order = build_order(cfg["order"])
     objective = build_objective(task, order, cfg["weighting"], cfg.get("objective"))
     for d in cfg["decode"]:

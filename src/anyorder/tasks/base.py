@@ -46,6 +46,10 @@ class Task:
         """name -> [L] long ids of task embeddings added to the token embedding."""
         return {}
 
+    def prepare(self) -> None:
+        """Make the data now if the task makes it on first use (training calls this before it
+        writes anything, so that an impossible request fails first). Default: nothing to do."""
+
     def train_batch(self, batch_size: int, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 

@@ -46,14 +46,33 @@ class SudokuTask(Task):
         self.vocab_size = n + 3
         self.seq_len = 2 * self.cells + 1
         self.extra_embeddings = {"row": n + 1, "col": n + 1, "box": n + 1, "segment": 3}
-        puzzles, solutions = generate_dataset(n, int(n_train) + int(n_eval), self.n_clues, seed=int(seed))
-        # first n_eval for evaluation, the rest for training: disjoint because the set is distinct
-        self.eval_p, self.eval_s = puzzles[: int(n_eval)], solutions[: int(n_eval)]
-        self.train_p, self.train_s = puzzles[int(n_eval):], solutions[int(n_eval):]
-        self._x_train = self.encode(self.train_p, self.train_s)
-        self._x_eval = self.encode(self.eval_p, self.eval_s)
+        self.n_train, self.n_eval, self.seed = n_train, n_eval, seed
+        # the puzzles are generated on first use (9x9: about 25 s for 100k): a run loaded to
+        # decode a puzzle file (load_eval) or to answer one puzzle needs none of them
+        self._parts: Dict[str, tuple] = {}
         self.answer_mask = torch.zeros(self.seq_len, dtype=torch.bool)
         self.answer_mask[self.cells + 1:] = True
+
+    def _part(self, name: str) -> tuple:
+        """(puzzles, solutions, sequences) of ``"train"`` or ``"eval"``: the first ``n_eval`` of
+        the generated set for evaluation, the rest for training (disjoint: the set is distinct);
+        an evaluation set read by :meth:`load_eval` stays in place of the generated one."""
+        if name not in self._parts:
+            puzzles, solutions = generate_dataset(self.size, self.n_train + self.n_eval, self.n_clues, seed=self.seed)
+            for part, rows in (("eval", slice(None, self.n_eval)), ("train", slice(self.n_eval, None))):
+                self._parts.setdefault(part, (puzzles[rows], solutions[rows],
+                                              self.encode(puzzles[rows], solutions[rows])))
+        return self._parts[name]
+
+    def prepare(self) -> None:
+        self._part("train")
+
+    train_p = property(lambda self: self._part("train")[0])
+    train_s = property(lambda self: self._part("train")[1])
+    eval_p = property(lambda self: self._part("eval")[0])
+    eval_s = property(lambda self: self._part("eval")[1])
+    _x_train = property(lambda self: self._part("train")[2])
+    _x_eval = property(lambda self: self._part("eval")[2])
 
     def encode(self, puzzles: np.ndarray, solutions: np.ndarray) -> torch.Tensor:
         N = len(puzzles)
@@ -123,8 +142,8 @@ class SudokuTask(Task):
             solutions.append(solution)
         if not puzzles:
             raise ValueError(f"{path}: no puzzles found (one {self.cells}-character puzzle per line)")
-        self.eval_p, self.eval_s = np.stack(puzzles), np.stack(solutions)
-        self._x_eval = self.encode(self.eval_p, self.eval_s)
+        puzzles, solutions = np.stack(puzzles), np.stack(solutions)
+        self._parts["eval"] = (puzzles, solutions, self.encode(puzzles, solutions))
         return len(puzzles)
 
     def row_correct(self, pred, x0, answer):
@@ -164,4 +183,4 @@ class SudokuTask(Task):
 
     def describe(self):
         return {**super().describe(), "size": self.size, "n_clues": self.n_clues,
-                "n_train": len(self.train_p), "n_eval": len(self.eval_p)}
+                "n_train": self.n_train, "n_eval": len(self.eval_p) if "eval" in self._parts else self.n_eval}
