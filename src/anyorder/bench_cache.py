@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -95,9 +96,10 @@ def bench_cache_speed(d_model: int = 256, n_layers: int = 6, prompt_len: int = 3
             # the ratio within each round (the exact decode ran moments before), then the median:
             # this host's speed drifts between rounds by more than the best-of-rounds ratio hides
             paired = sorted(e / t for e, t in zip(rounds[ref_label], rounds[label]))
+            middle = statistics.median(paired)
             rows.append({"cache": label, "options": opts, "seconds": round(best[label], 3),
                          "speedup_vs_uncached": round(best[ref_label] / best[label], 2),
-                         "speedup_median_of_rounds": round(paired[len(paired) // 2], 2),
+                         "speedup_median_of_rounds": round(middle, 2),
                          "speedup_rounds": [round(r, 2) for r in paired],
                          "forward_seconds": round(best_fwd[label], 3),
                          "forward_speedup_vs_uncached": round(best_fwd[ref_label] / best_fwd[label], 2),

@@ -61,14 +61,14 @@ def build(cfg: Dict[str, Any], config_dir: Optional[Union[str, Path]] = None, *,
     if plugins:
         plugins_.load_plugins(cfg.get("plugins"), config_dir)
     task = build_task(cfg["task"])
-    if training:
-        task.prepare()
     order = build_order(cfg["order"])
     objective = build_objective(task, order, cfg["weighting"], cfg.get("objective"))
     for d in cfg["decode"]:
         build_decoder(dict(d))
     batch = cfg.get("train", {}).get("batch_size", TrainConfig.batch_size) if training else None  # None: weights only
     check_size(objective, cfg["model"], batch, cfg.get("force_size", False))
+    if training:  # after the cheap checks: making the data can take seconds
+        task.prepare()
     torch.manual_seed(int(cfg["seed"]))
     with torch.device("meta") if meta else contextlib.nullcontext():
         return Experiment(cfg, task, order, objective, objective.build_model(dict(cfg["model"])))

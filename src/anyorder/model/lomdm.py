@@ -115,6 +115,10 @@ class LoMDM(nn.Module):
     def forward_cached(self, *a, **kw):
         return self.backbone.forward_cached(*a, **kw)
 
+    @property
+    def cached_mask_optional(self) -> bool:
+        return getattr(self.backbone, "cached_mask_optional", False)
+
     def hidden_cached(self, *a, **kw):
         return self.backbone.hidden_cached(*a, **kw)
 

@@ -69,9 +69,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x):
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # PyTorch's fused kernel: in float32 the same bits as the lines below, values and
-            # gradients (tests/test_cached_pass.py), in one op instead of six
+        if x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # PyTorch's fused CPU kernel: in float32 the same bits as the lines below, values and
+            # gradients (tests/test_cached_pass.py), in one op instead of six (CUDA's fused
+            # kernel sums in another order: there the lines below stay)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
