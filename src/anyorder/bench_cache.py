@@ -32,6 +32,7 @@ from .config import load_config, merge
 from .decoding import build_decoder
 from .decoding.approx_cache import ApproxCachedForward
 from .demo import DEMO_CONFIG
+from .bench_train import step_clock
 from .experiment import evaluate, load_run, train
 from .model import ModelConfig, Transformer
 from .model.kv_cache import KVCache
@@ -75,7 +76,7 @@ def bench_cache_speed(d_model: int = 256, n_layers: int = 6, prompt_len: int = 3
         best_fwd: Dict[str, float] = {}
         rounds: Dict[str, List[float]] = {label: [] for label, _ in options}
         runs: Dict[str, object] = {}
-        clock = cpu_clock(threads)
+        clock, clock_name = step_clock()  # torch runs on `threads` threads by now
         for _ in range(repeats):
             for label, opts in options:
                 dec = build_decoder(dict(spec, **opts))
@@ -110,17 +111,11 @@ def bench_cache_speed(d_model: int = 256, n_layers: int = 6, prompt_len: int = 3
                          "refreshes": getattr(fwd, "refreshes", None)})
         return {"decoder": spec, "order": "random", "prompt_len": prompt_len, "answer_len": answer_len,
                 "pass_ms": pass_times(model, L, prompt_len, window, clock=clock),
-                "clock": "CPU time of this thread" if threads == 1 else "wall time",
+                "clock": clock_name,
                 "batch_size": int(batch_size), "d_model": d_model, "n_layers": n_layers, "vocab": vocab + 1, "threads": threads,
                 "repeats": repeats, "weights": f"random init, head x{head_scale:g}", "results": rows}
     finally:
         torch.set_num_threads(prev_threads)
-
-
-def cpu_clock(threads: int):
-    """Seconds by the CPU time of this thread when torch runs on this one thread (a neighbour's
-    share of the core is left out: this machine is shared), else wall time."""
-    return time.thread_time if threads == 1 else time.perf_counter
 
 
 def pass_times(model, L: int, start: int, window: int, reps: int = 30,

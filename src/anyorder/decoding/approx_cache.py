@@ -84,15 +84,18 @@ def caches_anything(order, layout) -> bool:
     at the fully decoded state) or reads the logits of fewer than all positions (``Order.live``).
     Neither holds for ``random``, whose prompt attends to the answer: every step is a full pass
     and the cache's book-keeping a pure cost, so ``cache=True`` runs the plain pass there."""
-    done = torch.zeros_like(layout.answer)
-    return bool(order.frozen(done, layout).any()) or order.live(layout.answer, layout) is not None
+    return bool(frozen_when_done(order, layout).any()) or order.live(layout.answer, layout) is not None
 
 
 def has_exact_cache(order, layout) -> bool:
     """Whether ``order`` can freeze answer positions (asked at the fully decoded state), i.e. its
     exact cache skips more than the prompt."""
-    done = torch.zeros_like(layout.answer)
-    return bool((order.frozen(done, layout) & layout.answer).any())
+    return bool((frozen_when_done(order, layout) & layout.answer).any())
+
+
+def frozen_when_done(order, layout) -> torch.Tensor:
+    """[B, L] what ``order`` freezes at the fully decoded state (no position masked)."""
+    return order.frozen(torch.zeros_like(layout.answer), layout)
 
 
 class ApproxCachedForward:
