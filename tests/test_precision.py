@@ -87,3 +87,21 @@ def test_the_probe_leaves_the_global_rng_alone(monkeypatch):
     torch.manual_seed(5)
     precision.probe(CPU, d=32, length=8, repeats=1)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_resumed_run_keeps_the_precision_its_checkpoint_trained_in(tmp_path):
+    """``auto`` probes speed, and a new probe on a busier machine may choose the other precision:
+    a run resumed from a checkpoint keeps the checkpoint's choice (so it continues bit for bit)
+    without probing; an explicit precision in the config still wins; no record: probe."""
+    def no_probe(device):
+        raise AssertionError("probed")
+    ckpt = tmp_path / "checkpoint"
+    ckpt.mkdir()
+    before = precision.resolve("auto", CPU, probe_fn=fake_probe(1.0, 0.25))
+    (ckpt / "state.json").write_text(json.dumps({"step": 5, "extra": {"run_info": {"precision": before}}}))
+    again = precision.resolve("auto", CPU, probe_fn=no_probe, checkpoint_dir=ckpt)
+    assert again["chosen"] == "bf16" and again["reason"].startswith("resumed: the checkpoint trained in bf16")
+    assert precision.resolve("fp32", CPU, probe_fn=no_probe, checkpoint_dir=ckpt)["chosen"] == "fp32"
+    (ckpt / "state.json").write_text(json.dumps({"step": 5, "extra": {}}))
+    assert precision.resolve("auto", CPU, probe_fn=fake_probe(1.0, 100.0), checkpoint_dir=ckpt)["chosen"] == "fp32"
+    assert precision.resolve("auto", CPU, probe_fn=fake_probe(1.0, 100.0), checkpoint_dir=tmp_path / "none")["chosen"] == "fp32"

@@ -16,11 +16,15 @@ behind it (``run.json`` → ``run_info.precision``).
 """
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
+
+from .checkpoint import STATE_FILE
 
 # bf16 must beat fp32 by this factor on the probe to be chosen. The probe leaves out what a step
 # keeps in fp32 (the optimizer, the loss in fp32): here it measured 1.3-1.4x where the demo's step
@@ -88,14 +92,23 @@ def probe(device: torch.device, d: int = 256, n_layers: int = 2, length: int = 6
 
 
 def resolve(requested: str, device: torch.device,
-            probe_fn: Optional[Callable[[torch.device], Dict[str, float]]] = None) -> Dict[str, object]:
+            probe_fn: Optional[Callable[[torch.device], Dict[str, float]]] = None,
+            checkpoint_dir: Optional[Path] = None) -> Dict[str, object]:
     """The precision a run uses: ``{"requested", "chosen", "reason"[, "probe"]}``.
 
     ``fp32`` and ``bf16`` are taken as asked; ``auto`` runs ``probe_fn`` (default :func:`probe`)
-    and chooses bf16 when fp32_s / bf16_s >= :data:`MIN_SPEEDUP`, else fp32.
+    and chooses bf16 when fp32_s / bf16_s >= :data:`MIN_SPEEDUP`, else fp32, unless the run
+    resumes from a checkpoint in ``checkpoint_dir`` that trained under ``auto``: then it keeps
+    that choice (a new probe on a busier machine may choose the other precision, and a resumed
+    run must continue bit for bit).
     """
     if requested != "auto":
         return {"requested": requested, "chosen": requested, "reason": "set in the config"}
+    state = Path(checkpoint_dir or "", STATE_FILE)
+    if checkpoint_dir is not None and state.exists():
+        before = ((json.loads(state.read_text()).get("extra") or {}).get("run_info") or {}).get("precision") or {}
+        if before.get("requested") == "auto" and before.get("chosen") in ("fp32", "bf16"):
+            return {**before, "reason": f"resumed: the checkpoint trained in {before['chosen']} ({before.get('reason')})"}
     timings = (probe_fn or probe)(device)
     speedup = timings["fp32_s"] / max(timings["bf16_s"], 1e-12)
     chosen = "bf16" if speedup >= MIN_SPEEDUP else "fp32"

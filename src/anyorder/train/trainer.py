@@ -92,7 +92,7 @@ class Trainer:
 
         self.model = unwrap(model).to(self.device)
         # what "auto" chose and why goes into run.json (run_info.precision)
-        self.precision = resolve_precision(cfg.precision, self.device)
+        self.precision = resolve_precision(cfg.precision, self.device, checkpoint_dir=self.checkpoint_dir)
         self.run_info["precision"] = self.precision
         # The EMA copy is made before any wrapping or sharding so it is a plain module.
         self.ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
