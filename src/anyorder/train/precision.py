@@ -106,7 +106,10 @@ def resolve(requested: str, device: torch.device,
         return {"requested": requested, "chosen": requested, "reason": "set in the config"}
     state = Path(checkpoint_dir or "", STATE_FILE)
     if checkpoint_dir is not None and state.exists():
-        before = ((json.loads(state.read_text()).get("extra") or {}).get("run_info") or {}).get("precision") or {}
+        try:
+            before = ((json.loads(state.read_text()).get("extra") or {}).get("run_info") or {}).get("precision") or {}
+        except (ValueError, AttributeError):  # unreadable: loading the checkpoint reports it, naming the file
+            before = {}
         if before.get("requested") == "auto" and before.get("chosen") in ("fp32", "bf16"):
             return {**before, "reason": f"resumed: the checkpoint trained in {before['chosen']} ({before.get('reason')})"}
     timings = (probe_fn or probe)(device)
