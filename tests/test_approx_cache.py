@@ -245,6 +245,48 @@ def test_batched_equals_row_by_row(sharp_model, mode):
                                      x, answer, [11, 22, 33, 44], check_nfe=True)
 
 
+def _staggered(L=15, prompt=3):
+    """Two rows whose windows start at different steps (one token a step, windows of 4): row 1's
+    first window has 2 holes (two answer tokens are given), so it refreshes at steps 2 and 6 and
+    row 0 at steps 4 and 8."""
+    x0, answer = make_batch(B=2, L=L, prompt=prompt, seed=0)
+    x = torch.where(answer, torch.full_like(x0, MASK), x0)
+    x[1, prompt:prompt + 2] = x0[1, prompt:prompt + 2]
+    return x, answer
+
+
+@pytest.mark.parametrize("mode", [{"cache": "dual"}, {"cache": "drift", "cache_tol": 0.15}], ids=["dual", "drift"])
+def test_a_refresh_runs_only_the_rows_that_refresh(sharp_model, mode):
+    """One batched pass pads every row to the largest query count: a row's refresh used to make
+    every row of the batch run every position. Now the refreshing rows run apart; the batch
+    still decodes exactly as its rows one by one."""
+    x, answer = _staggered()
+    B, L = x.shape
+    passes = []
+    hidden = sharp_model.hidden_cached
+
+    def spy(tokens, *a, **kw):
+        passes.append(tuple(tokens.shape))
+        return hidden(tokens, *a, **kw)
+
+    sharp_model.hidden_cached = spy
+    try:
+        dec = build_decoder(dict({"name": "top_prob", "window": 4}, **mode))
+        full = assert_batched_equals_row_by_row(lambda xx, aa, s: dec.decode(sharp_model, build_order("random"),
+                                                                               xx, aa, row_seeds=s),
+                                                x, answer, [1, 2], check_nfe=True)
+        passes.clear()
+        dec.decode(sharp_model, build_order("random"), x, answer, row_seeds=[1, 2])
+    finally:
+        del sharp_model.hidden_cached
+    whole_batch = [p for p in passes if p == (B, L)]
+    one_row = [p for p in passes if p == (1, L)]
+    assert len(whole_batch) == 1                   # the first pass only
+    assert len(one_row) >= 4                       # the staggered refreshes (drift may add some)
+    assert all(p[0] == B and p[1] <= 4 for p in passes if p not in whole_batch + one_row)
+    assert not (full.tokens == MASK).any()
+
+
 def test_query_tokens(tiny_model):
     """Exact work counts: 15 positions, a 12-token answer in windows of 4, one token per step.
     Each window starts with a full pass (15); dual then runs the window's 4 positions for the

@@ -216,6 +216,27 @@ def test_cached_equals_uncached(kind, shift, spec, decoder):
     assert sum(seen) < n_plain / 2, (sum(seen), n_plain)
 
 
+@pytest.mark.parametrize("mode", [{"cache": "dual"}, {"cache": "drift", "cache_tol": 0.05}], ids=["dual", "drift"])
+def test_approximate_caches_batched_equal_row_by_row(mode):
+    """An approximate cache through the model's own attention layers, rows refreshing at different
+    steps (a row's refresh runs on a copy of its rows of the cache, HF slots included): the
+    batch decodes exactly as its rows one by one."""
+    m = backbone("llama")
+    x, answer = batch(B=3, L=18, prompt=4)
+    answer[1, :7] = False                                # row 1: a longer prompt
+    given = x.clone()
+    x = x.masked_fill(answer, MASK)
+    x[2, 4:6] = given[2, 4:6]                            # row 2: two answer tokens given
+    order = build_order("random")
+    dec = build_decoder({"name": "top_prob", "window": 4, **mode})
+    full = dec.decode(m, order, x, answer, row_seeds=[0, 1, 2])
+    for b in range(3):
+        one = dec.decode(m, order, x[b:b + 1], answer[b:b + 1], row_seeds=[b])
+        assert torch.equal(one.tokens[0], full.tokens[b]), b
+        assert torch.equal(one.trace.finalize_step[0], full.trace.finalize_step[b]), b
+    assert not (full.tokens == MASK).any()
+
+
 def test_bidirectional_prompt_would_not_match_generate():
     """Why ``prompt: causal``: with anyorder's default (the prompt reads itself both ways) an AR
     model's prompt states differ from its own, so the answer logits do too."""

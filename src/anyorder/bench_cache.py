@@ -36,6 +36,7 @@ from .bench_train import step_clock
 from .experiment import evaluate, load_run, train
 from .model import ModelConfig, Transformer
 from .model.kv_cache import KVCache
+from .model.linear import multiplying_by, transposed_copies
 from .orders import build_order
 
 # (label, decoder options added to the decoder spec); the first is the exact reference
@@ -125,21 +126,26 @@ def pass_times(model, L: int, start: int, window: int, reps: int = 30,
     the window's holes: half of it on average), interleaved ``reps`` times: the minimum (the
     machine at its quietest) and the median. What a dual-cache step costs against an uncached one
     (on the random order every query sees every cached slot: no mask, as
-    decoding/forward.run_queries passes it)."""
+    decoding/forward.run_queries passes it). Each also with the weights the approximate caches
+    multiply by (model/linear.py: ``[in, out]`` copies, faster for a few rows on CPU)."""
     cache = KVCache(model, 1, L)
     x = torch.zeros(1, L, dtype=torch.long)
     pos = torch.arange(start, start + window).unsqueeze(0)
     read = torch.zeros(1, L, dtype=torch.bool)
     read[0, start:start + window // 2] = True
-    times: Dict[str, List[float]] = {"full": [], "window": []}
+    copies = transposed_copies(model)
+    times: Dict[str, List[float]] = {"full": [], "window": [], "full, transposed weights": [],
+                                     "window, transposed weights": []}
     with torch.no_grad():
         for _ in range(reps):
             for name, run in (("full", lambda: model.logits_at(x, read)),
                               ("window", lambda: model.head_logits(
                                   model.hidden_cached(x[:, start:start + window], pos, cache, pos, None)[0, :window // 2]))):
-                t0 = clock()
-                run()
-                times[name].append(1e3 * (clock() - t0))
+                for label, weights in ((name, {}), (f"{name}, transposed weights", copies)):
+                    with multiplying_by(weights):
+                        t0 = clock()
+                        run()
+                        times[label].append(1e3 * (clock() - t0))
     return {k: {"min": round(min(v), 2), "median": round(sorted(v)[len(v) // 2], 2)} for k, v in times.items()}
 
 

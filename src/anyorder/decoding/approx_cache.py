@@ -27,7 +27,11 @@ the window is decoded, and reuses them:
 All three also refresh every ``cache_every`` steps if given (``cache_every=1``: every step, an
 exact decode) and recompute any position whose token changed since its K/V were computed (a
 decoder or order may commit outside the window, e.g. Jigsaw's probe). Each row keeps its own
-window, refresh and counters, so a batch decodes exactly as its rows one by one. An order that
+window, refresh and counters, so a batch decodes exactly as its rows one by one; rows that
+refresh while others do not run apart (a batched pass pads every row to the largest query set,
+so one refreshing row would make the whole batch rerun every position). On CPU the passes
+multiply by ``[in, out]`` copies of the backbone's weights, faster for a window's few rows
+(model/linear.py; the exact modes keep ``nn.Linear``'s arithmetic). An order that
 can freeze answer positions (``ar``, ``block``, ``scatter``: see ``Order.frozen``) gets the exact
 cache (``cache=True``) whatever approximate mode is asked: it is exact and at least as cheap.
 """
@@ -40,6 +44,7 @@ import torch
 
 from ..checks import check_float, check_int, show
 from ..model.kv_cache import KVCache
+from ..model.linear import multiplying_by, transposed_copies
 from .forward import QueryCounts, SlotOutputs, cached_forward, run_queries, uncached_forward
 
 APPROX_MODES = ("prefix", "dual", "drift")
@@ -123,6 +128,8 @@ class ApproxCachedForward:
         self.win_at = torch.full((B,), -1, dtype=torch.long, device=x.device)  # window at refresh
         self.since = torch.zeros(B, dtype=torch.long, device=x.device)        # steps on this cache
         self.snap = None                               # drift: K/V and tokens at the last refresh
+        # the backbone's weights laid out for few-row products (model/linear.py), for this decode
+        self.weights = transposed_copies(self.model)
 
     def __call__(self, x: torch.Tensor, masked: torch.Tensor, rows=None, where=None) -> torch.Tensor:
         """The decoding loop's forward protocol (decoding/forward.py): ``rows`` -> those batch rows'
@@ -140,15 +147,16 @@ class ApproxCachedForward:
         if first:  # one full pass: exact logits everywhere, every slot written
             refresh = torch.ones_like(active)
         run = self._recompute(x, win) & active.unsqueeze(-1)
-        self._pass(x, run | refresh.unsqueeze(-1), attn)
+        self._pass(x, run, attn, refresh)
         check = ~refresh & active
         if self.spec.mode == "drift" and bool(check.any()):
             drifted = check & (self._drift(x, run) > self.spec.tol)
             if bool(drifted.any()):  # the window moved too far: recompute everything now
-                self._pass(x, drifted.unsqueeze(-1).expand(B, L), attn)
+                self._pass(x, torch.zeros_like(run), attn, drifted)
                 refresh = refresh | drifted
         self._refreshed(x, refresh, win, active)
-        return self.out.read(rows, where)
+        with multiplying_by(self.weights):
+            return self.out.read(rows, where)
 
     def _recompute(self, x: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
         """[B, L] the positions a non-refresh step runs: the window (``prefix``: from its first
@@ -159,11 +167,34 @@ class ApproxCachedForward:
             in_win = torch.arange(x.shape[1], device=x.device) >= start
         return in_win | (x != self.tokens)
 
-    def _pass(self, x: torch.Tensor, q: torch.Tensor, attn) -> None:
-        """Run ``q`` [B, L] over every slot (each was written by the first, full pass) under the
-        order's ``attn`` (None: all see all)."""
-        self.counts.add(run_queries(self.model, self.cache, self.out, x, q, attn, None, self.extra))
-        self.tokens = torch.where(q, x, self.tokens)
+    def _pass(self, x: torch.Tensor, q: torch.Tensor, attn, full: torch.Tensor) -> None:
+        """Run ``q`` [B, L], and every position of the rows ``full`` [B] (a refresh), over every
+        slot (each was written by the first, full pass) under the order's ``attn`` (None: all see
+        all). One batched pass pads every row to the largest query count, so one refreshing row
+        would make every row run every position: when only some rows refresh, they run apart, on
+        a copy of their rows of the cache (``KVCache.select``), and the others run their own
+        queries only. Row by row the same passes either way."""
+        B, L = x.shape
+        part = q & ~full.unsqueeze(-1)
+        counts = part.sum(-1)
+        # one read of the device: the split, and the query counts run_queries would read
+        most, least, n_full = torch.stack([counts.max(), counts.min(), full.sum()]).tolist()
+        with multiplying_by(self.weights):
+            if n_full == B:
+                self.counts.add(run_queries(self.model, self.cache, self.out, x, torch.ones_like(q), attn, None,
+                                            self.extra, known=(L, L)))
+            else:
+                self.counts.add(run_queries(self.model, self.cache, self.out, x, part, attn, None, self.extra,
+                                            known=(most, least)))
+            if 0 < n_full < B:
+                rows = full.nonzero().squeeze(-1)
+                sub = self.cache.select(rows)
+                extra = {k: v[rows] if v.dim() == 2 else v for k, v in self.extra.items()} if self.extra else self.extra
+                self.counts.add(run_queries(self.model, sub, self.out, x[rows], torch.ones_like(q[rows]),
+                                            attn if attn is None or attn.shape[0] == 1 else attn[rows], None,
+                                            extra, rows, known=(L, L)))
+                self.cache.put(rows, sub)
+        self.tokens = torch.where(q | full.unsqueeze(-1), x, self.tokens)
 
     def _drift(self, x: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
         """[B] relative change, all layers, of the K/V of the positions just run whose token is

@@ -109,16 +109,21 @@ class SlotOutputs:
         self.logits = None
         self.stale = torch.ones(B, L, dtype=torch.bool, device=device)  # logits behind h
 
-    def write(self, slots: torch.Tensor, h: torch.Tensor, ran: torch.Tensor) -> None:
+    def write(self, slots: torch.Tensor, h: torch.Tensor, ran: torch.Tensor, rows=None) -> None:
         """Hidden states ``h`` [B, Q, D] of the queries at ``slots`` [B, Q] (L: padding), which
-        are the positions ``ran`` [B, L]."""
-        B, Q, D = h.shape
+        are the positions ``ran`` [B, L]; with ``rows`` [R] (indices), of those batch rows only
+        (``h`` [R, Q, D], ``slots`` [R, Q], ``ran`` [R, L])."""
+        B, D = self.stale.shape[0], h.shape[-1]
         if self.h is None:
             self.h = h.new_zeros(B, self.L + 1, D)
-        flat = (slots + (self.L + 1) * torch.arange(B, device=slots.device).unsqueeze(-1)).flatten()
+        at = torch.arange(B, device=slots.device) if rows is None else rows
+        flat = (slots + (self.L + 1) * at.unsqueeze(-1)).flatten()
         self.h.view(B * (self.L + 1), D).index_copy_(0, flat, h.flatten(0, 1).to(self.h.dtype))
         if self.logits is not None:
-            self.stale |= ran
+            if rows is None:
+                self.stale |= ran
+            else:
+                self.stale[rows] |= ran
 
     def read(self, rows=None, where=None) -> torch.Tensor:
         """By the forward protocol: [N, V] at ``where`` (the head there only), else [R, L, V] of
@@ -140,15 +145,18 @@ def full_attention(attn, B: int, L: int, device) -> torch.Tensor:
     return torch.ones(B, L, L, dtype=torch.bool, device=device) if attn is None else attn.expand(B, L, L)
 
 
-def run_queries(model, cache, out, x, q, attn, keys, extra=None):
+def run_queries(model, cache, out, x, q, attn, keys, extra=None, rows=None, known=None):
     """Run the positions ``q`` [B, L] of ``x`` against ``cache`` (their K/V are written into it
     in every layer; they attend to the slots ``keys`` [B, L] under the rows of ``attn``
     [B, L, L]) and write their final hidden states into ``out`` (:class:`SlotOutputs`; padding
     queries into slot L). ``attn=None`` and ``keys=None``: every slot visible to every query
-    (then, if no row has padding and the model allows it, no mask is built at all). Returns how
+    (then, if no row has padding and the model allows it, no mask is built at all). With ``rows``
+    [R] (indices), ``cache`` holds those batch rows only (``KVCache.select``), as do ``x``, ``q``,
+    ``attn``, ``keys`` and ``extra``, and their states go to those rows of ``out``. ``known``:
+    the largest and smallest per-row query counts, if the caller has read them. Returns how
     many ran (a 0-dim tensor), or None when nothing did."""
     B, L = x.shape
-    pos, slots, real, padded = pack(q, scratch=L)
+    pos, slots, real, padded = pack(q, scratch=L, known=known)
     if pos.shape[1] == 0:  # no row has a query (pack read the largest count)
         return None
     if attn is None and keys is None and not padded and getattr(model, "cached_mask_optional", False):
@@ -157,7 +165,7 @@ def run_queries(model, cache, out, x, q, attn, keys, extra=None):
         mask = query_mask(full_attention(attn, B, L, x.device), torch.ones_like(q) if keys is None else keys,
                           pos, real)
     out.write(slots, model.hidden_cached(torch.gather(x, 1, pos), pos, cache, slots, mask,
-                                         extra=gather_extra(extra, pos)), q)
+                                         extra=gather_extra(extra, pos)), q, rows)
     return real.sum()
 
 

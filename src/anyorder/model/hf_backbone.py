@@ -258,6 +258,19 @@ class SlotKV:
         self.hidden: Optional[torch.Tensor] = None   # [B, L + 1, D] last hidden state of every slot
         self.calls = 0
 
+    def select_rows(self, rows: torch.Tensor) -> "SlotKV":
+        """A copy of batch rows ``rows`` (model/kv_cache.KVCache.select)."""
+        sub = SlotKV(self.n_slots)
+        sub.k, sub.v = [t.index_select(0, rows) for t in self.k], [t.index_select(0, rows) for t in self.v]
+        sub.hidden = None if self.hidden is None else self.hidden.index_select(0, rows)
+        return sub
+
+    def put_rows(self, rows: torch.Tensor, sub: "SlotKV") -> None:
+        for mine, theirs in zip(self.k + self.v, sub.k + sub.v):
+            mine.index_copy_(0, rows, theirs)
+        if sub.hidden is not None:
+            self.hidden.index_copy_(0, rows, sub.hidden)
+
     def get_seq_length(self, *args, **kwargs) -> int:
         return 0   # no implicit past: every query's position is given explicitly
 

@@ -37,6 +37,30 @@ class KVCache:
         self.tokens = torch.zeros(batch, length, dtype=torch.long, device=p.device)
         self.rows = torch.zeros(batch, length, length, dtype=torch.bool, device=p.device)
 
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A copy of the batch rows ``rows`` [R] (indices), which :meth:`put` writes back: a pass
+        can run on some rows only (a batched pass pads every row to the largest query count).
+        A backbone's own cache state kept on this object (an HF model's slots) comes along."""
+        sub = object.__new__(KVCache)
+        sub.length = self.length
+        sub.kv = [b.index_select(1, rows) for b in self.kv]
+        sub.k, sub.v = [b[0] for b in sub.kv], [b[1] for b in sub.kv]
+        sub.stored, sub.tokens, sub.rows = self.stored[rows], self.tokens[rows], self.rows[rows]
+        for name, part in self.__dict__.items():
+            if hasattr(part, "select_rows"):
+                sub.__dict__[name] = part.select_rows(rows)
+        return sub
+
+    def put(self, rows: torch.Tensor, sub: "KVCache") -> None:
+        """Write ``sub`` (:meth:`select` of ``rows``, since run) back into those rows."""
+        for b, s in zip(self.kv, sub.kv):
+            b.index_copy_(1, rows, s)
+        for name in ("stored", "tokens", "rows"):
+            getattr(self, name)[rows] = getattr(sub, name)
+        for name, part in self.__dict__.items():
+            if hasattr(part, "put_rows"):
+                part.put_rows(rows, sub.__dict__[name])
+
     def valid(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """[B, L] stored entries that are still exact for tokens ``x`` under ``attn`` [B, L, L];
         drops the others."""
@@ -67,12 +91,17 @@ def query_set(live: torch.Tensor, valid: torch.Tensor, attn: torch.Tensor) -> to
         q = new
 
 
-def pack(q: torch.Tensor, scratch: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+def pack(q: torch.Tensor, scratch: int,
+         known: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """Left-align each row's query positions: ``pos`` [B, Q] (0 on padding), ``slots`` [B, Q]
     (``scratch`` on padding), ``real`` [B, Q] bool, Q = the largest per-row count, and whether any
-    row has padding (both counts in one read of the device)."""
+    row has padding (both counts in one read of the device, or ``known``: (largest, smallest)
+    read by the caller with what else it needed)."""
     counts = q.sum(-1)
-    n, least = torch.stack([counts.max(), counts.min()]).tolist() if q.numel() else (0, 0)
+    if known is not None:
+        n, least = known
+    else:
+        n, least = torch.stack([counts.max(), counts.min()]).tolist() if q.numel() else (0, 0)
     idx = torch.sort((~q).to(torch.int8), dim=-1, stable=True).indices[:, :n]  # True first, in order
     real = torch.arange(n, device=q.device).unsqueeze(0) < counts.unsqueeze(-1)
     pos = torch.where(real, idx, torch.zeros_like(idx))

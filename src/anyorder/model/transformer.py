@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..checks import check_bool, check_choice, check_float, check_int, check_mapping
+from .linear import Linear
 
 
 @dataclass
@@ -102,8 +103,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.qkv = Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x, cos, sin, attn_mask):
         return self.proj(self.mix(x, cos, sin, attn_mask))
@@ -142,9 +143,9 @@ class MLP(nn.Module):
         self.kind = cfg.mlp
         if cfg.mlp == "swiglu":
             hidden = int(2 * hidden / 3)  # keep the parameter count of a 4x GELU MLP
-            self.gate = nn.Linear(cfg.d_model, hidden, bias=False)
-        self.up = nn.Linear(cfg.d_model, hidden, bias=False)
-        self.down = nn.Linear(hidden, cfg.d_model, bias=False)
+            self.gate = Linear(cfg.d_model, hidden, bias=False)
+        self.up = Linear(cfg.d_model, hidden, bias=False)
+        self.down = Linear(hidden, cfg.d_model, bias=False)
 
     def forward(self, x):
         if self.kind == "swiglu":
@@ -224,7 +225,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.recompute = False  # set_gradient_checkpointing
         self.norm = RMSNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.tok.weight
         self.apply(self._init)
