@@ -1,11 +1,11 @@
 """The backbone's linear layer: ``nn.Linear`` (same parameter, same state dict) that, inside
 :func:`multiplying_by`, multiplies by a contiguous ``[in, out]`` copy of its weight instead.
 
-Why: ``nn.Linear`` keeps its weight ``[out, in]`` and computes ``x @ W.T``. On CPU, MKL runs that
-product on a few rows -- the 32 queries of an approximate-cache window pass
-(decoding/approx_cache.py) -- about 1.6x slower than the plain product with ``W.T`` laid out
-contiguously, and on a full pass of a few hundred rows about 1.1x slower (``anyorder bench cache``
-reports both, ``linear_layout``). The copies cost one extra set of weights while a decode runs.
+Why: ``nn.Linear`` keeps its weight ``[out, in]`` and computes ``x @ W.T``. On CPU, MKL runs the
+plain product with ``W.T`` laid out contiguously faster, the more so the fewer the rows: measured
+here, a 32-query window pass of an approximate cache (decoding/approx_cache.py) gains 1.18x and a
+288-position full pass 1.04x (``anyorder bench cache``, ``pass_ms``). The copies cost one extra
+set of weights while a decode runs.
 
 The two layouts do not always give the same bits: below about 16 rows (more for wide inputs) MKL
 takes another kernel for one of them. So only the approximate caches use the copies -- their
