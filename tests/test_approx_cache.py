@@ -287,6 +287,27 @@ def test_a_refresh_runs_only_the_rows_that_refresh(sharp_model, mode):
     assert not (full.tokens == MASK).any()
 
 
+def test_a_row_subset_refresh_reads_a_2d_attention_rule(sharp_model):
+    """An order may return one [L, L] attention rule for every row: a refresh that runs some
+    rows apart must take that rule, not rows of it."""
+    base = build_order("random")
+
+    class Banded(type(base)):
+        def decode_attention(self, masked, layout):
+            L = masked.shape[-1]
+            i = torch.arange(L, device=masked.device)
+            return i.unsqueeze(0) <= i.unsqueeze(1) + 6      # query i sees keys up to i + 6
+
+    order = Banded.__new__(Banded)
+    order.__dict__.update(base.__dict__)
+    x, answer = _staggered()
+    x = torch.cat([x, x[1:]])                            # rows 1 and 2 refresh together, row 0 apart
+    answer = torch.cat([answer, answer[1:]])
+    dec = build_decoder({"name": "top_prob", "window": 4, "cache": "dual"})
+    assert_batched_equals_row_by_row(lambda xx, aa, s: dec.decode(sharp_model, order, xx, aa, row_seeds=s),
+                                     x, answer, [1, 2, 3], check_nfe=True)
+
+
 def test_query_tokens(tiny_model):
     """Exact work counts: 15 positions, a 12-token answer in windows of 4, one token per step.
     Each window starts with a full pass (15); dual then runs the window's 4 positions for the

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from anyorder.decoding import build_decoder
 from anyorder.decoding import approx_cache
 from anyorder.model import ModelConfig, Transformer
-from anyorder.model.linear import Linear, multiplying_by, transposed_copies
+from anyorder.model.lomdm import LoMDM
+from anyorder.model.linear import Linear, multiplying_by
 from anyorder.orders import build_order
 
 
@@ -34,6 +35,8 @@ def test_inside_the_context_it_multiplies_by_its_copy_and_only_without_grad():
     with multiplying_by({lin: other}):
         with torch.no_grad():
             assert torch.equal(lin(x), (x.reshape(-1, 8) @ other).view(3, 4, 5))
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: nn.Linear's own cast
+                assert torch.equal(lin(x), F.linear(x, lin.weight))
         y = lin(x)  # gradients on: nn.Linear, so the weight gets its gradient
         assert torch.equal(y, F.linear(x, lin.weight))
         y.sum().backward()
@@ -42,48 +45,82 @@ def test_inside_the_context_it_multiplies_by_its_copy_and_only_without_grad():
         assert torch.equal(lin(x), F.linear(x, lin.weight))  # the context is gone
 
 
-def test_transposed_copies_cover_every_bias_free_layer_and_compute_the_same_products():
+def test_copies_are_made_for_the_layers_that_run_and_compute_the_same_products():
     model = _model()
-    copies = transposed_copies(model)
-    layers = [m for m in model.modules() if isinstance(m, Linear)]
-    assert set(copies) == set(layers) and len(layers) == 2 * 5 + 1  # qkv, proj, gate, up, down; head
-    for m, w in copies.items():
-        assert w.is_contiguous() and torch.equal(w, m.weight.t())
+    copies = {}
     x = torch.randint(0, 16, (2, 40))
     with torch.no_grad():
         ref = model(x)
         with multiplying_by(copies):
             got = model(x)
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    assert set(copies) == set(layers) and len(layers) == 2 * 5 + 1  # qkv, proj, gate, up, down; head
+    for m, w in copies.items():
+        assert w.is_contiguous() and torch.equal(w, m.weight.t())
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert "blocks.0.attn.qkv.weight" in model.state_dict()  # checkpoints keep their names
 
 
-def test_only_the_approximate_caches_multiply_by_the_copies(monkeypatch):
-    """Copies that are all zeros change an approximate-cache decode and nothing else: exact
-    decoding (cached or not) never reads them."""
-    model = _model()
+def _decode_all(model, monkeypatch, poisoned, specs):
+    """Decode with every spec; with ``poisoned``, every weight copy is all zeros. Returns the
+    results and the layers that made a copy."""
     order = build_order("random")
     x = torch.full((2, 40), 16)
     x[:, :8] = torch.randint(0, 16, (2, 8), generator=torch.Generator().manual_seed(1))
     answer = torch.zeros_like(x, dtype=torch.bool)
     answer[:, 8:] = True
     made = []
+    real = Linear.transposed_weight
 
-    def zeros(m):
-        copies = {k: torch.zeros_like(v) for k, v in transposed_copies(m).items()}
-        made.append(copies)
-        return copies
+    def copy(self):
+        made.append(self)
+        return torch.zeros_like(real(self)) if poisoned else real(self)
 
-    runs = {}
-    for poisoned in (False, True):
-        if poisoned:
-            monkeypatch.setattr(approx_cache, "transposed_copies", zeros)
-        for cache in (False, True, "dual"):
-            dec = build_decoder({"name": "top_prob", "window": 8, "cache": cache})
-            runs[poisoned, cache] = dec.decode(model, order, x, answer)
-    assert len(made) == 1  # one decode made copies: the dual one
-    for cache in (False, True):
-        assert torch.equal(runs[True, cache].tokens, runs[False, cache].tokens)
-        assert torch.equal(runs[True, cache].trace.confidence, runs[False, cache].trace.confidence)
-    # all-zero weights: every logit 0 but the mask's, the proposals the lowest token id
-    assert not torch.equal(runs[True, "dual"].tokens, runs[False, "dual"].tokens)
+    monkeypatch.setattr(Linear, "transposed_weight", copy)
+    runs = {str(spec): build_decoder(spec).decode(model, order, x, answer) for spec in specs}
+    monkeypatch.setattr(Linear, "transposed_weight", real)
+    return runs, made
+
+
+def test_only_the_approximate_caches_multiply_by_the_copies(monkeypatch):
+    """Copies that are all zeros change an approximate-cache decode and nothing else: exact
+    decoding (cached or not) never reads them, nor does a cache's first, full pass."""
+    model = _model()
+    exact = [{"name": "top_prob", "window": 8, "cache": c} for c in (False, True)]
+    dual = {"name": "top_prob", "window": 8, "cache": "dual"}
+    clean, made = _decode_all(model, monkeypatch, False, exact + [dual])
+    assert len(made) == 11                       # one copy per layer, for the one dual decode
+    poisoned, _ = _decode_all(model, monkeypatch, True, exact + [dual])
+    for spec in exact:
+        assert torch.equal(poisoned[str(spec)].tokens, clean[str(spec)].tokens)
+        assert torch.equal(poisoned[str(spec)].trace.confidence, clean[str(spec)].trace.confidence)
+    # all-zero weights after the first pass: every logit 0 but the mask's, the lowest token id wins
+    assert not torch.equal(poisoned[str(dual)].tokens, clean[str(dual)].tokens)
+
+
+def test_a_forward_used_once_makes_no_copies_and_keeps_the_bits(monkeypatch):
+    """Decoders that build a forward for a single pass (remask's, beam's and edit's probes) pay
+    for no copies: an approximate cache's first pass is the exact full pass, bit for bit."""
+    model = _model()
+    order = build_order("random")
+    answer = torch.zeros(1, 40, dtype=torch.bool)
+    answer[:, 8:] = True
+    x = torch.randint(0, 16, (1, 40), generator=torch.Generator().manual_seed(2)).masked_fill(answer, 16)
+    made = []
+    monkeypatch.setattr(Linear, "transposed_weight", lambda self: made.append(self) or self.weight.detach().t().contiguous())
+    forward = build_decoder({"name": "top_prob", "window": 8, "cache": "dual"}).make_forward(model, order,
+                                                                                            order.layout(answer))
+    with torch.no_grad():
+        got = forward(x, answer)
+        ref = model(x)
+        assert made == [] and torch.equal(got, ref)
+        forward(x, answer)                           # a second pass: now the copies
+    assert len(made) == 11
+
+
+def test_lomdm_copies_only_the_layers_a_decode_runs(monkeypatch):
+    """LoMDM's schedule heads never run in a decode: no copies of their weights."""
+    model = LoMDM(_model()).eval()
+    _, made = _decode_all(model, monkeypatch, False, [{"name": "top_prob", "window": 8, "cache": "dual"}])
+    backbone = {id(m) for m in model.backbone.modules() if isinstance(m, Linear)}
+    assert made and {id(m) for m in made} == backbone

@@ -36,7 +36,7 @@ from .bench_train import step_clock
 from .experiment import evaluate, load_run, train
 from .model import ModelConfig, Transformer
 from .model.kv_cache import KVCache
-from .model.linear import multiplying_by, transposed_copies
+from .model.linear import multiplying_by
 from .orders import build_order
 
 # (label, decoder options added to the decoder spec); the first is the exact reference
@@ -133,15 +133,19 @@ def pass_times(model, L: int, start: int, window: int, reps: int = 30,
     pos = torch.arange(start, start + window).unsqueeze(0)
     read = torch.zeros(1, L, dtype=torch.bool)
     read[0, start:start + window // 2] = True
-    copies = transposed_copies(model)
+    copies: Dict[object, torch.Tensor] = {}  # filled by the first pass that uses them, before timing
     times: Dict[str, List[float]] = {"full": [], "window": [], "full, transposed weights": [],
                                      "window, transposed weights": []}
+    passes = (("full", lambda: model.logits_at(x, read)),
+              ("window", lambda: model.head_logits(
+                  model.hidden_cached(x[:, start:start + window], pos, cache, pos, None)[0, :window // 2])))
     with torch.no_grad():
+        with multiplying_by(copies):
+            for _, run in passes:
+                run()
         for _ in range(reps):
-            for name, run in (("full", lambda: model.logits_at(x, read)),
-                              ("window", lambda: model.head_logits(
-                                  model.hidden_cached(x[:, start:start + window], pos, cache, pos, None)[0, :window // 2]))):
-                for label, weights in ((name, {}), (f"{name}, transposed weights", copies)):
+            for name, run in passes:
+                for label, weights in ((name, None), (f"{name}, transposed weights", copies)):
                     with multiplying_by(weights):
                         t0 = clock()
                         run()

@@ -29,9 +29,9 @@ exact decode) and recompute any position whose token changed since its K/V were 
 decoder or order may commit outside the window, e.g. Jigsaw's probe). Each row keeps its own
 window, refresh and counters, so a batch decodes exactly as its rows one by one; rows that
 refresh while others do not run apart (a batched pass pads every row to the largest query set,
-so one refreshing row would make the whole batch rerun every position). On CPU the passes
-multiply by ``[in, out]`` copies of the backbone's weights, faster for a window's few rows
-(model/linear.py; the exact modes keep ``nn.Linear``'s arithmetic). An order that
+so one refreshing row would make the whole batch rerun every position). On CPU, after the first
+pass, the native backbone's layers multiply by ``[in, out]`` copies of their weights, faster for
+a window's few rows (model/linear.py; the exact modes keep ``nn.Linear``'s arithmetic). An order that
 can freeze answer positions (``ar``, ``block``, ``scatter``: see ``Order.frozen``) gets the exact
 cache (``cache=True``) whatever approximate mode is asked: it is exact and at least as cheap.
 """
@@ -44,8 +44,8 @@ import torch
 
 from ..checks import check_float, check_int, show
 from ..model.kv_cache import KVCache
-from ..model.linear import multiplying_by, transposed_copies
-from .forward import QueryCounts, SlotOutputs, cached_forward, run_queries, uncached_forward
+from ..model.linear import multiplying_by
+from .forward import QueryCounts, SlotOutputs, cached_forward, full_attention, run_queries, uncached_forward
 
 APPROX_MODES = ("prefix", "dual", "drift")
 _BIG = torch.iinfo(torch.long).max
@@ -128,8 +128,9 @@ class ApproxCachedForward:
         self.win_at = torch.full((B,), -1, dtype=torch.long, device=x.device)  # window at refresh
         self.since = torch.zeros(B, dtype=torch.long, device=x.device)        # steps on this cache
         self.snap = None                               # drift: K/V and tokens at the last refresh
-        # the backbone's weights laid out for few-row products (model/linear.py), for this decode
-        self.weights = transposed_copies(self.model)
+        # the backbone's weights laid out for few-row products (model/linear.py), made as its
+        # layers first run after the first, full pass (a forward used once makes none)
+        self.weights = {}
 
     def __call__(self, x: torch.Tensor, masked: torch.Tensor, rows=None, where=None) -> torch.Tensor:
         """The decoding loop's forward protocol (decoding/forward.py): ``rows`` -> those batch rows'
@@ -147,15 +148,16 @@ class ApproxCachedForward:
         if first:  # one full pass: exact logits everywhere, every slot written
             refresh = torch.ones_like(active)
         run = self._recompute(x, win) & active.unsqueeze(-1)
-        self._pass(x, run, attn, refresh)
+        copies = None if first else self.weights
+        self._pass(x, run, attn, refresh, copies)
         check = ~refresh & active
         if self.spec.mode == "drift" and bool(check.any()):
             drifted = check & (self._drift(x, run) > self.spec.tol)
             if bool(drifted.any()):  # the window moved too far: recompute everything now
-                self._pass(x, torch.zeros_like(run), attn, drifted)
+                self._pass(x, torch.zeros_like(run), attn, drifted, copies)
                 refresh = refresh | drifted
         self._refreshed(x, refresh, win, active)
-        with multiplying_by(self.weights):
+        with multiplying_by(copies):
             return self.out.read(rows, where)
 
     def _recompute(self, x: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
@@ -167,19 +169,20 @@ class ApproxCachedForward:
             in_win = torch.arange(x.shape[1], device=x.device) >= start
         return in_win | (x != self.tokens)
 
-    def _pass(self, x: torch.Tensor, q: torch.Tensor, attn, full: torch.Tensor) -> None:
+    def _pass(self, x: torch.Tensor, q: torch.Tensor, attn, full: torch.Tensor, copies) -> None:
         """Run ``q`` [B, L], and every position of the rows ``full`` [B] (a refresh), over every
         slot (each was written by the first, full pass) under the order's ``attn`` (None: all see
         all). One batched pass pads every row to the largest query count, so one refreshing row
         would make every row run every position: when only some rows refresh, they run apart, on
         a copy of their rows of the cache (``KVCache.select``), and the others run their own
-        queries only. Row by row the same passes either way."""
+        queries only. Row by row the same passes either way. ``copies``: the weights to multiply
+        by (model/linear.py), None for the layers' own."""
         B, L = x.shape
         part = q & ~full.unsqueeze(-1)
         counts = part.sum(-1)
         # one read of the device: the split, and the query counts run_queries would read
         most, least, n_full = torch.stack([counts.max(), counts.min(), full.sum()]).tolist()
-        with multiplying_by(self.weights):
+        with multiplying_by(copies):
             if n_full == B:
                 self.counts.add(run_queries(self.model, self.cache, self.out, x, torch.ones_like(q), attn, None,
                                             self.extra, known=(L, L)))
@@ -191,8 +194,8 @@ class ApproxCachedForward:
                 sub = self.cache.select(rows)
                 extra = {k: v[rows] if v.dim() == 2 else v for k, v in self.extra.items()} if self.extra else self.extra
                 self.counts.add(run_queries(self.model, sub, self.out, x[rows], torch.ones_like(q[rows]),
-                                            attn if attn is None or attn.shape[0] == 1 else attn[rows], None,
-                                            extra, rows, known=(L, L)))
+                                            None if attn is None else full_attention(attn, B, L, x.device)[rows],
+                                            None, extra, rows, known=(L, L)))
                 self.cache.put(rows, sub)
         self.tokens = torch.where(q | full.unsqueeze(-1), x, self.tokens)
 

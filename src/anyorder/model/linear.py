@@ -2,22 +2,24 @@
 :func:`multiplying_by`, multiplies by a contiguous ``[in, out]`` copy of its weight instead.
 
 Why: ``nn.Linear`` keeps its weight ``[out, in]`` and computes ``x @ W.T``. On CPU, MKL runs the
-plain product with ``W.T`` laid out contiguously faster, the more so the fewer the rows: measured
-here, a 32-query window pass of an approximate cache (decoding/approx_cache.py) gains 1.18x and a
-288-position full pass 1.04x (``anyorder bench cache``, ``pass_ms``). The copies cost one extra
-set of weights while a decode runs.
+plain product with ``W.T`` laid out contiguously faster for the few rows of an approximate
+cache's window pass (decoding/approx_cache.py): measured here at width 256, a 32-query window
+pass gains 1.18x (``anyorder bench cache``, ``pass_ms``). A copy costs one extra copy of the
+layer's weight while a decode runs, so the caches skip it for their first, full pass.
 
 The two layouts do not always give the same bits: below about 16 rows (more for wide inputs) MKL
 takes another kernel for one of them. So only the approximate caches use the copies -- their
 tokens are an approximation anyway -- while exact decoding keeps ``nn.Linear``'s arithmetic,
-which makes the exact KV cache equal the uncached pass bit for bit. With gradients on, or for a
-weight the copies do not hold, the layer is ``nn.Linear``.
+which makes the exact KV cache equal the uncached pass bit for bit. The layer is plain
+``nn.Linear`` with gradients on, with a bias, off the CPU (cuBLAS reads either layout as fast),
+and under CPU autocast (a copy is not a parameter, so autocast would cast it to bf16 on every
+product instead of once, which made a window pass slower).
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -29,24 +31,26 @@ _COPIES: contextvars.ContextVar = contextvars.ContextVar("anyorder_transposed_we
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         copies = _COPIES.get()
-        if copies is not None and not torch.is_grad_enabled():
+        if (copies is not None and self.bias is None and x.device.type == "cpu" and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu")):
             w = copies.get(self)
-            if w is not None:  # one mm on the rows (matmul of a 3-d input adds ~8 dispatches)
-                return torch.mm(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
+            if w is None:  # made on the layer's first product in the context: only layers that run
+                w = copies[self] = self.transposed_weight()
+            # one mm on the rows (matmul of a 3-d input adds a handful of dispatches)
+            return torch.mm(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
         return F.linear(x, self.weight, self.bias)
 
-
-def transposed_copies(model: nn.Module) -> Dict[nn.Module, torch.Tensor]:
-    """``{layer: weight.T contiguous}`` for every bias-free :class:`Linear` of ``model`` on the
-    CPU (elsewhere the layout buys nothing: no copies, the layers stay ``nn.Linear``)."""
-    return {m: m.weight.detach().t().contiguous() for m in model.modules()
-            if isinstance(m, Linear) and m.bias is None and m.weight.device.type == "cpu"}
+    def transposed_weight(self) -> torch.Tensor:
+        """The weight as a contiguous ``[in, out]`` tensor (no grad)."""
+        return self.weight.detach().t().contiguous()
 
 
 @contextlib.contextmanager
-def multiplying_by(copies: Dict[nn.Module, torch.Tensor]):
-    """Within this block, every :class:`Linear` in ``copies`` multiplies by its copy (no grad)."""
-    token = _COPIES.set(copies or None)
+def multiplying_by(copies: Optional[Dict[nn.Module, torch.Tensor]]):
+    """Within this block every :class:`Linear` multiplies by its copy in ``copies`` (a dict the
+    layers fill as they first run; keep it for later blocks of the same decode), where it can
+    (see the module doc). ``None``: plain ``nn.Linear``."""
+    token = _COPIES.set(copies)
     try:
         yield
     finally:
