@@ -4,7 +4,7 @@
 Why: ``nn.Linear`` keeps its weight ``[out, in]`` and computes ``x @ W.T``. On CPU, MKL runs the
 plain product with ``W.T`` laid out contiguously faster for the few rows of an approximate
 cache's window pass (decoding/approx_cache.py): measured here at width 256, a 32-query window
-pass gains 1.18x (``anyorder bench cache``, ``pass_ms``). A copy costs one extra copy of the
+pass gains 1.16-1.18x (``anyorder bench cache``, ``pass_ms``). A copy costs one extra copy of the
 layer's weight while a decode runs, so the caches skip it for their first, full pass.
 
 The two layouts do not always give the same bits: below about 16 rows (more for wide inputs) MKL
