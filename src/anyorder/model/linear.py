@@ -7,10 +7,10 @@ cache's window pass (decoding/approx_cache.py): measured here at width 256, a 32
 pass gains 1.16-1.18x (``anyorder bench cache``, ``pass_ms``). A copy costs one extra copy of the
 layer's weight while a decode runs, so the caches skip it for their first, full pass.
 
-The two layouts do not always give the same bits: below about 16 rows (more for wide inputs) MKL
-takes another kernel for one of them. So only the approximate caches use the copies -- their
-tokens are an approximation anyway -- while exact decoding keeps ``nn.Linear``'s arithmetic,
-which makes the exact KV cache equal the uncached pass bit for bit. The layer is plain
+The two layouts do not always give the same bits: MKL picks its kernels by shape and layout (on
+the CPU this was written on, ``x @ W.T`` and the copy's product differ for some shapes up to 128
+rows). So only the approximate caches use the copies -- their tokens are an approximation
+anyway -- while exact decoding keeps ``nn.Linear``'s arithmetic, the model's own. The layer is plain
 ``nn.Linear`` with gradients on, with a bias, off the CPU (cuBLAS reads either layout as fast),
 and under CPU autocast (a copy is not a parameter, so autocast would cast it to bf16 on every
 product instead of once, which made a window pass slower).
