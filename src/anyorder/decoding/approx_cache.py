@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 
 from ..checks import check_float, check_int, show
-from ..model.kv_cache import KVCache
+from ..model.kv_cache import KVCache, select_extra
 from ..model.linear import multiplying_by
 from .forward import QueryCounts, SlotOutputs, cached_forward, full_attention, run_queries, uncached_forward
 
@@ -192,10 +192,9 @@ class ApproxCachedForward:
             if 0 < n_full < B:
                 rows = full.nonzero().squeeze(-1)
                 sub = self.cache.select(rows)
-                extra = {k: v[rows] if v.dim() == 2 else v for k, v in self.extra.items()} if self.extra else self.extra
                 self.counts.add(run_queries(self.model, sub, self.out, x[rows], torch.ones_like(q[rows]),
                                             None if attn is None else full_attention(attn, B, L, x.device)[rows],
-                                            None, extra, rows, known=(L, L)))
+                                            None, select_extra(self.extra, rows), rows, known=(L, L)))
                 self.cache.put(rows, sub)
         self.tokens = torch.where(q | full.unsqueeze(-1), x, self.tokens)
 

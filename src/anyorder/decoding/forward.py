@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.kv_cache import KVCache, gather_extra, pack, query_mask, query_set
+from ..model.kv_cache import KVCache, gather_extra, pack, query_mask, query_set, select_extra
 
 
 def uncached_forward(model, order, layout, extra=None):
@@ -24,7 +24,7 @@ def uncached_forward(model, order, layout, extra=None):
         lay, ex = layout, extra
         if rows is not None:  # only these rows run
             x, masked, lay = x[rows], masked[rows], layout.select(rows)
-            ex = {k: v[rows] if v.dim() == 2 else v for k, v in extra.items()} if extra else extra
+            ex = select_extra(extra, rows)
             where = None if where is None else where[rows]
         attn = order.decode_attention(masked, lay)
         if where is not None and hasattr(model, "logits_at"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ..model.kv_cache import select_extra
 from .ancestral import AncestralDecoder
 from .loop import DECODERS, DecodeResult, Decoder
 
@@ -32,7 +33,7 @@ def forward_with_exponent(model, order, layout, answer, extra=None):
     def forward(x, masked, rows=None, where=None):  # every position's logits: where is not used
         if rows is not None:  # rows never mix: run those only
             x, masked, ans, lay = x[rows], masked[rows], answer[rows], layout.select(rows)
-            ex = {k: v[rows] if v.dim() == 2 else v for k, v in extra.items()} if extra else extra
+            ex = select_extra(extra, rows)
         else:
             ans, lay, ex = answer, layout, extra
         attn = order.decode_attention(masked, lay)

@@ -118,6 +118,11 @@ def query_mask(attn: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, real: 
     return torch.cat([rows, ~real.unsqueeze(-1)], dim=-1)
 
 
+def select_extra(extra: Optional[Dict[str, torch.Tensor]], rows: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
+    """Task embedding ids ([B, L] or [L], shared by every row) of batch rows ``rows`` only."""
+    return {k: v[rows] if v.dim() == 2 else v for k, v in extra.items()} if extra else extra
+
+
 def gather_extra(extra: Optional[Dict[str, torch.Tensor]], pos: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
     """Task embedding ids ([B, L] or [L]) at the packed query positions."""
     if not extra:

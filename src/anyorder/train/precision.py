@@ -16,7 +16,6 @@ behind it (``run.json`` → ``run_info.precision``).
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import STATE_FILE
+from .files import read_json
 
 # bf16 must beat fp32 by this factor on the probe to be chosen. The probe leaves out what a step
 # keeps in fp32 (the optimizer, the loss in fp32): here it measured 1.3-1.4x where the demo's step
@@ -107,7 +107,7 @@ def resolve(requested: str, device: torch.device,
     state = Path(checkpoint_dir or "", STATE_FILE)
     if checkpoint_dir is not None and state.exists():
         try:
-            before = ((json.loads(state.read_text()).get("extra") or {}).get("run_info") or {}).get("precision") or {}
+            before = ((read_json(state).get("extra") or {}).get("run_info") or {}).get("precision") or {}
         except (ValueError, AttributeError):  # unreadable: loading the checkpoint reports it, naming the file
             before = {}
         if before.get("requested") == "auto" and before.get("chosen") in ("fp32", "bf16"):
