@@ -128,6 +128,7 @@ class ApproxCachedForward:
         self.win_at = torch.full((B,), -1, dtype=torch.long, device=x.device)  # window at refresh
         self.since = torch.zeros(B, dtype=torch.long, device=x.device)        # steps on this cache
         self.snap = None                               # drift: K/V and tokens at the last refresh
+        self.far = torch.full_like(self.window, _BIG)  # (made once: a fill per step costs a dispatch)
         # the backbone's weights laid out for few-row products (model/linear.py), made as its
         # layers first run after the first, full pass (a forward used once makes none)
         self.weights = {}
@@ -141,7 +142,7 @@ class ApproxCachedForward:
             self._start(x)
         attn = self.order.decode_attention(masked, self.layout)  # None: all see all (no mask to build)
         active = masked.any(-1)
-        win = torch.where(masked, self.window, torch.full_like(self.window, _BIG)).min(-1).values  # [B]
+        win = torch.where(masked, self.window, self.far).min(-1).values  # [B]
         refresh = (win != self.win_at) & active
         if self.spec.every is not None:
             refresh |= (self.since >= self.spec.every) & active
@@ -150,8 +151,7 @@ class ApproxCachedForward:
         run = self._recompute(x, win) & active.unsqueeze(-1)
         copies = None if first else self.weights
         self._pass(x, run, attn, refresh, copies)
-        check = ~refresh & active
-        if self.spec.mode == "drift" and bool(check.any()):
+        if self.spec.mode == "drift" and bool((check := ~refresh & active).any()):
             drifted = check & (self._drift(x, run) > self.spec.tol)
             if bool(drifted.any()):  # the window moved too far: recompute everything now
                 self._pass(x, torch.zeros_like(run), attn, drifted, copies)
@@ -178,8 +178,7 @@ class ApproxCachedForward:
         queries only. Row by row the same passes either way. ``copies``: the weights to multiply
         by (model/linear.py), None for the layers' own."""
         B, L = x.shape
-        part = q & ~full.unsqueeze(-1)
-        counts = part.sum(-1)
+        counts = torch.where(full, 0, q.sum(-1))  # the query counts of the rows that do not refresh
         # one read of the device: the split, and the query counts run_queries would read
         most, least, n_full = torch.stack([counts.max(), counts.min(), full.sum()]).tolist()
         with multiplying_by(copies):
@@ -187,6 +186,7 @@ class ApproxCachedForward:
                 self.counts.add(run_queries(self.model, self.cache, self.out, x, torch.ones_like(q), attn, None,
                                             self.extra, known=(L, L)))
             else:
+                part = q if n_full == 0 else q & ~full.unsqueeze(-1)
                 self.counts.add(run_queries(self.model, self.cache, self.out, x, part, attn, None, self.extra,
                                             known=(most, least)))
             if 0 < n_full < B:
@@ -213,7 +213,7 @@ class ApproxCachedForward:
     def _refreshed(self, x, refresh, win, active) -> None:
         """Book-keeping after a step: rows that refreshed start counting (and, for drift,
         snapshot their K/V); the others count one more step."""
-        self.since = torch.where(refresh, torch.ones_like(self.since), self.since + active.long())
+        self.since = torch.where(refresh, 1, self.since + active.long())
         self.win_at = torch.where(refresh, win, self.win_at)
         self._refreshes = self._refreshes + refresh.sum()  # a tensor: no host read per step
         if self.spec.mode != "drift" or not bool(refresh.any()):

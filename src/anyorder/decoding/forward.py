@@ -108,6 +108,7 @@ class SlotOutputs:
         self.h = None                                    # made by the first write (its dtype, width)
         self.logits = None
         self.stale = torch.ones(B, L, dtype=torch.bool, device=device)  # logits behind h
+        self.row_start = torch.arange(B, device=device).unsqueeze(-1) * (L + 1)  # each row's first slot in h
 
     def write(self, slots: torch.Tensor, h: torch.Tensor, ran: torch.Tensor, rows=None) -> None:
         """Hidden states ``h`` [B, Q, D] of the queries at ``slots`` [B, Q] (L: padding), which
@@ -116,8 +117,7 @@ class SlotOutputs:
         B, D = self.stale.shape[0], h.shape[-1]
         if self.h is None:
             self.h = h.new_zeros(B, self.L + 1, D)
-        at = torch.arange(B, device=slots.device) if rows is None else rows
-        flat = (slots + (self.L + 1) * at.unsqueeze(-1)).flatten()
+        flat = (slots + (self.row_start if rows is None else self.row_start[rows])).flatten()
         self.h.view(B * (self.L + 1), D).index_copy_(0, flat, h.flatten(0, 1).to(self.h.dtype))
         if self.logits is not None:
             if rows is None:

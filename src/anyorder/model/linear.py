@@ -31,13 +31,15 @@ _COPIES: contextvars.ContextVar = contextvars.ContextVar("anyorder_transposed_we
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         copies = _COPIES.get()
-        if (copies is not None and self.bias is None and x.device.type == "cpu" and not torch.is_grad_enabled()
-                and not torch.is_autocast_enabled("cpu")):
+        if copies is not None and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
             w = copies.get(self)
-            if w is None:  # made on the layer's first product in the context: only layers that run
+            if w is None and self.bias is None and x.is_cpu:
+                # made on the layer's first product in the context: only layers that run (a copy
+                # exists only for a bias-free CPU layer, so those checks run once)
                 w = copies[self] = self.transposed_weight()
-            # one mm on the rows (matmul of a 3-d input adds a handful of dispatches)
-            return torch.mm(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
+            if w is not None:
+                # one mm on the rows (matmul of a 3-d input adds a handful of dispatches)
+                return torch.mm(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
         return F.linear(x, self.weight, self.bias)
 
     def transposed_weight(self) -> torch.Tensor:

@@ -70,13 +70,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x):
-        if x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+        weight = self.weight
+        if x.is_cpu and x.dtype == torch.float32 and weight.dtype == torch.float32:
             # PyTorch's fused CPU kernel: in float32 the same bits as the lines below, values and
             # gradients (tests/test_cached_pass.py), in one op instead of six (CUDA's fused
             # kernel sums in another order: there the lines below stay)
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * weight
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, base: float):
@@ -96,7 +97,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     seven per tensor."""
     half = x.shape[-1] // 2
     swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
+    if cos.dtype != x.dtype:  # (a no-op .to still costs a dispatch: a decode step runs this per layer)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + swapped * sin
 
 
 class Attention(nn.Module):
@@ -128,11 +131,15 @@ class Attention(nn.Module):
         hd = D // self.n_heads
         qkv = self.qkv(x).view(B, Q, 3, self.n_heads, hd).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(qkv[:2], cos, sin)
-        kv_buf.view(-1, hd).index_copy_(0, idx, torch.stack([k, qkv[2]]).reshape(-1, hd).to(kv_buf.dtype))
+        kv = torch.stack([k, qkv[2]]).reshape(-1, hd)
+        kv_buf.view(-1, hd).index_copy_(0, idx, kv if kv.dtype == kv_buf.dtype else kv.to(kv_buf.dtype))
         k_buf, v_buf = kv_buf.unbind(0)
         if attn_mask is None:
             k_buf, v_buf = k_buf[:, :, :-1], v_buf[:, :, :-1]
-        y = F.scaled_dot_product_attention(q.to(k_buf.dtype), k_buf, v_buf, attn_mask=attn_mask).to(x.dtype)
+        # casts only where dtypes differ (a no-op .to still costs a dispatch, per layer and step)
+        y = F.scaled_dot_product_attention(q if q.dtype == k_buf.dtype else q.to(k_buf.dtype), k_buf, v_buf,
+                                           attn_mask=attn_mask)
+        y = y if y.dtype == x.dtype else y.to(x.dtype)
         return self.proj(y.transpose(1, 2).reshape(B, Q, D))
 
 
