@@ -283,3 +283,29 @@ def test_forward_is_head_logits_of_hidden_on_any_rows():
         ref = m.hf(input_ids=x).logits.float()            # no mask: bidirectional, so compare the shift only
         plain = backbone("llama")(x)
     assert torch.equal(full[:, 1:, :MASK], plain[:, :-1, :MASK]) and not torch.allclose(plain[..., :MASK], ref[..., :MASK])
+
+
+def test_slot_kv_rows_round_trip_and_refuse_a_cache_that_never_ran():
+    """``SlotKV.select_rows`` / ``put_rows`` (a pass on some batch rows of an approximate cache):
+    what the sub-cache's pass writes lands in those rows only; putting rows into a cache whose
+    buffers do not exist yet is an error, not a silent loss."""
+    from anyorder.model.hf_backbone import SlotKV
+    full = SlotKV(4)
+    full.k = [torch.arange(3 * 2 * 4 * 2, dtype=torch.float32).view(3, 2, 4, 2)]
+    full.v = [-full.k[0].clone()]
+    full.hidden = torch.ones(3, 4, 5)
+    before = [full.k[0].clone(), full.v[0].clone(), full.hidden.clone()]
+    rows = torch.tensor([2, 0])
+    sub = full.select_rows(rows)
+    assert torch.equal(sub.k[0], before[0][[2, 0]]) and torch.equal(sub.hidden, before[2][[2, 0]])
+    sub.k[0].add_(100.0)
+    sub.v[0].mul_(2.0)
+    sub.hidden.zero_()
+    full.put_rows(rows, sub)
+    assert torch.equal(full.k[0][[2, 0]], before[0][[2, 0]] + 100.0)
+    assert torch.equal(full.v[0][[2, 0]], before[1][[2, 0]] * 2.0)
+    assert torch.equal(full.hidden[[2, 0]], torch.zeros(2, 4, 5))
+    for t, b in zip((full.k[0], full.v[0], full.hidden), before):  # row 1 untouched
+        assert torch.equal(t[1], b[1])
+    with pytest.raises(RuntimeError, match="has not run every layer on every row"):
+        SlotKV(4).put_rows(rows, sub)

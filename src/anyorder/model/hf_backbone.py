@@ -266,6 +266,12 @@ class SlotKV:
         return sub
 
     def put_rows(self, rows: torch.Tensor, sub: "SlotKV") -> None:
+        """Write ``sub`` (:meth:`select_rows` of ``rows``, since run) back into those rows. This
+        cache must hold every buffer ``sub`` does (a decode's first pass runs every row): rows
+        put into buffers that do not exist yet would be lost, so that is an error, not a no-op."""
+        if len(self.k) != len(sub.k) or (sub.hidden is not None and self.hidden is None):
+            raise RuntimeError("SlotKV.put_rows: this cache has not run every layer on every row yet (a decode's "
+                               "first pass must run all rows before a pass runs some of them)")
         for mine, theirs in zip(self.k + self.v, sub.k + sub.v):
             mine.index_copy_(0, rows, theirs)
         if sub.hidden is not None:
