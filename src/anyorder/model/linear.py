@@ -38,8 +38,9 @@ class Linear(nn.Linear):
                 # exists only for a bias-free CPU layer, so those checks run once)
                 w = copies[self] = self.transposed_weight()
             if w is not None:
-                # one mm on the rows (matmul of a 3-d input adds a handful of dispatches)
-                return torch.mm(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
+                # matmul folds the leading dims into one mm on the rows, in C++ (the same mm as
+                # reshape + mm + view from Python, two fewer Python-level dispatches)
+                return torch.matmul(x, w)
         return F.linear(x, self.weight, self.bias)
 
     def transposed_weight(self) -> torch.Tensor:

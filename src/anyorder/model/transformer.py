@@ -95,8 +95,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     ``[x1 cos - x2 sin, x2 cos + x1 sin]`` as ``x * cos + [x2, x1] * [-sin, sin]``, the same bits
     (negation and the order of a two-term sum are exact) in four element-wise ops instead of
     seven per tensor."""
-    half = x.shape[-1] // 2
-    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    swapped = x.roll(x.shape[-1] // 2, -1)  # [x2, x1]: the same values as a cat of the halves, one dispatch
     if cos.dtype != x.dtype:  # (a no-op .to still costs a dispatch: a decode step runs this per layer)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + swapped * sin
