@@ -132,9 +132,8 @@ class Attention(nn.Module):
         q, k = apply_rope(qkv[:2], cos, sin)
         kv = torch.stack([k, qkv[2]]).reshape(-1, hd)
         kv_buf.view(-1, hd).index_copy_(0, idx, kv if kv.dtype == kv_buf.dtype else kv.to(kv_buf.dtype))
-        k_buf, v_buf = kv_buf.unbind(0)
-        if attn_mask is None:
-            k_buf, v_buf = k_buf[:, :, :-1], v_buf[:, :, :-1]
+        # attn_mask None: slots 0..L-1 only (one slice of the buffer, not one of K and one of V)
+        k_buf, v_buf = (kv_buf if attn_mask is not None else kv_buf[:, :, :, :-1]).unbind(0)
         # casts only where dtypes differ (a no-op .to still costs a dispatch, per layer and step)
         y = F.scaled_dot_product_attention(q if q.dtype == k_buf.dtype else q.to(k_buf.dtype), k_buf, v_buf,
                                            attn_mask=attn_mask)
