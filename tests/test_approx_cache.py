@@ -369,6 +369,7 @@ def test_the_benchmark_counts_less_work():
     # dual: per window of 4 steps one full pass (20) and 3 passes of the window (4)
     assert rows["dual"]["query_tokens_per_step"] == (20 + 3 * 4) / 4
     assert rows["dual"]["refreshes"] == 4
+    assert all(row["aten_calls_per_step"] > 0 for row in rows.values())  # every option's per-op work counted
 
 
 def test_rerunning_every_stale_part_is_exact(sharp_model):
@@ -391,3 +392,13 @@ def test_rerunning_every_stale_part_is_exact(sharp_model):
     assert torch.equal(everything.tokens, ref.tokens)
     assert torch.equal(everything.trace.finalize_step, ref.trace.finalize_step)
     assert not torch.equal(rerun_decode(RERUN["none (dual)"]).tokens, ref.tokens)
+
+
+def test_aten_calls_counts_the_operators_called_from_python():
+    """``bench cache``'s per-op work count: the operators Python calls, not their inner calls
+    (``torch.mm`` is one; ``x.sum().add(1)`` two), so the count is the same on a busy host."""
+    from anyorder.bench_cache import aten_calls
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    assert aten_calls(lambda: torch.mm(a, b)) == 1
+    assert aten_calls(lambda: a.sum().add(1)) == 2
+    assert aten_calls(lambda: torch.nn.functional.rms_norm(a, (8,))) == 1  # a composite: its inner calls not counted

@@ -9,8 +9,9 @@ For every cache option on the ``random`` order (bidirectional: no exact cache sk
   each round: this shared host's speed drifts between rounds), the same for the time spent in
   the forward passes alone (the loop's own per-step work -- scores at the window's holes,
   bookkeeping -- is the same for every option and caps the end-to-end ratio), the fraction of
-  answer tokens equal to the exact decode's, and the cost of one full pass against one window
-  pass (``pass_ms``);
+  answer tokens equal to the exact decode's, the ATen operators called per step
+  (``aten_calls_per_step``: the per-op work, counted, so unmoved by the host's load) and the cost
+  of one full pass against one window pass (``pass_ms``);
 - accuracy: a small random-order 4x4 Sudoku model (the demo's, trained in fp32) decodes the
   held-out puzzles with each option; puzzle and cell accuracy, and agreement with exact tokens;
 - staleness: which of the dual cache's stale K/V cost it accuracy there -- the dual cache that
@@ -95,6 +96,7 @@ def bench_cache_speed(d_model: int = 256, n_layers: int = 6, prompt_len: int = 3
         for label, opts in options:
             res, fwd = runs[label]
             nfe = int(res.trace.nfe[0])
+            calls = aten_calls(lambda: build_decoder(dict(spec, **opts)).decode(model, order, x, answer))
             # the ratio within each round (the exact decode ran moments before), then the median:
             # this host's speed drifts between rounds by more than the best-of-rounds ratio hides
             paired = sorted(e / t for e, t in zip(rounds[ref_label], rounds[label]))
@@ -109,6 +111,7 @@ def bench_cache_speed(d_model: int = 256, n_layers: int = 6, prompt_len: int = 3
                          "agreement_with_exact": round(float((res.tokens == ref.tokens)[answer].float().mean()), 4),
                          "nfe": nfe,
                          "query_tokens_per_step": round(getattr(fwd, "query_tokens", L * nfe) / nfe, 1),
+                         "aten_calls_per_step": round(calls / nfe, 1),
                          "refreshes": getattr(fwd, "refreshes", None)})
         return {"decoder": spec, "order": "random", "prompt_len": prompt_len, "answer_len": answer_len,
                 "pass_ms": pass_times(model, L, prompt_len, window, clock=clock),
@@ -117,6 +120,17 @@ def bench_cache_speed(d_model: int = 256, n_layers: int = 6, prompt_len: int = 3
                 "repeats": repeats, "weights": f"random init, head x{head_scale:g}", "results": rows}
     finally:
         torch.set_num_threads(prev_threads)
+
+
+def aten_calls(run) -> int:
+    """How many ATen operators ``run()`` calls from Python (``torch.profiler``; an operator's own
+    inner calls not counted): at batch 1 each costs a few microseconds of dispatch whatever its
+    size, so this is a decode's per-op work, in a count the host's load does not move."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
 
 
 def pass_times(model, L: int, start: int, window: int, reps: int = 30,
