@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from .config import load_config, merge
 from .decoding import build_decoder
@@ -126,7 +127,6 @@ def aten_calls(run) -> int:
     """How many ATen operators ``run()`` calls from Python (``torch.profiler``; an operator's own
     inner calls not counted): at batch 1 each costs a few microseconds of dispatch whatever its
     size, so this is a decode's per-op work, in a count the host's load does not move."""
-    from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
     return sum(1 for e in prof.events() if e.name.startswith("aten::")
