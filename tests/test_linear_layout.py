@@ -1,5 +1,6 @@
 """model/linear.py: the backbone's linear layer multiplies by transposed weight copies only inside
 ``multiplying_by`` and without gradients, and only the approximate caches ask it to."""
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -124,3 +125,26 @@ def test_lomdm_copies_only_the_layers_a_decode_runs(monkeypatch):
     _, made = _decode_all(model, monkeypatch, False, [{"name": "top_prob", "window": 8, "cache": "dual"}])
     backbone = {id(m) for m in model.backbone.modules() if isinstance(m, Linear)}
     assert made and {id(m) for m in made} == backbone
+
+
+def test_products_multiply_as_the_layers_do_inside_and_outside_the_context():
+    """``products`` (the cached pass calls no module): the same products, bit for bit, as each
+    layer's own forward, with copies made once per layer (and only inside the context)."""
+    from anyorder.model.linear import active_copies, products
+    layers = (Linear(8, 12, bias=False), None, Linear(12, 8, bias=False))
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        mul, ws = products(layers, active_copies())
+        assert mul is F.linear and ws[0] is layers[0].weight and ws[1] is None
+        assert torch.equal(mul(x, ws[0]), layers[0](x))
+        copies = {}
+        with multiplying_by(copies):
+            mul, ws = products(layers, active_copies())
+            assert set(copies) == {layers[0], layers[2]} and ws[2] is copies[layers[2]]
+            assert torch.equal(mul(mul(x, ws[0]), ws[2]), layers[2](layers[0](x)))
+            assert products(layers, active_copies())[1][0] is ws[0]  # made once
+    with multiplying_by({}):
+        assert active_copies() is None  # gradients on: the layers' own weights
+    biased = (Linear(8, 4, bias=True),)
+    with pytest.raises(ValueError, match="products: every layer must be bias-free"):
+        products(biased)

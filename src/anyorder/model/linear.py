@@ -14,6 +14,9 @@ anyway -- while exact decoding keeps ``nn.Linear``'s arithmetic, the model's own
 ``nn.Linear`` with gradients on, with a bias, off the CPU (cuBLAS reads either layout as fast),
 and under CPU autocast (a copy is not a parameter, so autocast would cast it to bf16 on every
 product instead of once, which made a window pass slower).
+
+A cached pass (``Block.forward_cached``) calls no module: :func:`products` gives it each layer's
+product and weight, the same choice the layer's forward makes.
 """
 from __future__ import annotations
 
@@ -30,8 +33,8 @@ _COPIES: contextvars.ContextVar = contextvars.ContextVar("anyorder_transposed_we
 
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        copies = _COPIES.get()
-        if copies is not None and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
+        copies = active_copies()
+        if copies is not None:
             w = copies.get(self)
             if w is None and self.bias is None and x.is_cpu:
                 # made on the layer's first product in the context: only layers that run (a copy
@@ -46,6 +49,30 @@ class Linear(nn.Linear):
     def transposed_weight(self) -> torch.Tensor:
         """The weight as a contiguous ``[in, out]`` tensor (no grad)."""
         return self.weight.detach().t().contiguous()
+
+
+def active_copies() -> Optional[Dict[nn.Module, torch.Tensor]]:
+    """The dict of the enclosing :func:`multiplying_by` block where copies apply (no gradients, no
+    CPU autocast), else None."""
+    copies = _COPIES.get()
+    if copies is None or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+        return None
+    return copies
+
+
+def products(layers, copies=None):
+    """``(mul, weights)`` with ``mul(x, w)`` the product each of ``layers`` (bias-free
+    :class:`Linear` layers, or None) computes in :meth:`Linear.forward` -- ``torch.matmul`` by its copy
+    in ``copies`` (:func:`active_copies`; made here as the layer would make it), else ``F.linear``
+    by its own weight -- for passes that call no module (``Block.forward_cached``)."""
+    if any(layer is not None and layer.bias is not None for layer in layers):
+        raise ValueError("products: every layer must be bias-free (mul(x, w) takes no bias)")
+    if copies is None or not all(layer is None or layer.weight.is_cpu for layer in layers):
+        return F.linear, tuple(None if layer is None else layer.weight for layer in layers)
+    for layer in layers:
+        if layer is not None and layer not in copies:
+            copies[layer] = layer.transposed_weight()
+    return torch.matmul, tuple(None if layer is None else copies[layer] for layer in layers)
 
 
 @contextlib.contextmanager

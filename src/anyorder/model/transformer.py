@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..checks import check_bool, check_choice, check_float, check_int, check_mapping
-from .linear import Linear
+from .linear import Linear, active_copies, products
 
 
 @dataclass
@@ -119,16 +119,18 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, qkv[2], attn_mask=attn_mask)
         return y.transpose(1, 2).reshape(B, L, D)
 
-    def forward_cached(self, x, cos, sin, kv_buf, idx, attn_mask):
+    def forward_cached(self, x, cos, sin, kv_buf, idx, attn_mask, mul, w_qkv, w_proj):
         """Queries ``x`` [B, Q, D] only: write their post-RoPE K and V into the per-position buffer
         ``kv_buf`` [2, B, H, L + 1, hd] (K, then V) at ``idx`` [2 * B * H * Q] (their rows in the
         buffer seen as [2 * B * H * (L + 1), hd]: one row copy per head, query and K/V, much
         cheaper than a scatter), then attend over the buffer under ``attn_mask`` [B, 1, Q, L + 1]
         (keys of cached positions were written when they froze); ``attn_mask=None``: every query
-        sees slots 0..L-1 (no mask for SDPA to build, read or add), never the scratch slot L."""
+        sees slots 0..L-1 (no mask for SDPA to build, read or add), never the scratch slot L.
+        ``mul(x, w)`` multiplies by ``w_qkv`` and ``w_proj``: the layers' own product or their
+        copies' (:meth:`Block.cached_weights`)."""
         B, Q, D = x.shape
         hd = D // self.n_heads
-        qkv = self.qkv(x).view(B, Q, 3, self.n_heads, hd).permute(2, 0, 3, 1, 4)
+        qkv = mul(x, w_qkv).view(B, Q, 3, self.n_heads, hd).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(qkv[:2], cos, sin)
         kv = torch.stack([k, qkv[2]]).reshape(-1, hd)
         kv_buf.view(-1, hd).index_copy_(0, idx, kv if kv.dtype == kv_buf.dtype else kv.to(kv_buf.dtype))
@@ -138,7 +140,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q if q.dtype == k_buf.dtype else q.to(k_buf.dtype), k_buf, v_buf,
                                            attn_mask=attn_mask)
         y = y if y.dtype == x.dtype else y.to(x.dtype)
-        return self.proj(y.transpose(1, 2).reshape(B, Q, D))
+        return mul(y.transpose(1, 2).reshape(B, Q, D), w_proj)
 
 
 class MLP(nn.Module):
@@ -178,9 +180,26 @@ class Block(nn.Module):
         x = pad_rows(x) + self.attn.proj(pad_rows(a[rows]))  # CPU autocast: a few shapes (ROW_MULTIPLE)
         return (x + self.mlp(self.norm2(x)))[:n]
 
-    def forward_cached(self, x, cos, sin, kv_buf, idx, attn_mask):
-        x = x + self.attn.forward_cached(self.norm1(x), cos, sin, kv_buf, idx, attn_mask)
-        return x + self.mlp(self.norm2(x))
+    def forward_cached(self, x, cos, sin, kv_buf, idx, attn_mask, weights):
+        """:meth:`forward` of the cached queries (:meth:`Attention.forward_cached`), calling no
+        module: ``weights`` from :meth:`cached_weights`, the norms' ``forward`` directly. At a
+        window pass's few rows the module calls cost a tenth of the pass; the ops are the same."""
+        mul, (qkv, proj, gate, up, down) = weights
+        x = x + self.attn.forward_cached(self.norm1.forward(x), cos, sin, kv_buf, idx, attn_mask, mul, qkv, proj)
+        h = self.norm2.forward(x)
+        return x + mul(F.silu(mul(h, gate)) * mul(h, up) if gate is not None else F.gelu(mul(h, up)), down)
+
+    def cached_weights(self, copies):
+        """``(mul, (qkv, proj, gate, up, down))`` for :meth:`forward_cached` (``gate`` None for
+        the GELU MLP): ``model/linear.py``'s :func:`products` of the block's layers, kept in
+        ``copies`` (the dict of :func:`active_copies`, None: the layers' own weights, read now)."""
+        got = None if copies is None else copies.get(self)
+        if got is None:
+            layers = (self.attn.qkv, self.attn.proj, getattr(self.mlp, "gate", None), self.mlp.up, self.mlp.down)
+            got = products(layers, copies)
+            if copies is not None:
+                copies[self] = got
+        return got
 
 
 class TimeEmbedding(nn.Module):
@@ -351,8 +370,9 @@ class Transformer(nn.Module):
         # not per layer
         heads = torch.arange(2 * B * H, device=slots.device).view(2, B, H, 1) * S
         idx = (heads + slots.view(1, B, 1, -1)).flatten()
+        copies = active_copies()
         for i, blk in enumerate(self.blocks):
-            h = blk.forward_cached(h, cos, sin, cache.kv[i], idx, mask)
+            h = blk.forward_cached(h, cos, sin, cache.kv[i], idx, mask, blk.cached_weights(copies))
         return self.norm(h)
 
     # forward_cached takes attn_mask=None for "all slots but the scratch one" (decoding/forward.py)
