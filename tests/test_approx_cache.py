@@ -370,6 +370,10 @@ def test_the_benchmark_counts_less_work():
     assert rows["dual"]["query_tokens_per_step"] == (20 + 3 * 4) / 4
     assert rows["dual"]["refreshes"] == 4
     assert all(row["aten_calls_per_step"] > 0 for row in rows.values())  # every option's per-op work counted
+    # compiled window passes: the same work, its first decode (the compile) timed apart
+    assert rows["dual, compiled"]["query_tokens_per_step"] == rows["dual"]["query_tokens_per_step"]
+    assert rows["dual, compiled"]["first_decode_wall_seconds_with_compile"] > 0
+    assert "first_decode_wall_seconds_with_compile" not in rows["dual"]
 
 
 def test_rerunning_every_stale_part_is_exact(sharp_model):

@@ -31,7 +31,8 @@ window, refresh and counters, so a batch decodes exactly as its rows one by one;
 refresh while others do not run apart (a batched pass pads every row to the largest query set,
 so one refreshing row would make the whole batch rerun every position). On CPU, after the first
 pass, the native backbone's layers multiply by ``[in, out]`` copies of their weights, faster for
-a window's few rows (model/linear.py; the exact modes keep ``nn.Linear``'s arithmetic). An order that
+a window's few rows (model/linear.py; the exact modes keep ``nn.Linear``'s arithmetic), and with
+``compile=True`` the window passes (not the refreshes) run compiled (model/compiled.py). An order that
 can freeze answer positions (``ar``, ``block``, ``scatter``: see ``Order.frozen``) gets the exact
 cache (``cache=True``) whatever approximate mode is asked: it is exact and at least as cheap.
 """
@@ -42,8 +43,9 @@ from typing import Optional
 
 import torch
 
-from ..checks import check_float, check_int, show
+from ..checks import check_bool, check_float, check_int, show
 from ..model.kv_cache import KVCache, select_extra
+from ..model.compiled import compiling
 from ..model.linear import multiplying_by
 from .forward import QueryCounts, SlotOutputs, cached_forward, full_attention, run_queries, uncached_forward
 
@@ -58,6 +60,7 @@ class CacheSpec:
     mode: object = False            # False | True (exact) | "prefix" | "dual" | "drift"
     tol: float = 0.1                # drift: refresh when the relative K/V drift exceeds this
     every: Optional[int] = None     # approximate modes: also refresh every this many steps
+    compile: bool = False           # approximate modes: compiled window passes (model/compiled.py)
 
     def make_forward(self, model, order, layout, extra, window: torch.Tensor):
         """``forward(x, masked) -> logits`` for one decode; ``window`` [B, L] is the decoder's
@@ -66,10 +69,13 @@ class CacheSpec:
             return uncached_forward(model, order, layout, extra)  # a cache that keeps nothing only costs
         if self.mode is True or has_exact_cache(order, layout):
             return cached_forward(model, order, layout, extra)
+        if self.compile and not hasattr(getattr(model, "backbone", model), "blocks_cached"):
+            raise ValueError(f"decoder.compile=true needs anyorder's own transformer (model.backbone: native), "
+                             f"got {type(model).__name__}")
         return ApproxCachedForward(model, order, layout, window, self, extra)
 
 
-def cache_spec(cache=False, cache_tol=None, cache_every=None) -> CacheSpec:
+def cache_spec(cache=False, cache_tol=None, cache_every=None, compile=False) -> CacheSpec:
     """Validate the decoder's cache options (one-line ValueErrors naming key, value and choices)."""
     if not (isinstance(cache, bool) or cache in APPROX_MODES):
         choices = ", ".join(["false", "true"] + [repr(m) for m in APPROX_MODES])
@@ -80,8 +86,12 @@ def cache_spec(cache=False, cache_tol=None, cache_every=None) -> CacheSpec:
     if cache_every is not None and cache not in APPROX_MODES:
         raise ValueError(f"decoder.cache_every={show(cache_every)} applies only to decoder.cache in "
                          f"{', '.join(map(repr, APPROX_MODES))}, got decoder.cache={show(cache)}")
+    check_bool("decoder.compile", compile)
+    if compile and cache not in APPROX_MODES:
+        raise ValueError(f"decoder.compile=true applies only to decoder.cache in {', '.join(map(repr, APPROX_MODES))} "
+                         f"(it compiles their window passes; a full pass gains nothing), got decoder.cache={show(cache)}")
     tol = CacheSpec.tol if cache_tol is None else check_float("decoder.cache_tol", cache_tol, 0)
-    return CacheSpec(cache, tol, check_int("decoder.cache_every", cache_every, 1, optional=True))
+    return CacheSpec(cache, tol, check_int("decoder.cache_every", cache_every, 1, optional=True), compile)
 
 
 def caches_anything(order, layout) -> bool:
@@ -187,8 +197,9 @@ class ApproxCachedForward:
                                             self.extra, known=(L, L)))
             else:
                 part = q if n_full == 0 else q & ~full.unsqueeze(-1)
-                self.counts.add(run_queries(self.model, self.cache, self.out, x, part, attn, None, self.extra,
-                                            known=(most, least)))
+                with compiling(self.spec.compile):  # window passes only: a full pass gains nothing
+                    self.counts.add(run_queries(self.model, self.cache, self.out, x, part, attn, None, self.extra,
+                                                known=(most, least)))
             if 0 < n_full < B:
                 rows = full.nonzero().squeeze(-1)
                 sub = self.cache.select(rows)

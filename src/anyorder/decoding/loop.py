@@ -69,6 +69,7 @@ class Decoder:
     seed:        row b uses generator seed ``seed + b`` unless ``row_seeds`` is given to decode()
     cache:       false; true (exact KV cache); "prefix" | "dual" | "drift" (approximate, for orders
                  without an exact cache; ``cache_tol``, ``cache_every``: decoding/approx_cache.py)
+    compile:     with an approximate cache, compile its window passes (model/compiled.py)
     """
 
     score: str = "top_prob"
@@ -83,7 +84,7 @@ class Decoder:
     def __init__(self, k: Optional[int] = None, steps: Optional[int] = None, window: Optional[int] = None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  score: Optional[str] = None, cache=False, cache_tol: Optional[float] = None,
-                 cache_every: Optional[int] = None):
+                 cache_every: Optional[int] = None, compile: bool = False):
         if k is not None and steps is not None:
             raise ValueError("give either decoder.k (tokens per step) or decoder.steps, not both")
         # every option checked here, at construction: a bad one fails before a run starts
@@ -97,7 +98,7 @@ class Decoder:
         if score is not None:
             SCORES.get(score)  # validate early, with the valid choices in the error
             self.score = score
-        self.cache_spec = cache_spec(cache, cache_tol, cache_every)  # approx_cache.py
+        self.cache_spec = cache_spec(cache, cache_tol, cache_every, compile)  # approx_cache.py
         self.cache = cache
 
     def make_forward(self, model, order: Order, layout: Layout, extra=None):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..checks import check_bool, check_choice, check_float, check_int, check_mapping
+from .compiled import blocks_runner
 from .linear import Linear, active_copies, products
 
 
@@ -371,8 +372,14 @@ class Transformer(nn.Module):
         heads = torch.arange(2 * B * H, device=slots.device).view(2, B, H, 1) * S
         idx = (heads + slots.view(1, B, 1, -1)).flatten()
         copies = active_copies()
-        for i, blk in enumerate(self.blocks):
-            h = blk.forward_cached(h, cos, sin, cache.kv[i], idx, mask, blk.cached_weights(copies))
+        weights = [blk.cached_weights(copies) for blk in self.blocks]
+        return blocks_runner(self)(h, cos, sin, cache.kv, idx, mask, weights)
+
+    def blocks_cached(self, h, cos, sin, kv, idx, mask, weights):
+        """The blocks and the final norm of :meth:`hidden_cached`: tensors in, tensors out (what
+        ``decoder.compile`` compiles: model/compiled.py)."""
+        for blk, kv_buf, w in zip(self.blocks, kv, weights):
+            h = blk.forward_cached(h, cos, sin, kv_buf, idx, mask, w)
         return self.norm(h)
 
     # forward_cached takes attn_mask=None for "all slots but the scratch one" (decoding/forward.py)
