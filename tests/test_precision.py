@@ -105,3 +105,28 @@ def test_a_resumed_run_keeps_the_precision_its_checkpoint_trained_in(tmp_path):
     (ckpt / "state.json").write_text(json.dumps({"step": 5, "extra": {}}))
     assert precision.resolve("auto", CPU, probe_fn=fake_probe(1.0, 100.0), checkpoint_dir=ckpt)["chosen"] == "fp32"
     assert precision.resolve("auto", CPU, probe_fn=fake_probe(1.0, 100.0), checkpoint_dir=tmp_path / "none")["chosen"] == "fp32"
+
+
+def test_every_rank_takes_rank_0s_choice():
+    """Under torchrun each rank probes on its own; on a machine near the margin they could choose
+    differently, and replicas would compute gradients in different precisions: every rank follows
+    rank 0 (two gloo ranks whose probes disagree)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from test_ddp import _torchrun
+
+    here = Path(__file__).parent
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(here.parent / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run([_torchrun(), "--standalone", "--nproc_per_node=2", str(here / "precision_worker.py")],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2 and lines[0].startswith("rank 0 chose bf16: auto: ") and "follows" not in lines[0]
+    assert lines[1].startswith("rank 1 chose bf16: auto: ") and lines[1].endswith(
+        "ran 1.00x the fp32 speed under bf16 autocast (less than the 2.0x that bf16 needs); "
+        "this rank follows rank 0, which chose bf16"), lines[1]

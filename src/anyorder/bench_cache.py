@@ -37,6 +37,7 @@ from .demo import DEMO_CONFIG
 from .bench_train import step_clock
 from .experiment import evaluate, load_run, train
 from .model import ModelConfig, Transformer
+from .model.compiled import compiling
 from .model.kv_cache import KVCache
 from .model.linear import multiplying_by
 from .orders import build_order
@@ -151,29 +152,43 @@ def pass_times(model, L: int, start: int, window: int, reps: int = 30,
     machine at its quietest) and the median. What a dual-cache step costs against an uncached one
     (on the random order every query sees every cached slot: no mask, as
     decoding/forward.run_queries passes it). Each also with the weights the approximate caches
-    multiply by (model/linear.py: ``[in, out]`` copies, faster for a few rows on CPU)."""
+    multiply by (model/linear.py: ``[in, out]`` copies, faster for a few rows on CPU), and
+    compiled (``torch.compile``: the window pass as ``decoder.compile`` runs it, model/compiled.py;
+    the full pass's blocks likewise, to show whether exact decoding would gain from it too)."""
     cache = KVCache(model, 1, L)
     x = torch.zeros(1, L, dtype=torch.long)
     pos = torch.arange(start, start + window).unsqueeze(0)
     read = torch.zeros(1, L, dtype=torch.bool)
     read[0, start:start + window // 2] = True
     copies: Dict[object, torch.Tensor] = {}  # filled by the first pass that uses them, before timing
-    times: Dict[str, List[float]] = {"full": [], "window": [], "full, transposed weights": [],
-                                     "window, transposed weights": []}
-    passes = (("full", lambda: model.logits_at(x, read)),
-              ("window", lambda: model.head_logits(
-                  model.hidden_cached(x[:, start:start + window], pos, cache, pos, None)[0, :window // 2])))
+    full_compiled = torch.compile(model.hidden)
+
+    def window_pass():
+        return model.head_logits(model.hidden_cached(x[:, start:start + window], pos, cache, pos, None)[0, :window // 2])
+
+    def compiled_window():
+        with compiling():
+            return window_pass()
+
+    def full_pass():
+        return model.logits_at(x, read)
+
+    # (label, pass, the weight copies it multiplies by), timed in this order, interleaved
+    passes = (("full", full_pass, None), ("full, transposed weights", full_pass, copies),
+              ("window", window_pass, None), ("window, transposed weights", window_pass, copies),
+              ("full, compiled", lambda: model.head_logits(full_compiled(x)[read]), None),
+              ("window, compiled", compiled_window, copies))
+    times: Dict[str, List[float]] = {name: [] for name, _, _ in passes}
     with torch.no_grad():
-        with multiplying_by(copies):
-            for _, run in passes:
+        for _, run, weights in passes:  # copies made, kernels compiled: before timing
+            with multiplying_by(weights):
                 run()
         for _ in range(reps):
-            for name, run in passes:
-                for label, weights in ((name, None), (f"{name}, transposed weights", copies)):
-                    with multiplying_by(weights):
-                        t0 = clock()
-                        run()
-                        times[label].append(1e3 * (clock() - t0))
+            for name, run, weights in passes:
+                with multiplying_by(weights):
+                    t0 = clock()
+                    run()
+                    times[name].append(1e3 * (clock() - t0))
     return {k: {"min": round(min(v), 2), "median": round(sorted(v)[len(v) // 2], 2)} for k, v in times.items()}
 
 

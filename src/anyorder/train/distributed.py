@@ -81,7 +81,7 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def _reduce_device() -> torch.device:
+def reduce_device() -> torch.device:
     # NCCL only reduces CUDA tensors; gloo reduces CPU tensors (and CUDA ones, via a copy)
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -91,7 +91,7 @@ def all_reduce_mean(value: Union[float, int, torch.Tensor]) -> Union[float, torc
     if not torch.is_tensor(value):
         if not is_distributed():
             return float(value)
-        t = torch.tensor(float(value), dtype=torch.float64, device=_reduce_device())
+        t = torch.tensor(float(value), dtype=torch.float64, device=reduce_device())
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return (t / dist.get_world_size()).item()
     t = value.detach()
@@ -100,7 +100,7 @@ def all_reduce_mean(value: Union[float, int, torch.Tensor]) -> Union[float, torc
     if not is_distributed():
         return t.clone()
     out_device = t.device
-    t = t.to(_reduce_device(), copy=True)
+    t = t.to(reduce_device(), copy=True)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return (t / dist.get_world_size()).to(out_device)
 
@@ -110,7 +110,7 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return value.detach().clone()
     out_device = value.device
-    t = value.detach().to(_reduce_device(), copy=True)
+    t = value.detach().to(reduce_device(), copy=True)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.to(out_device)
 

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .checkpoint import STATE_FILE
+from .distributed import is_distributed, reduce_device
 from .files import read_json
 
 # bf16 must beat fp32 by this factor on the probe to be chosen. The probe leaves out what a step
@@ -118,8 +120,23 @@ def resolve(requested: str, device: torch.device,
     verdict = "at least" if chosen == "bf16" else "less than"
     reason = (f"auto: a small transformer's forward + backward on {device} ran {speedup:.2f}x the fp32 speed under "
               f"bf16 autocast ({verdict} the {MIN_SPEEDUP}x that bf16 needs)")
-    return {"requested": "auto", "chosen": chosen, "reason": reason,
+    agreed = rank0_choice(chosen)
+    if agreed != chosen:
+        reason += f"; this rank follows rank 0, which chose {agreed}"
+    return {"requested": "auto", "chosen": agreed, "reason": reason,
             "probe": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in timings.items()}}
+
+
+def rank0_choice(chosen: str) -> str:
+    """Under DDP / FSDP, rank 0's choice on every rank (one broadcast; every rank calls this, as
+    every rank builds its Trainer). Each rank probes on its own, and on a machine near the margin
+    (this one: AMX bf16 at about 1.9x on the probe) ranks could choose differently: replicas would
+    then compute their gradients in different precisions."""
+    if not is_distributed():
+        return chosen
+    flag = torch.tensor([1 if chosen == "bf16" else 0], dtype=torch.int64, device=reduce_device())
+    dist.broadcast(flag, src=0)
+    return "bf16" if int(flag.item()) == 1 else "fp32"
 
 
 def autocast(device: torch.device, chosen: str):
