@@ -34,17 +34,19 @@ _COPIES: contextvars.ContextVar = contextvars.ContextVar("anyorder_transposed_we
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         copies = active_copies()
-        if copies is not None:
-            w = copies.get(self)
-            if w is None and self.bias is None and x.is_cpu:
-                # made on the layer's first product in the context: only layers that run (a copy
-                # exists only for a bias-free CPU layer, so those checks run once)
-                w = copies[self] = self.transposed_weight()
-            if w is not None:
-                # matmul folds the leading dims into one mm on the rows, in C++ (the same mm as
-                # reshape + mm + view from Python, two fewer Python-level dispatches)
-                return torch.matmul(x, w)
+        if copies is not None and self.bias is None and x.is_cpu:
+            # matmul folds the leading dims into one mm on the rows, in C++ (the same mm as
+            # reshape + mm + view from Python, two fewer Python-level dispatches)
+            return torch.matmul(x, self.copy_in(copies))
         return F.linear(x, self.weight, self.bias)
+
+    def copy_in(self, copies: Dict[nn.Module, torch.Tensor]) -> torch.Tensor:
+        """This layer's copy in ``copies``, made on the layer's first product in the context (so
+        only layers that run get one)."""
+        w = copies.get(self)
+        if w is None:
+            w = copies[self] = self.transposed_weight()
+        return w
 
     def transposed_weight(self) -> torch.Tensor:
         """The weight as a contiguous ``[in, out]`` tensor (no grad)."""
@@ -69,10 +71,7 @@ def products(layers, copies=None):
         raise ValueError("products: every layer must be bias-free (mul(x, w) takes no bias)")
     if copies is None or not all(layer is None or layer.weight.is_cpu for layer in layers):
         return F.linear, tuple(None if layer is None else layer.weight for layer in layers)
-    for layer in layers:
-        if layer is not None and layer not in copies:
-            copies[layer] = layer.transposed_weight()
-    return torch.matmul, tuple(None if layer is None else copies[layer] for layer in layers)
+    return torch.matmul, tuple(None if layer is None else layer.copy_in(copies) for layer in layers)
 
 
 @contextlib.contextmanager
