@@ -1,6 +1,8 @@
 """Worker for tests/test_precision.py, launched with ``torchrun --standalone --nproc_per_node=2``:
 each rank resolves ``precision: auto`` with a probe that finds bf16 2.5x faster on rank 0 and no
-faster on rank 1 (a machine near the margin, timed by two processes), and prints its choice."""
+faster on rank 1 (a machine near the margin, timed by two processes), and writes its choice to
+``<out>/rank<r>.txt`` (``out``: the first argument; one file per rank, as printed lines of two
+ranks can interleave)."""
 from __future__ import annotations
 
 import sys
@@ -19,5 +21,5 @@ from anyorder.train.precision import resolve  # noqa: E402
 info = init_distributed()
 ratio = 2.5 if info.rank == 0 else 1.0
 got = resolve("auto", torch.device("cpu"), probe_fn=lambda device: {"fp32_s": ratio, "bf16_s": 1.0})
-print(f"rank {info.rank} chose {got['chosen']}: {got['reason']}", flush=True)
+Path(sys.argv[1], f"rank{info.rank}.txt").write_text(f"rank {info.rank} chose {got['chosen']}: {got['reason']}")
 cleanup()

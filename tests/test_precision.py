@@ -107,7 +107,7 @@ def test_a_resumed_run_keeps_the_precision_its_checkpoint_trained_in(tmp_path):
     assert precision.resolve("auto", CPU, probe_fn=fake_probe(1.0, 100.0), checkpoint_dir=tmp_path / "none")["chosen"] == "fp32"
 
 
-def test_every_rank_takes_rank_0s_choice():
+def test_every_rank_takes_rank_0s_choice(tmp_path):
     """Under torchrun each rank probes on its own; on a machine near the margin they could choose
     differently, and replicas would compute gradients in different precisions: every rank follows
     rank 0 (two gloo ranks whose probes disagree)."""
@@ -122,10 +122,10 @@ def test_every_rank_takes_rank_0s_choice():
                                                               "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(here.parent / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run([_torchrun(), "--standalone", "--nproc_per_node=2", str(here / "precision_worker.py")],
-                          env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([_torchrun(), "--standalone", "--nproc_per_node=2", str(here / "precision_worker.py"),
+                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
+    lines = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert len(lines) == 2 and lines[0].startswith("rank 0 chose bf16: auto: ") and "follows" not in lines[0]
     assert lines[1].startswith("rank 1 chose bf16: auto: ") and lines[1].endswith(
         "ran 1.00x the fp32 speed under bf16 autocast (less than the 2.0x that bf16 needs); "
